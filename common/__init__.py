@@ -1,0 +1,1 @@
+"""Shared code of the low-precision CIFAR-10 ResNet project: formats, casts, model, data, loop."""
