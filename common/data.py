@@ -1,0 +1,387 @@
+"""CIFAR-10 held on the training device as uint8, with batched random crop + flip on that device.
+
+Why not ``torchvision.datasets.CIFAR10`` + ``DataLoader``:
+
+* The project's offline copy (``../shared/cifar10``) has the official layout but other md5 sums,
+  which torchvision refuses. The pickles are read here directly, so that copy and the official
+  files load alike.
+* A 32x32 image is tiny: per-sample Python (PIL transforms, worker processes, collation) costs as
+  much as a ResNet-20 step. Instead the whole set lives on the device as one uint8 tensor (150 MB
+  for the 50,000 training images) and every augmentation is a handful of batched tensor ops
+  (pad, one gather for crop and flip together, one multiply-add for normalisation), as fast
+  CIFAR trainers do (airbench). No worker processes, nothing per sample in Python.
+
+Augmentation (He et al. 2016, section 4.2): pad 4 pixels of zeros on each side, take a random 32x32
+crop, flip horizontally with probability 1/2; then subtract the per-channel mean and divide by the
+per-channel standard deviation of the training images. Test images are only normalised.
+
+Randomness: a ``torch.Generator`` on the data's device, seeded from the run's seed, drives the
+shuffle and the augmentation draws. Its state is part of the checkpoint, so a resumed run draws
+exactly what an uninterrupted one would. Each epoch draws everything at its start (one permutation,
+one integer per image coding its crop offsets and flip).
+
+Data directory: ``--data-dir``, else the environment variable ``CIFAR10_DIR``, else ``data/`` in the
+repo. It may be the folder holding ``cifar-10-batches-py`` or that folder itself. If nothing is
+there, a download with torchvision is tried; when that fails (offline), a ``DataError`` names the
+places looked at and how to fix it.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import DataError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BATCHES_DIR = "cifar-10-batches-py"                  # folder name inside the official tarball
+TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+TEST_FILE = "test_batch"
+ENV_VAR = "CIFAR10_DIR"
+DEFAULT_DATA_DIR = REPO_ROOT / "data"
+NUM_CLASSES = 10
+IMAGE_SHAPE = (3, 32, 32)                            # channels R, G, B; each plane 32x32 row-major
+PIXELS_PER_IMAGE = 3 * 32 * 32
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
+           "dog", "frog", "horse", "ship", "truck")
+# Per-channel mean and standard deviation of the 50,000 CIFAR-10 training images (pixel/255);
+# /work/shared/cifar10/README.md lists the same figures, and tests/test_data.py recomputes them.
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+PAD = 4                                              # random-crop padding, He et al. 2016
+SYNTHETIC_TRAIN, SYNTHETIC_TEST = 512, 256
+SYNTHETIC_SEED = 20160                               # the synthetic set is fixed, whatever --seed
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading the pickles
+# ----------------------------------------------------------------------------------------------
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickler that only admits the globals a CIFAR batch needs (numpy arrays, byte strings).
+
+    A CIFAR batch is a dict of lists, strings and numpy arrays; refusing every other global means a
+    tampered file cannot run code on load.
+    """
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+        ("builtins", "bytearray"), ("__builtin__", "bytearray"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"unexpected global {module}.{name} in a CIFAR batch")
+        if module == "_codecs":
+            import codecs
+            return codecs.encode
+        if module in ("builtins", "__builtin__"):
+            return bytearray
+        if name in ("ndarray", "dtype"):
+            return getattr(np, name)
+        # numpy 2 moved numpy.core to numpy._core; read either spelling without a warning.
+        core = getattr(np, "_core", None) or np.core
+        sub = core.multiarray if name == "_reconstruct" else core.numeric
+        return getattr(sub, name)
+
+
+def _key(k) -> str:
+    return k.decode("latin1") if isinstance(k, bytes) else k
+
+
+def read_batch(path: os.PathLike | str) -> Tuple[np.ndarray, np.ndarray]:
+    """Read one ``cifar-10-batches-py`` batch file -> (images uint8 (N,3,32,32), labels int64 (N,)).
+
+    Accepts both encodings of the format: the official Python-2 pickles (read here with
+    ``encoding="latin1"``, giving str keys) and pickles whose keys are bytes (what the official
+    files give under ``encoding="bytes"``, or a Python-3 rewrite with bytes keys). Raises
+    ``DataError`` with a one-line message for a missing, truncated or malformed file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"CIFAR-10 batch file not found: {path}")
+    try:
+        with open(path, "rb") as f:
+            raw = _CifarUnpickler(f, encoding="latin1").load()
+    except Exception as e:  # EOFError, UnpicklingError, ValueError from a short numpy buffer, ...
+        raise DataError(f"cannot read CIFAR-10 batch {path}: truncated or corrupt file "
+                        f"({type(e).__name__}: {e}); delete it and download the data again") from None
+    if not isinstance(raw, dict):
+        raise DataError(f"{path}: not a CIFAR-10 batch (expected a dict, got {type(raw).__name__})")
+    batch = {_key(k): v for k, v in raw.items()}
+    if "data" not in batch or "labels" not in batch:
+        raise DataError(f"{path}: not a CIFAR-10 batch (keys {sorted(batch)}; need 'data' and 'labels')")
+    data = np.asarray(batch["data"])
+    labels = np.asarray(batch["labels"], dtype=np.int64)
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != PIXELS_PER_IMAGE:
+        raise DataError(f"{path}: 'data' must be uint8 of shape (N, {PIXELS_PER_IMAGE}), "
+                        f"got {data.dtype} {data.shape}")
+    if labels.shape != (data.shape[0],):
+        raise DataError(f"{path}: {labels.shape[0] if labels.ndim else 0} labels for {data.shape[0]} images")
+    if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+        raise DataError(f"{path}: labels outside 0..{NUM_CLASSES - 1}")
+    return data.reshape(-1, *IMAGE_SHAPE), labels
+
+
+def resolve_data_dir(data_dir: Optional[str] = None) -> Tuple[Path, str]:
+    """Where to look: ``--data-dir``, else ``$CIFAR10_DIR``, else ``data/`` in the repo.
+
+    Returns (path, where-it-came-from) so error messages can say which setting was used.
+    """
+    if data_dir:
+        return Path(data_dir).expanduser(), "--data-dir"
+    if os.environ.get(ENV_VAR):
+        return Path(os.environ[ENV_VAR]).expanduser(), ENV_VAR
+    return DEFAULT_DATA_DIR, "default"
+
+
+def find_batches_dir(root: Path) -> Optional[Path]:
+    """The ``cifar-10-batches-py`` folder: ``root`` itself or its child of that name, else None.
+
+    A folder that exists but lacks files is returned too, so that the reader names the missing file.
+    """
+    if root.name == BATCHES_DIR and root.is_dir() or (root / TRAIN_FILES[0]).is_file():
+        return root
+    if (root / BATCHES_DIR).is_dir():
+        return root / BATCHES_DIR
+    return None
+
+
+def _download(root: Path) -> None:
+    """Download and unpack the official archive into ``root`` with torchvision (needs internet)."""
+    from torchvision.datasets import CIFAR10
+    root.mkdir(parents=True, exist_ok=True)
+    CIFAR10(root=str(root), train=True, download=True)
+
+
+def _missing_message(root: Path, source: str, reason: str) -> str:
+    where = {"--data-dir": "from --data-dir", ENV_VAR: f"from ${ENV_VAR}",
+             "default": f"the default; neither --data-dir nor ${ENV_VAR} was set"}[source]
+    return (f"CIFAR-10 not found: looked for {BATCHES_DIR}/ in {root} and {root / BATCHES_DIR} "
+            f"({where}); download failed ({reason}). Fix: pass --data-dir DIR or set {ENV_VAR}=DIR, "
+            f"DIR being the folder that holds {BATCHES_DIR} (e.g. ../shared/cifar10), "
+            f"or run once with internet access to download into {root}")
+
+
+def load_cifar10(data_dir: Optional[str] = None, download: bool = True
+                 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, Path]:
+    """Load CIFAR-10 as numpy arrays: (train_x, train_y, test_x, test_y, batches_dir).
+
+    Images are uint8 (N, 3, 32, 32), labels int64. Missing data is downloaded when ``download``
+    and online; otherwise ``DataError`` says where it looked and how to fix it.
+    """
+    root, source = resolve_data_dir(data_dir)
+    batches = find_batches_dir(root)
+    if batches is None:
+        if not download:
+            raise DataError(_missing_message(root, source, "download disabled"))
+        print(f"CIFAR-10 not found under {root}: downloading it there with torchvision ...",
+              file=sys.stderr, flush=True)
+        created = not root.exists()
+        try:
+            _download(root)
+        except Exception as e:  # URLError when offline, HTTP errors, integrity failures
+            if created and root.is_dir() and not any(root.iterdir()):
+                root.rmdir()     # leave no empty folder behind a failed download
+            raise DataError(_missing_message(root, source, f"{type(e).__name__}: {e}")) from None
+        batches = find_batches_dir(root)
+        if batches is None:
+            raise DataError(_missing_message(root, source, "the archive did not contain it"))
+    parts = [read_batch(batches / f) for f in TRAIN_FILES]
+    train_x = np.concatenate([p[0] for p in parts])
+    train_y = np.concatenate([p[1] for p in parts])
+    test_x, test_y = read_batch(batches / TEST_FILE)
+    return train_x, train_y, test_x, test_y, batches
+
+
+def synthetic_cifar(n_train: int = SYNTHETIC_TRAIN, n_test: int = SYNTHETIC_TEST,
+                    seed: int = SYNTHETIC_SEED) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A small generated stand-in for CIFAR-10, for smoke tests only (never for results).
+
+    Each class has a fixed smooth colour pattern (a random 4x4x3 image blown up to 32x32); an image
+    is its class pattern plus strong per-pixel noise, so a ResNet learns it within a few dozen steps
+    but not in one. Classes are balanced; the set depends on ``seed`` only (not on the run's seed).
+    """
+    rng = np.random.default_rng(seed)
+    coarse = rng.uniform(0, 255, size=(NUM_CLASSES, 3, 4, 4))
+    patterns = np.repeat(np.repeat(coarse, 8, axis=2), 8, axis=3)      # (10, 3, 32, 32)
+
+    def make(n):
+        y = np.arange(n) % NUM_CLASSES
+        rng.shuffle(y)
+        noise = rng.normal(0, 64, size=(n, *IMAGE_SHAPE))
+        x = np.clip(0.5 * patterns[y] + 0.5 * 127.5 + noise, 0, 255).round().astype(np.uint8)
+        return x, y.astype(np.int64)
+
+    train_x, train_y = make(n_train)
+    test_x, test_y = make(n_test)
+    return train_x, train_y, test_x, test_y
+
+
+# ----------------------------------------------------------------------------------------------
+# Augmentation and batching on the device
+# ----------------------------------------------------------------------------------------------
+CROP_CHOICES = 2 * PAD + 1                           # offsets 0..8 in each direction
+AUG_CODES = CROP_CHOICES * CROP_CHOICES * 2          # (dy, dx, flip) packed into one integer
+
+
+def draw_augmentation(n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """One random int per image coding (dy, dx, flip): uniform crop offset in 0..8 each way, flip 1/2."""
+    return torch.randint(0, AUG_CODES, (n,), generator=generator, device=device)
+
+
+def crop_flip(images: torch.Tensor, codes: torch.Tensor, pad: int = PAD) -> torch.Tensor:
+    """Batched random crop (zero padding ``pad``) and horizontal flip, by one gather.
+
+    ``images`` (B, C, H, W) any dtype; ``codes`` (B,) from ``draw_augmentation``: crop offsets
+    dy = code // 18, dx = (code // 2) % 9 and flip = code % 2. Output pixel (i, j) of image b is
+    padded pixel (dy + i, dx + j), or (dy + i, dx + W-1 - j) when flipped: the crop at (dy, dx),
+    mirrored. No per-sample Python: the row/column indices of all images are built at once.
+    """
+    b, c, h, w = images.shape
+    choices = 2 * pad + 1
+    dy = codes // (2 * choices)
+    dx = (codes // 2) % choices
+    flip = (codes % 2).bool()
+    padded = F.pad(images, (pad, pad, pad, pad))                       # (B, C, H+2p, W+2p), zeros
+    wp = w + 2 * pad
+    ar_h = torch.arange(h, device=images.device)
+    ar_w = torch.arange(w, device=images.device)
+    rows = dy[:, None] + ar_h                                          # (B, H)
+    cols = dx[:, None] + torch.where(flip[:, None], (w - 1) - ar_w, ar_w)   # (B, W)
+    flat = (rows[:, :, None] * wp + cols[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)
+    out = torch.gather(padded.reshape(b, c, -1), 2, flat)
+    return out.view(b, c, h, w)
+
+
+class Normalizer:
+    """uint8 images -> float32 (x/255 - mean) / std as one multiply-add, optionally channels-last."""
+
+    def __init__(self, device: torch.device, mean=CIFAR10_MEAN, std=CIFAR10_STD,
+                 channels_last: bool = False):
+        std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self.scale = 1.0 / (255.0 * std_t)
+        self.shift = mean_t / std_t
+        self.channels_last = channels_last
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.addcmul(-self.shift, x.float(), self.scale)   # x*scale - mean/std
+        if self.channels_last:
+            out = out.contiguous(memory_format=torch.channels_last)
+        return out
+
+
+@dataclass
+class DeviceData:
+    """CIFAR-10 (or the synthetic set) as tensors on one device: uint8 images, int64 labels."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    source: str                                     # path of the batches, or "synthetic"
+
+    @property
+    def device(self) -> torch.device:
+        return self.train_x.device
+
+
+def load_device_data(device: torch.device | str, data_dir: Optional[str] = None,
+                     synthetic: bool = False, download: bool = True) -> DeviceData:
+    """Load the real set (or the synthetic one) and move it to ``device`` once, as uint8."""
+    device = torch.device(device)
+    if synthetic:
+        arrays = synthetic_cifar()
+        source = "synthetic"
+    else:
+        *arrays, batches = load_cifar10(data_dir, download=download)
+        source = str(batches)
+    tx, ty, vx, vy = (torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in arrays)
+    return DeviceData(tx, ty, vx, vy, source)
+
+
+class TrainBatches:
+    """One pass over the training set per ``iter()``: shuffled, augmented, normalised batches.
+
+    ``batch_size`` is the global batch. Under DDP (``world_size`` > 1) every rank draws the same
+    permutation and augmentation codes from identically seeded generators and keeps its contiguous
+    ``batch_size // world_size`` slice of each global batch, so the ranks together see exactly the
+    batches of a single-process run. The last incomplete batch is dropped (390 steps of 128 images
+    per epoch on CIFAR-10; 164 epochs are then 63,960 steps, the paper's 64k), so every step has the
+    same batch size, which keeps BatchNorm statistics and DDP shards uniform; a different 80 images
+    are left out each epoch.
+    """
+
+    def __init__(self, data: DeviceData, batch_size: int, generator: torch.Generator,
+                 normalizer: Normalizer, augment: bool = True, rank: int = 0, world_size: int = 1,
+                 max_steps: Optional[int] = None):
+        if batch_size % world_size:
+            raise ValueError(f"batch size {batch_size} is not divisible by {world_size} processes")
+        n = data.train_x.shape[0]
+        if n < batch_size:
+            raise ValueError(f"batch size {batch_size} exceeds the {n} training images")
+        self.data, self.batch_size, self.generator = data, batch_size, generator
+        self.normalizer, self.augment = normalizer, augment
+        self.rank, self.world_size = rank, world_size
+        self.local = batch_size // world_size
+        steps = n // batch_size
+        self.steps = min(steps, max_steps) if max_steps else steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        dev = self.data.device
+        n = self.data.train_x.shape[0]
+        # Everything random for the epoch is drawn here, so the generator's state after an epoch
+        # does not depend on how many steps were actually consumed.
+        perm = torch.randperm(n, generator=self.generator, device=dev)
+        codes = draw_augmentation(n, self.generator, dev)
+        lo = self.rank * self.local
+        for s in range(self.steps):
+            start = s * self.batch_size + lo
+            idx = perm[start:start + self.local]
+            x = self.data.train_x.index_select(0, idx)
+            if self.augment:
+                x = crop_flip(x, codes[start:start + self.local])
+            yield self.normalizer(x), self.data.train_y.index_select(0, idx)
+
+
+def eval_batches(data: DeviceData, batch_size: int, normalizer: Normalizer, rank: int = 0,
+                 world_size: int = 1) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """The test set in order, normalised, no augmentation; rank r takes the r-th contiguous shard."""
+    n = data.test_x.shape[0]
+    lo, hi = (rank * n) // world_size, ((rank + 1) * n) // world_size
+    for start in range(lo, hi, batch_size):
+        end = min(start + batch_size, hi)
+        yield normalizer(data.test_x[start:end]), data.test_y[start:end]
+
+
+def make_generator(device: torch.device, seed: int) -> torch.Generator:
+    """The data pipeline's generator on ``device``, seeded from the run's seed."""
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+def steps_per_epoch(n_train: int, batch_size: int, max_steps: Optional[int] = None) -> int:
+    """Optimizer steps per epoch (the last incomplete batch is dropped)."""
+    steps = n_train // batch_size
+    return min(steps, max_steps) if max_steps else steps
+
+
+__all__ = [
+    "BATCHES_DIR", "CIFAR10_MEAN", "CIFAR10_STD", "CLASSES", "DEFAULT_DATA_DIR", "DeviceData",
+    "ENV_VAR", "Normalizer", "TrainBatches", "crop_flip", "draw_augmentation", "eval_batches",
+    "find_batches_dir", "load_cifar10", "load_device_data", "make_generator", "read_batch",
+    "resolve_data_dir", "steps_per_epoch", "synthetic_cifar",
+]
