@@ -1,0 +1,33 @@
+"""FP32 baseline: a CIFAR ResNet trained in plain float32 with the shared loop (He et al. 2016).
+
+    python FP32/train_cifar10_fp32.py --data-dir ../shared/cifar10            # ResNet-20, 164 epochs
+    cd FP32 && python train_cifar10_fp32.py --epochs 1                          # uses $CIFAR10_DIR
+    torchrun --nproc_per_node 4 FP32/train_cifar10_fp32.py --model resnet56     # DDP
+
+Every number format in this project is compared against this run. It adds nothing to the shared
+loop: no quantization, no autocast; on CUDA, TF32 stays off unless --tf32 is given, so the
+arithmetic is IEEE float32 everywhere. Run folder: runs/fp32_<model>_s<seed>/.
+"""
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from common import cli, train  # noqa: E402  (after the sys.path line, so it runs from any folder)
+
+FORMAT = {"name": "fp32", "bits_per_element": 32}
+
+
+def main(argv=None):
+    """Parse the shared flags, train, return the summary dict."""
+    parser = cli.build_parser(__doc__.split("\n")[0])
+    args = cli.parse_args(parser, argv)
+    config = cli.make_config(args, name=f"fp32_{args.model}_s{args.seed}", label="FP32",
+                             format=FORMAT, script="FP32/train_cifar10_fp32.py")
+    return train.run(config)
+
+
+if __name__ == "__main__":
+    cli.run_main(main)

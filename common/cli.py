@@ -1,0 +1,291 @@
+"""Command line shared by every training script: argparse groups, the frozen ``RunConfig``, exit codes.
+
+A format script stays thin::
+
+    parser = cli.build_parser("FP8 training of CIFAR ResNets")
+    g = parser.add_argument_group("format")
+    g.add_argument("--w-fmt", default="e4m3", help="weight format (default: e4m3)")
+    args = cli.parse_args(parser, argv)
+    config = cli.make_config(args, name=f"fp8_w-{args.w_fmt}_{args.model}_s{args.seed}",
+                             label=f"FP8 w={args.w_fmt}", format={"w": args.w_fmt, "bits": 8})
+    return train.run(config, model_transform=...)
+
+    if __name__ == "__main__":
+        cli.run_main(main)
+
+``run_main`` turns the project's exceptions into one line on stderr and an exit code:
+0 finished (or already finished on ``--resume``), 1 diverged (NaN/inf loss), 2 user error
+(bad flag, missing data, no CUDA, config mismatch on resume), 130 interrupted (Ctrl-C).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
+
+from .errors import DataError, Diverged, UserError
+from .resnet import MODELS, SHORTCUTS
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_RUNS_DIR = REPO_ROOT / "runs"
+# He et al. 2016 trained the CIFAR ResNets for 64k iterations at batch 128, dividing the lr by 10
+# at 32k and 48k: 64,000 / (50,000 / 128) = 164 epochs, the steps at 50% and 75% of them.
+PAPER_EPOCHS = 164
+SCHEDULES = ("step", "cosine")
+DEVICES = ("auto", "cpu", "cuda")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
+
+__all__ = ["RunConfig", "UserError", "DataError", "Diverged", "build_parser", "parse_args",
+           "make_config", "parse_config", "run_main", "fail", "REPO_ROOT", "DEFAULT_RUNS_DIR",
+           "PAPER_EPOCHS"]
+
+
+def fail(message: str) -> None:
+    """Raise ``UserError(message)``: the entry point prints ``error: message`` and exits 2."""
+    raise UserError(message)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a run, resolved once from the flags and saved as runs/<name>/config.json.
+
+    Fields a format script sets (beyond the shared flags): ``label`` (human-readable, for tables and
+    plots, e.g. "FP8 w=e5m2 a=e4m3"), ``format`` (a JSON-able dict of the script's format settings,
+    e.g. ``{"w": "e5m2", "a": "e4m3", "bits_per_element": 8}``; recorded in config.json and
+    summary.json for the report) and ``script``. Treat ``format`` as read-only.
+    ``channels_last=None`` means the device's default (see ``train.CHANNELS_LAST_DEFAULT``).
+    """
+
+    name: str
+    model: str = "resnet20"
+    shortcut: Optional[str] = None
+    epochs: int = PAPER_EPOCHS
+    batch_size: int = 128
+    eval_batch_size: int = 1000
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    nesterov: bool = False
+    schedule: str = "step"
+    warmup_epochs: float = 0.0
+    seed: int = 0
+    device: str = "auto"
+    data_dir: Optional[str] = None
+    synthetic: bool = False
+    channels_last: Optional[bool] = None
+    compile: bool = False
+    tf32: bool = False
+    runs_dir: str = str(DEFAULT_RUNS_DIR)
+    resume: bool = False
+    overwrite: bool = False
+    max_steps_per_epoch: Optional[int] = None
+    label: str = ""
+    format: Dict[str, Any] = field(default_factory=dict)
+    script: str = ""
+
+    def to_dict(self) -> Dict[str, Any]:
+        """A JSON-able copy (``format`` deep-copied)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "RunConfig":
+        """Inverse of ``to_dict``; unknown keys are ignored (configs written by older code)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+
+# Fields that may differ when a run is resumed: they do not change what is trained.
+RESUME_FREE_FIELDS = frozenset({"name", "runs_dir", "resume", "overwrite", "data_dir", "compile",
+                                "eval_batch_size", "device", "script"})
+
+
+def _fmt_default(v: Any) -> str:
+    if v is None:
+        return "none"
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    return str(v)
+
+
+def build_parser(description: str, defaults: Optional[Mapping[str, Any]] = None,
+                 prog: Optional[str] = None) -> argparse.ArgumentParser:
+    """Parser with the shared groups: data, model, optimisation, run.
+
+    ``defaults`` overrides a flag's default by its dest name (e.g. ``{"lr": 0.05}``); the help text
+    shows the overridden value. Scripts add their own group afterwards with
+    ``parser.add_argument_group``.
+    """
+    defaults = dict(defaults or {})
+    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+    unknown = set(defaults) - set(fields)
+    if unknown:
+        raise ValueError(f"build_parser: unknown defaults {sorted(unknown)}")
+
+    def dflt(dest):
+        if dest in defaults:
+            return defaults[dest]
+        f = fields[dest]
+        return f.default if f.default is not dataclasses.MISSING else None
+
+    parser = argparse.ArgumentParser(description=description, prog=prog,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def add(group, flag, dest, help, shown=None, **kw):
+        d = dflt(dest)
+        group.add_argument(flag, dest=dest, default=d,
+                           help=f"{help} (default: {shown if shown is not None else _fmt_default(d)})",
+                           **kw)
+
+    g = parser.add_argument_group("data")
+    add(g, "--data-dir", "data_dir", "folder holding cifar-10-batches-py, or that folder itself",
+        shown=f"${'CIFAR10_DIR'} if set, else data/ in the repo", metavar="DIR")
+    add(g, "--synthetic", "synthetic", "use a small generated dataset (512 train / 256 test "
+        "images) for smoke tests; results are meaningless", action="store_true")
+
+    g = parser.add_argument_group("model")
+    add(g, "--model", "model", "network: " + ", ".join(MODELS), type=str.lower,
+        choices=list(MODELS), metavar="NAME")
+    add(g, "--shortcut", "shortcut", "shortcut where the shape changes: A = zero-padding identity "
+        "(the paper's on CIFAR), B = 1x1 conv + BN", shown="A for resnet8..110, B for resnet18..152",
+        type=str.upper, choices=list(SHORTCUTS))
+
+    g = parser.add_argument_group("optimisation")
+    add(g, "--epochs", "epochs", "training epochs; the paper's 64k iterations at batch 128 on 50k "
+        "images are 164 epochs", type=int, metavar="N")
+    add(g, "--batch-size", "batch_size", "global batch size (split across DDP processes)",
+        type=int, metavar="N")
+    add(g, "--eval-batch-size", "eval_batch_size", "batch size for evaluation", type=int, metavar="N")
+    add(g, "--lr", "lr", "peak learning rate of SGD", type=float)
+    add(g, "--momentum", "momentum", "SGD momentum", type=float)
+    add(g, "--nesterov", "nesterov", "use Nesterov momentum", action="store_true")
+    add(g, "--weight-decay", "weight_decay", "L2 weight decay (on all parameters, as in the paper)",
+        type=float)
+    add(g, "--schedule", "schedule", "lr schedule: step = divide by 10 at 50%% and 75%% of the epochs "
+        "(the paper's); cosine = cosine decay to 0, per step", choices=list(SCHEDULES))
+    add(g, "--warmup-epochs", "warmup_epochs", "linear lr warm-up over this many epochs (He et al. "
+        "warm ResNet-110 up at lr 0.01 for ~1 epoch)", type=float, metavar="E")
+
+    g = parser.add_argument_group("run")
+    add(g, "--seed", "seed", "seed of the weights' initialisation, shuffling and augmentation",
+        type=int)
+    add(g, "--device", "device", "auto = cuda if available, else cpu", choices=list(DEVICES))
+    add(g, "--channels-last", "channels_last", "NHWC memory layout for images and weights",
+        shown="auto: on for cuda, off for cpu", action=argparse.BooleanOptionalAction)
+    add(g, "--compile", "compile", "torch.compile the model (needs a C++ compiler; slow start)",
+        action="store_true")
+    add(g, "--tf32", "tf32", "allow TF32 matmuls/convolutions on CUDA (faster, but no longer FP32 "
+        "arithmetic)", action="store_true")
+    add(g, "--runs-dir", "runs_dir", "where run folders go", shown="runs/ in the repo root",
+        metavar="DIR")
+    add(g, "--name", "name", "run name, the folder runs/<name>/", shown="derived from the config",
+        metavar="NAME")
+    add(g, "--resume", "resume", "continue runs/<name>/last.pt if present (a finished run prints "
+        "its result and exits 0; no checkpoint: start fresh)", action="store_true")
+    add(g, "--overwrite", "overwrite", "start over, deleting an existing runs/<name>/",
+        action="store_true")
+    add(g, "--max-steps-per-epoch", "max_steps_per_epoch", "cap the steps per epoch (smoke tests and "
+        "benchmarks)", shown="none: the full epoch", type=int, metavar="N")
+    return parser
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None
+               ) -> argparse.Namespace:
+    """``parser.parse_args`` plus checks of the shared flags; bad values exit 2 via ``parser.error``."""
+    args = parser.parse_args(argv)
+    checks = [
+        (args.epochs >= 1, "--epochs must be >= 1"),
+        (args.batch_size >= 1, "--batch-size must be >= 1"),
+        (args.eval_batch_size >= 1, "--eval-batch-size must be >= 1"),
+        (args.lr > 0, "--lr must be > 0"),
+        (0 <= args.momentum < 1, "--momentum must be in [0, 1)"),
+        (args.weight_decay >= 0, "--weight-decay must be >= 0"),
+        (args.warmup_epochs >= 0, "--warmup-epochs must be >= 0"),
+        (args.max_steps_per_epoch is None or args.max_steps_per_epoch >= 1,
+         "--max-steps-per-epoch must be >= 1"),
+        (not (args.resume and args.overwrite), "--resume and --overwrite exclude each other"),
+        (not (args.nesterov and args.momentum == 0), "--nesterov needs --momentum > 0"),
+        (args.name is None or bool(NAME_RE.match(args.name)),
+         f"--name {args.name!r}: use letters, digits and . _ = + - only"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            parser.error(msg)
+    return args
+
+
+Derived = Union[None, Any, Callable[[argparse.Namespace], Any]]
+
+
+def _derive(value: Derived, args: argparse.Namespace) -> Any:
+    return value(args) if callable(value) else value
+
+
+def make_config(args: argparse.Namespace, name: Derived = None, label: Derived = "",
+                format: Derived = None, script: Optional[str] = None) -> RunConfig:
+    """Resolve parsed flags into a frozen ``RunConfig``.
+
+    ``name`` is the default run name (a string or a function of ``args``; ``--name`` wins); without
+    one it is ``<model>_s<seed>``. A ``--synthetic`` or ``--max-steps-per-epoch`` run gets a suffix
+    on its default name, so a smoke test never collides with a real run. ``label`` and ``format``
+    are recorded with the run (see ``RunConfig``). Flags that are not RunConfig fields (a script's
+    own group) are ignored here: put what matters of them into ``format``.
+    """
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    run_name = values.pop("name", None)
+    if run_name is None:
+        run_name = _derive(name, args) or f"{args.model}_s{args.seed}"
+        if values.get("synthetic"):
+            run_name += "_synthetic"
+        if values.get("max_steps_per_epoch"):
+            run_name += f"_max{values['max_steps_per_epoch']}"
+    if not NAME_RE.match(run_name):
+        raise UserError(f"run name {run_name!r}: use letters, digits and . _ = + - only")
+    if values.get("runs_dir") is not None:
+        values["runs_dir"] = str(Path(values["runs_dir"]).expanduser().resolve())
+    fmt = _derive(format, args)
+    return RunConfig(name=run_name, label=_derive(label, args) or "", format=dict(fmt or {}),
+                     script=script or os.path.relpath(os.path.abspath(sys.argv[0]), REPO_ROOT),
+                     **values)
+
+
+def parse_config(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None,
+                 name: Derived = None, label: Derived = "", format: Derived = None) -> RunConfig:
+    """``parse_args`` then ``make_config`` in one call, for scripts whose name/label/format are
+    functions of the parsed args (scripts that need the args themselves call the two separately)."""
+    return make_config(parse_args(parser, argv), name=name, label=label, format=format)
+
+
+def _is_rank0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def run_main(main: Callable[..., Any], argv: Optional[Sequence[str]] = None) -> None:
+    """Call ``main(argv)`` and exit: 0 done, 1 diverged, 2 user error, 130 interrupted.
+
+    User errors print one line ``error: ...`` on stderr, without a traceback; a divergence's message
+    was already printed by the loop. Other exceptions are bugs and keep their traceback.
+    """
+    try:
+        main(argv)
+    except UserError as e:
+        if _is_rank0():
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except Diverged:
+        sys.exit(1)
+    except KeyboardInterrupt:
+        if _is_rank0():
+            print("interrupted: last.pt keeps the last finished epoch; rerun with --resume to continue",
+                  file=sys.stderr, flush=True)
+        sys.exit(130)
+    sys.exit(0)

@@ -1,0 +1,134 @@
+"""Run folders: atomic writes, checkpoints, metrics, provenance (git hash, torch version).
+
+Layout of ``runs/<name>/`` (written by rank 0 only):
+
+* ``config.json``   resolved RunConfig + what was resolved at start (device, layout, data source),
+                    git hash, torch/python versions, command line.
+* ``metrics.jsonl`` one JSON object per finished epoch.
+* ``summary.json``  status ("running" | "finished" | "diverged" | "interrupted" | "failed") and
+                    the headline figures; rewritten after every epoch.
+* ``last.pt``       checkpoint after the last finished epoch (model, optimizer, grad scaler, epoch,
+                    every RNG state, metrics so far).
+
+Every file is written to a temporary name in the same folder and moved into place with
+``os.replace`` (atomic on POSIX), so a crash or Ctrl-C mid-write never leaves a half-written
+checkpoint or summary: the previous version stays.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional
+
+import numpy as np
+import torch
+
+CHECKPOINT = "last.pt"
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+CHECKPOINT_VERSION = 1
+
+
+def _atomic_write(path: Path, write) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    data = (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode()
+    _atomic_write(path, lambda f: f.write(data))
+
+
+def read_json(path: Path) -> Optional[Any]:
+    """The JSON in ``path``, or None when it is missing or unreadable."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def write_jsonl(path: Path, rows: Iterable[Dict[str, Any]]) -> None:
+    """Rewrite ``path`` with one JSON object per line, atomically."""
+    data = "".join(json.dumps(r, default=str) + "\n" for r in rows).encode()
+    _atomic_write(path, lambda f: f.write(data))
+
+
+def read_jsonl(path: Path) -> List[Dict[str, Any]]:
+    """The objects of a JSON-lines file ([] when missing)."""
+    try:
+        with open(path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
+def save_checkpoint(path: Path, state: Dict[str, Any]) -> None:
+    """``torch.save`` to a temporary file, then ``os.replace``: last.pt is always a whole checkpoint."""
+    _atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: Path, map_location: Any = "cpu") -> Dict[str, Any]:
+    """Load a checkpoint written by ``save_checkpoint`` (tensors and plain Python types only)."""
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def rng_state(data_generator: Optional[torch.Generator] = None) -> Dict[str, Any]:
+    """Every random state a run uses, in checkpoint-safe types (tensors, lists, ints)."""
+    np_state = np.random.get_state()
+    state = {
+        "torch_cpu": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+        "python": random.getstate(),
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]),
+                  float(np_state[4])],
+        "data": data_generator.get_state() if data_generator is not None else None,
+    }
+    return state
+
+
+def set_rng_state(state: Dict[str, Any], data_generator: Optional[torch.Generator] = None) -> None:
+    """Restore what ``rng_state`` saved."""
+    torch.set_rng_state(state["torch_cpu"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    if data_generator is not None and state.get("data") is not None:
+        data_generator.set_state(state["data"])
+
+
+def git_info(root: Path) -> Dict[str, Any]:
+    """Commit hash of ``root`` and whether tracked files differ from it (None when not a git repo)."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                              timeout=10)
+    try:
+        head = git("rev-parse", "HEAD")
+        if head.returncode != 0:
+            return {"hash": None, "dirty": None}
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+        return {"hash": head.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return {"hash": None, "dirty": None}

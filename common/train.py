@@ -1,0 +1,569 @@
+"""The training loop every script shares: SGD on CIFAR-10, evaluation every epoch, runs/<name>/.
+
+``run(config, model_transform=None, autocast_dtype=None, after_step=None) -> summary dict``
+
+* Builds ``config.model``, applies ``model_transform(model)`` (issue 4's quantized-layer wrap; it
+  may modify in place or return a new module) before the model moves to the device and the
+  optimizer sees its parameters, then trains under ``torch.autocast(device, autocast_dtype)``
+  when a dtype is given (float16 also gets a GradScaler). ``after_step(model)`` runs after every
+  optimizer step (e.g. to cast the master weights).
+* Defaults follow He et al. 2016: SGD momentum 0.9, weight decay 1e-4, batch 128, lr 0.1 divided by
+  10 at 50% and 75% of the epochs (or cosine), 164 epochs (= the paper's 64k iterations).
+* Prints one line per epoch (and a progress bar when stdout is a terminal); the last line is
+  ``final test accuracy: XX.XX% (N test images)``. The reported accuracy is the last epoch's,
+  never the best epoch's (choosing the best on the test set would be selection on the test set).
+* Writes ``runs/<name>/`` (see ``common.runs``); checkpoints after every epoch; ``--resume``
+  continues bit for bit on CPU (all RNG states, the optimizer and the data generator are saved;
+  the learning rate is a pure function of (epoch, step), so there is no scheduler state to lose).
+
+Outcomes: returns the summary (status "finished"), also when ``--resume`` finds the run already
+finished. A NaN/inf loss raises ``Diverged`` (summary status "diverged", last.pt left at the last
+good epoch; scripts exit 1). Ctrl-C writes status "interrupted" and re-raises KeyboardInterrupt
+(exit 130). Bad input raises ``UserError`` (exit 2). Any other exception writes status "failed".
+
+Hot path: nothing is copied to the host inside an epoch. Loss and accuracy are summed on the
+device; finiteness is checked every ``DIVERGENCE_CHECK_EVERY`` steps and at the end of the epoch
+(one scalar sync, all-reduced under DDP so every rank stops together).
+
+Multi-GPU: under ``torchrun`` (``WORLD_SIZE`` > 1) the loop joins a process group (NCCL on CUDA,
+gloo on CPU), wraps the model in DistributedDataParallel and gives each rank its slice of every
+global batch (``--batch-size`` is the global batch, split evenly; see ``data.TrainBatches``).
+BatchNorm statistics are per rank (no SyncBN), as usual for DDP; buffers are broadcast from rank 0
+before each evaluation. Evaluation is sharded and its sums all-reduced; rank 0 alone logs and
+writes files.
+"""
+from __future__ import annotations
+
+import math
+import os
+import platform
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import data as data_mod
+from . import runs
+from .cli import REPO_ROOT, RESUME_FREE_FIELDS, RunConfig
+from .errors import Diverged, UserError
+from .resnet import build_model, count_parameters
+
+# channels-last (NHWC) default per device type; measured with benchmarks/pipeline_speed.py:
+# on CUDA NHWC lets cuDNN use its fastest convolution kernels; on the 2-core CPU it was slower.
+CHANNELS_LAST_DEFAULT = {"cuda": True, "cpu": False}
+DIVERGENCE_CHECK_EVERY = 50          # steps between finiteness checks (one host sync each)
+PROGRESS_EVERY_S = 0.5               # progress-bar refresh period on a terminal
+
+__all__ = ["run", "lr_at", "resolve_device", "evaluate", "Diverged", "CHANNELS_LAST_DEFAULT"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Small pieces
+# ----------------------------------------------------------------------------------------------
+def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
+    """``auto`` -> cuda if available else cpu; ``cuda`` without CUDA -> UserError."""
+    if spec not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device {spec!r}: choose auto, cpu or cuda")
+    if spec == "cpu" or (spec == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UserError(f"--device cuda: no CUDA device is available (torch {torch.__version__}, "
+                        f"built for CUDA {torch.version.cuda}); use --device cpu or --device auto")
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def lr_at(config: RunConfig, epoch: int, step: int, steps: int) -> float:
+    """Learning rate of step ``step`` (0-based) of epoch ``epoch`` (0-based), ``steps`` per epoch.
+
+    step: ``lr`` until 50% of the epochs, ``lr/10`` until 75%, then ``lr/100`` (He et al. 2016:
+    32k and 48k of 64k iterations); the change happens at the first epoch at or past the mark.
+    cosine: ``lr * (1 + cos(pi * t / epochs)) / 2`` with t the fractional epoch, per step.
+    A linear warm-up over ``warmup_epochs`` scales either one.
+    """
+    t = epoch + step / steps
+    if config.schedule == "step":
+        lr = config.lr * (0.1 ** sum(epoch >= m * config.epochs for m in (0.5, 0.75)))
+    elif config.schedule == "cosine":
+        lr = config.lr * 0.5 * (1.0 + math.cos(math.pi * t / config.epochs))
+    else:
+        raise UserError(f"unknown schedule {config.schedule!r}; choose step or cosine")
+    if config.warmup_epochs > 0 and t < config.warmup_epochs:
+        lr *= (epoch * steps + step + 1) / (config.warmup_epochs * steps)
+    return lr
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    initialized_here: bool = False
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+
+def _setup_distributed(device_spec: str) -> _Dist:
+    """Join the torchrun process group when WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if dist.is_initialized():
+        return _Dist(dist.get_rank(), dist.get_world_size(), local, False)
+    use_cuda = device_spec == "cuda" or (device_spec == "auto" and torch.cuda.is_available())
+    if use_cuda and torch.cuda.is_available():
+        torch.cuda.set_device(local % torch.cuda.device_count())
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    return _Dist(rank, world, local, True)
+
+
+def _all_reduce(t: torch.Tensor, ctx: _Dist, op=None) -> torch.Tensor:
+    if ctx.active:
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under torch.compile and DDP wrappers (what checkpoints hold)."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def evaluate(model: nn.Module, data: data_mod.DeviceData, normalizer: data_mod.Normalizer,
+             batch_size: int, autocast_dtype: Optional[torch.dtype] = None,
+             ctx: Optional[_Dist] = None) -> Dict[str, float]:
+    """Test loss (mean cross-entropy) and accuracy (%) on the whole test set; sharded under DDP."""
+    ctx = ctx or _Dist()
+    model.eval()
+    dev = data.device
+    sums = torch.zeros(3, dtype=torch.float64, device=dev)       # loss sum, correct, count
+    with torch.no_grad(), torch.autocast(dev.type, dtype=autocast_dtype or torch.float32,
+                                         enabled=autocast_dtype is not None):
+        for x, y in data_mod.eval_batches(data, batch_size, normalizer, ctx.rank, ctx.world_size):
+            out = model(x)
+            sums[0] += F.cross_entropy(out.float(), y, reduction="sum").double()
+            sums[1] += (out.argmax(1) == y).sum()
+            sums[2] += y.shape[0]
+    _all_reduce(sums, ctx)
+    loss, correct, n = sums.tolist()
+    return {"test_loss": loss / n, "test_acc": 100.0 * correct / n, "test_images": int(n)}
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+class _Progress:
+    """A one-line progress bar, drawn only when stdout is a terminal (no dependency)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and sys.stdout.isatty()
+        self.last = 0.0
+
+    def update(self, epoch: int, epochs: int, step: int, steps: int, images: int, t0: float):
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if now - self.last < PROGRESS_EVERY_S and step < steps:
+            return
+        self.last = now
+        width = 30
+        done = int(width * step / steps)
+        ips = images / max(now - t0, 1e-9)
+        sys.stdout.write(f"\r  epoch {epoch}/{epochs} [{'#' * done}{'.' * (width - done)}] "
+                         f"{step}/{steps}  {ips:,.0f} img/s ")
+        sys.stdout.flush()
+
+    def clear(self):
+        if self.enabled:
+            sys.stdout.write("\r\033[K")
+            sys.stdout.flush()
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------
+def run(config: RunConfig, model_transform: Optional[Callable[[nn.Module], Optional[nn.Module]]] = None,
+        autocast_dtype: Optional[torch.dtype] = None,
+        after_step: Optional[Callable[[nn.Module], None]] = None) -> Dict[str, Any]:
+    """Train ``config`` to the end (or resume it) and return its summary dict (see module doc)."""
+    ctx = _setup_distributed(config.device)
+    try:
+        return _Trainer(config, ctx, model_transform, autocast_dtype, after_step).execute()
+    finally:
+        if ctx.initialized_here and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class _Trainer:
+    def __init__(self, config, ctx, model_transform, autocast_dtype, after_step):
+        self.cfg = config
+        self.ctx = ctx
+        self.model_transform = model_transform
+        self.autocast_dtype = autocast_dtype
+        self.after_step = after_step
+        self.rank0 = ctx.rank == 0
+        self.run_dir = config.run_dir
+        self.ckpt_path = self.run_dir / runs.CHECKPOINT
+        self.metrics: List[Dict[str, Any]] = []
+        self.wall_prev = 0.0            # seconds spent in earlier sessions of this run (resume)
+        self.train_prev = 0.0
+        self.started_at = _now()
+        self.t_start = time.perf_counter()
+        self.train_seconds = 0.0
+        self.resolved: Dict[str, Any] = {}
+
+    # -- output ---------------------------------------------------------------------------------
+    def log(self, msg: str, err: bool = False) -> None:
+        if self.rank0:
+            print(msg, file=sys.stderr if err else sys.stdout, flush=True)
+
+    def summary(self, status: str, message: str = "") -> Dict[str, Any]:
+        last = self.metrics[-1] if self.metrics else {}
+        finished = status == "finished"
+        train_time = self.train_prev + self.train_seconds
+        images = sum(m["train_images"] for m in self.metrics)
+        return {
+            "name": self.cfg.name,
+            "status": status,
+            "message": message,
+            "label": self.cfg.label,
+            "format": self.cfg.format,
+            "model": self.cfg.model,
+            "params": self.resolved.get("params"),
+            "epochs": self.cfg.epochs,
+            "epochs_done": len(self.metrics),
+            "final_test_acc": last.get("test_acc") if finished else None,
+            "final_test_loss": last.get("test_loss") if finished else None,
+            "last_test_acc": last.get("test_acc"),
+            "last_test_loss": last.get("test_loss"),
+            "last_train_loss": last.get("train_loss"),
+            "last_train_acc": last.get("train_acc"),
+            "test_images": last.get("test_images"),
+            "train_images_per_epoch": self.resolved.get("train_images_per_epoch"),
+            "wall_seconds": round(self.wall_prev + time.perf_counter() - self.t_start, 3),
+            "train_seconds": round(train_time, 3),
+            "mean_images_per_s": round(images / train_time, 1) if train_time > 0 and images else None,
+            "device": self.resolved.get("device"),
+            "device_name": self.resolved.get("device_name"),
+            "world_size": self.ctx.world_size,
+            "autocast": self.resolved.get("autocast"),
+            "channels_last": self.resolved.get("channels_last"),
+            "git_hash": self.resolved.get("git", {}).get("hash"),
+            "git_dirty": self.resolved.get("git", {}).get("dirty"),
+            "torch_version": torch.__version__,
+            "started_at": self.started_at,
+            "updated_at": _now(),
+            "run_dir": str(self.run_dir),
+            "config": self.cfg.to_dict(),
+        }
+
+    def write_summary(self, status: str, message: str = "") -> Dict[str, Any]:
+        s = self.summary(status, message)
+        if self.rank0:
+            runs.write_json(self.run_dir / runs.SUMMARY, s)
+        return s
+
+    # -- existing run folder ----------------------------------------------------------------------
+    def _check_resume_config(self, ckpt: Dict[str, Any], device: torch.device) -> None:
+        old, new = ckpt["config"], self.cfg.to_dict()
+        diffs = []
+        for k in sorted(set(old) | set(new)):
+            if k in RESUME_FREE_FIELDS or old.get(k) == new.get(k):
+                continue
+            flag = "--" + k.replace("_", "-") if k not in ("format", "label") else k
+            diffs.append(f"{flag} {new.get(k)!r} (checkpoint: {old.get(k)!r})")
+        if ckpt.get("device_type") != device.type:
+            diffs.append(f"device {device.type} (checkpoint: {ckpt.get('device_type')})")
+        if ckpt.get("world_size", 1) != self.ctx.world_size:
+            diffs.append(f"{self.ctx.world_size} processes (checkpoint: {ckpt.get('world_size', 1)})")
+        if ckpt.get("autocast") != self.resolved["autocast"]:
+            diffs.append(f"autocast {self.resolved['autocast']} (checkpoint: {ckpt.get('autocast')})")
+        if diffs:
+            raise UserError(f"cannot resume {self.run_dir}: the run differs from its checkpoint in "
+                            f"{'; '.join(diffs)}. Use the original flags, or a new --name")
+
+    def _prepare_run_dir(self, device: torch.device) -> Optional[Dict[str, Any]]:
+        """Decide between resume / fresh / refuse; returns the checkpoint to resume from, if any."""
+        have_ckpt = self.ckpt_path.is_file()
+        have_run = have_ckpt or (self.run_dir / runs.SUMMARY).is_file()
+        if self.cfg.resume:
+            if have_ckpt:
+                try:
+                    ckpt = runs.load_checkpoint(self.ckpt_path)
+                except Exception as e:
+                    raise UserError(f"cannot read checkpoint {self.ckpt_path} ({type(e).__name__}: "
+                                    f"{e}); pass --overwrite to start over") from None
+                if ckpt.get("version") != runs.CHECKPOINT_VERSION:
+                    raise UserError(f"{self.ckpt_path}: checkpoint version {ckpt.get('version')} "
+                                    f"is not {runs.CHECKPOINT_VERSION}; pass --overwrite to start over")
+                self._check_resume_config(ckpt, device)
+                return ckpt
+            self.log(f"--resume: no checkpoint at {self.ckpt_path}: starting fresh")
+        elif have_run:
+            if not self.cfg.overwrite:
+                prev = runs.read_json(self.run_dir / runs.SUMMARY) or {}
+                raise UserError(f"{self.run_dir} already holds a run (status {prev.get('status', '?')}, "
+                                f"{prev.get('epochs_done', '?')}/{prev.get('epochs', '?')} epochs); "
+                                f"pass --resume to continue it, --overwrite to start over, or a new --name")
+            if self.rank0:
+                shutil.rmtree(self.run_dir)
+        if self.ctx.active:
+            dist.barrier()
+        return None
+
+    # -- main -----------------------------------------------------------------------------------
+    def execute(self) -> Dict[str, Any]:
+        cfg, ctx = self.cfg, self.ctx
+        device = resolve_device(cfg.device, ctx.local_rank)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+            torch.backends.cudnn.allow_tf32 = cfg.tf32
+        channels_last = (CHANNELS_LAST_DEFAULT[device.type] if cfg.channels_last is None
+                         else cfg.channels_last)
+        self.resolved = {
+            "device": str(device), "device_name": _device_name(device),
+            "channels_last": channels_last, "world_size": ctx.world_size,
+            "autocast": str(self.autocast_dtype).replace("torch.", "") if self.autocast_dtype else None,
+            "tf32": bool(cfg.tf32 and device.type == "cuda"),
+            "git": runs.git_info(REPO_ROOT),
+        }
+        ckpt = self._prepare_run_dir(device)
+        if ckpt is not None and ckpt["epoch"] >= cfg.epochs:
+            return self._already_finished(ckpt)
+
+        # Seeds: weights' initialisation (torch CPU RNG) and anything using python/numpy RNGs.
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+
+        data = data_mod.load_device_data(device, cfg.data_dir, cfg.synthetic)
+        try:
+            model = build_model(cfg.model, num_classes=data_mod.NUM_CLASSES, shortcut=cfg.shortcut)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        if self.model_transform is not None:
+            out = self.model_transform(model)
+            model = out if out is not None else model
+        model = model.to(device)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        raw_model = model
+        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                    weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+        scaler = torch.amp.GradScaler(device.type, enabled=self.autocast_dtype == torch.float16)
+        generator = data_mod.make_generator(device, cfg.seed)
+        start_epoch = 0
+        if ckpt is not None:
+            raw_model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scaler.load_state_dict(ckpt["scaler"])
+            runs.set_rng_state(ckpt["rng"], generator)
+            self.metrics = list(ckpt["metrics"])
+            self.wall_prev = ckpt.get("wall_seconds", 0.0)
+            self.train_prev = ckpt.get("train_seconds", 0.0)
+            self.started_at = ckpt.get("started_at", self.started_at)
+            start_epoch = ckpt["epoch"]
+
+        normalizer = data_mod.Normalizer(device, channels_last=channels_last)
+        try:
+            batches = data_mod.TrainBatches(data, cfg.batch_size, generator, normalizer,
+                                            rank=ctx.rank, world_size=ctx.world_size,
+                                            max_steps=cfg.max_steps_per_epoch)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        train_model = model
+        if ctx.active:
+            train_model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+        eval_model = raw_model
+        if cfg.compile:
+            train_model = torch.compile(train_model)
+            eval_model = train_model if not ctx.active else torch.compile(raw_model)
+
+        n_params = count_parameters(raw_model)
+        self.resolved.update({
+            "params": n_params, "steps_per_epoch": len(batches),
+            "train_images_per_epoch": len(batches) * cfg.batch_size,
+            "train_images": int(data.train_x.shape[0]), "test_images": int(data.test_x.shape[0]),
+            "data_source": data.source,
+        })
+        if self.rank0:
+            runs.write_json(self.run_dir / runs.CONFIG, {
+                "config": cfg.to_dict(), "resolved": self.resolved,
+                "torch_version": torch.__version__, "python_version": platform.python_version(),
+                "numpy_version": np.__version__, "argv": sys.argv, "cwd": os.getcwd(),
+                "resumed_from_epoch": start_epoch if ckpt is not None else None, "written_at": _now(),
+            })
+            if ckpt is not None:
+                runs.write_jsonl(self.run_dir / runs.METRICS, self.metrics)
+        shortcut = getattr(raw_model, "shortcut_option", None)
+        self.log(f"run {cfg.name}: {cfg.model} ({n_params / 1e6:.2f}M params"
+                 f"{', shortcut ' + shortcut if shortcut else ''}) on {device} "
+                 f"({self.resolved['device_name']}{', ' + str(ctx.world_size) + ' processes' if ctx.active else ''}"
+                 f", channels-last {'on' if channels_last else 'off'}"
+                 f"{', autocast ' + self.resolved['autocast'] if self.autocast_dtype else ''})")
+        self.log(f"  data: {data.train_x.shape[0]} train / {data.test_x.shape[0]} test images from "
+                 f"{data.source}; {cfg.epochs} epochs x {len(batches)} steps of {cfg.batch_size}, "
+                 f"{cfg.schedule} schedule from lr {cfg.lr:g}; writing {self.run_dir}")
+        if ckpt is not None:
+            self.log(f"  resuming after epoch {start_epoch} from {self.ckpt_path}")
+        self.write_summary("running")
+
+        try:
+            self._loop(start_epoch, train_model, eval_model, raw_model, optimizer, scaler, generator,
+                       batches, data, normalizer, device)
+        except Diverged:
+            raise
+        except KeyboardInterrupt:
+            self.write_summary("interrupted", "stopped by the user (Ctrl-C); last.pt keeps the last "
+                                              "finished epoch")
+            raise
+        except UserError:
+            raise
+        except Exception as e:
+            self.write_summary("failed", f"{type(e).__name__}: {e}")
+            raise
+        summary = self.write_summary("finished")
+        last = self.metrics[-1]
+        self.log(f"final test accuracy: {last['test_acc']:.2f}% ({last['test_images']} test images)")
+        return summary
+
+    def _already_finished(self, ckpt: Dict[str, Any]) -> Dict[str, Any]:
+        self.metrics = list(ckpt["metrics"])
+        self.wall_prev = ckpt.get("wall_seconds", 0.0)
+        self.train_prev = ckpt.get("train_seconds", 0.0)
+        self.started_at = ckpt.get("started_at", self.started_at)
+        self.t_start = time.perf_counter()
+        prev = runs.read_json(self.run_dir / runs.SUMMARY) or {}
+        self.resolved.setdefault("params", prev.get("params"))
+        self.resolved.setdefault("train_images_per_epoch", prev.get("train_images_per_epoch"))
+        if prev.get("status") == "finished":
+            summary = prev
+        else:   # stopped after the last checkpoint but before its summary: finish the paperwork
+            summary = self.summary("finished")
+            summary["wall_seconds"] = round(self.wall_prev, 3)
+            if self.rank0:
+                runs.write_json(self.run_dir / runs.SUMMARY, summary)
+        last = self.metrics[-1]
+        self.log(f"run {self.cfg.name} already finished ({len(self.metrics)}/{self.cfg.epochs} epochs "
+                 f"in {self.run_dir}); nothing to do")
+        self.log(f"final test accuracy: {last['test_acc']:.2f}% ({last['test_images']} test images)")
+        return summary
+
+    def _check_finite(self, value: torch.Tensor, epoch: int, step: int, steps: int,
+                      what: str = "training loss") -> None:
+        """Stop the run if ``value`` is NaN/inf on any rank (one host sync)."""
+        bad = (~torch.isfinite(value)).to(torch.float32).reshape(1)
+        if what == "training loss":          # the test loss is already the same on every rank
+            _all_reduce(bad, self.ctx, dist.ReduceOp.MAX if self.ctx.active else None)
+        if bad.item() == 0:
+            return
+        good = len(self.metrics)
+        where = f"step {step}/{steps} of epoch {epoch + 1}" if what == "training loss" else f"epoch {epoch + 1}"
+        kept = (f"last.pt keeps epoch {good}, the last good one" if good
+                else "no epoch had finished, so there is no last.pt")
+        msg = f"diverged: {what} became NaN/inf (detected at {where}); {kept}"
+        self.log(msg, err=True)
+        summary = self.write_summary("diverged", msg)
+        raise Diverged(msg, summary)
+
+    def _loop(self, start_epoch, train_model, eval_model, raw_model, optimizer, scaler, generator,
+              batches, data, normalizer, device) -> None:
+        cfg, ctx = self.cfg, self.ctx
+        steps = len(batches)
+        progress = _Progress(self.rank0)
+        ac_enabled = self.autocast_dtype is not None
+        ac_dtype = self.autocast_dtype or torch.float32
+        for epoch in range(start_epoch, cfg.epochs):
+            train_model.train()
+            t0 = time.perf_counter()
+            sums = torch.zeros(2, dtype=torch.float32, device=device)      # loss sum, correct
+            images = 0
+            lr0 = lr_at(cfg, epoch, 0, steps)
+            for step, (x, y) in enumerate(batches):
+                lr = lr_at(cfg, epoch, step, steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                with torch.autocast(device.type, dtype=ac_dtype, enabled=ac_enabled):
+                    out = train_model(x)
+                    loss = F.cross_entropy(out, y)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                if self.after_step is not None:
+                    self.after_step(raw_model)
+                with torch.no_grad():
+                    sums[0] += loss.detach().float() * y.shape[0]
+                    sums[1] += (out.argmax(1) == y).sum()
+                images += y.shape[0] * ctx.world_size
+                if (step + 1) % DIVERGENCE_CHECK_EVERY == 0:
+                    self._check_finite(sums[0], epoch, step + 1, steps)
+                progress.update(epoch + 1, cfg.epochs, step + 1, steps, images, t0)
+            self._check_finite(sums[0], epoch, steps, steps)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            train_time = time.perf_counter() - t0
+            progress.clear()
+            _all_reduce(sums, ctx)
+            train_loss, train_correct = sums.tolist()
+
+            if ctx.active:                      # evaluate the same BN statistics on every rank
+                for buf in raw_model.buffers():
+                    dist.broadcast(buf, 0)
+            ev = evaluate(eval_model, data, normalizer, cfg.eval_batch_size, self.autocast_dtype, ctx)
+            if not math.isfinite(ev["test_loss"]):
+                self._check_finite(torch.tensor(ev["test_loss"]), epoch, steps, steps, "test loss")
+            epoch_time = time.perf_counter() - t0
+            self.train_seconds += train_time
+            row = {
+                "epoch": epoch + 1, "lr": lr0,
+                "train_loss": train_loss / images, "train_acc": 100.0 * train_correct / images,
+                "test_loss": ev["test_loss"], "test_acc": ev["test_acc"],
+                "train_images": images, "test_images": ev["test_images"],
+                "epoch_seconds": round(epoch_time, 3), "train_seconds": round(train_time, 3),
+                "images_per_s": round(images / train_time, 1),
+                "wall_seconds": round(self.wall_prev + time.perf_counter() - self.t_start, 3),
+            }
+            self.metrics.append(row)
+            if self.rank0:
+                runs.save_checkpoint(self.ckpt_path, {
+                    "version": runs.CHECKPOINT_VERSION, "epoch": epoch + 1,
+                    "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(), "rng": runs.rng_state(generator),
+                    "metrics": self.metrics, "config": cfg.to_dict(), "device_type": device.type,
+                    "world_size": ctx.world_size, "autocast": self.resolved["autocast"],
+                    "wall_seconds": row["wall_seconds"],
+                    "train_seconds": self.train_prev + self.train_seconds,
+                    "started_at": self.started_at,
+                })
+                runs.write_jsonl(self.run_dir / runs.METRICS, self.metrics)
+                self.write_summary("running")
+            self.log(f"epoch {epoch + 1:>{len(str(cfg.epochs))}}/{cfg.epochs}  lr {lr0:.5f}  "
+                     f"train loss {row['train_loss']:.4f} acc {row['train_acc']:6.2f}%  "
+                     f"test loss {row['test_loss']:.4f} acc {row['test_acc']:6.2f}%  "
+                     f"{epoch_time:6.1f}s  {row['images_per_s']:,.0f} img/s")
