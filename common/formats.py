@@ -1,0 +1,241 @@
+"""Number formats of this project: one frozen `Format` object per spec string.
+
+Every low-precision format is emulated in float32 ("fake quantization"), so a format is only
+accepted when float32 holds every one of its values exactly: at most 8 exponent and 23 mantissa
+bits for floats, a posit scale range inside float32's normal range. Anything else is refused with
+a one-line ValueError that names what is accepted, never silently widened
+(see ../shared/NUMERICS.md, "Spec strings").
+
+Spec strings (case-insensitive, surrounding blanks ignored):
+
+==========================  =================================================================
+``fp32``, ``none``          no quantization (identity); ``e8m23`` is the same format
+``bf16``                    bfloat16 (IEEE-like E8M7); ``e8m7`` is the same format
+``fp16``                    IEEE binary16 (E5M10); ``e5m10`` is the same format
+``e4m3``                    OCP FP8 E4M3 ("E4M3FN"): no inf, NaN only S.1111.111, max 448
+``e5m2``                    OCP FP8 E5M2, IEEE-like: inf and NaN, max 57344
+``e2m1`` (alias ``fp4``)    OCP MX FP4: no inf, no NaN, max 6
+``e2m3``, ``e3m2``          OCP MX FP6: no inf, no NaN, max 7.5 and 28
+other ``eXmY``              IEEE 754-like, 2 <= X <= 8, 0 <= Y <= 23: bias 2^(X-1)-1, top
+                            exponent reserved for inf/NaN, subnormals kept
+``posit<n>es<k>``           posit(n, es), 2 <= n <= 16, useed^(n-2) <= 2^126
+==========================  =================================================================
+
+Why aliases collapse to one canonical name (``e8m7`` -> ``bf16``): one format, one name, so run
+names and cached kernels never differ for the same set of values.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Optional, Union
+
+__all__ = [
+    "Format",
+    "parse_format",
+    "ACCEPTED_SPECS",
+    "FP32_MAX",
+    "BF16_MAX",
+    "FP16_MAX",
+    "E4M3_MAX",
+    "E5M2_MAX",
+    "E2M1_MAX",
+    "E2M3_MAX",
+    "E3M2_MAX",
+]
+
+# Largest finite values, named after the standards that define them (IEEE 754, OCP FP8 v1.0,
+# OCP Microscaling v1.0). The parser derives every format's max from its bit layout; these named
+# constants are what the derivation must reproduce (checked once at import, below).
+FP32_MAX = (2.0 - 2.0**-23) * 2.0**127  # IEEE binary32
+BF16_MAX = (2.0 - 2.0**-7) * 2.0**127  # bfloat16, 3.3895e38
+FP16_MAX = 65504.0  # IEEE binary16
+E4M3_MAX = 448.0  # OCP FP8 E4M3 (S.1111.110)
+E5M2_MAX = 57344.0  # OCP FP8 E5M2
+E2M1_MAX = 6.0  # OCP MX FP4 E2M1
+E2M3_MAX = 7.5  # OCP MX FP6 E2M3
+E3M2_MAX = 28.0  # OCP MX FP6 E3M2
+
+# Float layouts of the named OCP formats. "fn": all exponents finite, only S.1..1.1..1 is NaN
+# (OCP FP8 E4M3). "mx": every code is a finite number, no inf and no NaN (OCP MX FP4/FP6).
+# Every other eXmY is "ieee": the all-ones exponent is reserved for inf and NaN.
+_OCP_LAYOUTS = {(4, 3): "fn", (2, 1): "mx", (2, 3): "mx", (3, 2): "mx"}
+_NAMED_FLOATS = {(8, 7): "bf16", (5, 10): "fp16", (8, 23): "fp32"}
+_ALIASES = {"none": "e8m23", "fp4": "e2m1", "bf16": "e8m7", "fp16": "e5m10", "fp32": "e8m23"}
+
+# float32: the emulation carrier. Posit scales must stay inside its normal range so that every
+# posit value, minpos included, is a normal float32.
+_FLOAT32_MIN_NORMAL_EXP = -126
+_MAX_POSIT_BITS = 16
+_MAX_EXP_BITS = 8
+_MAX_MAN_BITS = 23
+
+ACCEPTED_SPECS = (
+    "fp32/none, bf16, fp16, e4m3, e5m2, e2m1 (fp4), e2m3, e3m2, "
+    "eXmY (2<=X<=8, 0<=Y<=23), posit<n>es<k> (2<=n<=16, (n-2)*2^k<=126)"
+)
+
+
+@dataclass(frozen=True)
+class Format:
+    """One number format, as parsed from its spec string.
+
+    Fields shared by all kinds: ``name`` (canonical spec, ``str(fmt)``), ``kind``
+    ("none" | "float" | "posit"), ``bits`` (storage width), ``max`` (largest finite value),
+    ``min_subnormal`` (smallest positive value; minpos for posits), ``has_inf``, ``has_nan``.
+    Floats also fill ``exp_bits``, ``man_bits``, ``bias``, ``max_exp`` (unbiased exponent of
+    ``max``), ``min_normal`` and ``layout`` ("ieee" | "fn" | "mx", see the module docstring);
+    posits fill ``es`` (and ``min_normal`` is None: posits have no subnormals).
+    """
+
+    name: str
+    kind: str
+    bits: int
+    max: float
+    min_subnormal: float
+    min_normal: Optional[float] = None
+    exp_bits: Optional[int] = None
+    man_bits: Optional[int] = None
+    bias: Optional[int] = None
+    max_exp: Optional[int] = None
+    layout: Optional[str] = None
+    es: Optional[int] = None
+    has_inf: bool = False
+    has_nan: bool = False
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def is_identity(self) -> bool:
+        """True for fp32/none: quantize() returns its input unchanged."""
+        return self.kind == "none"
+
+    @property
+    def is_float(self) -> bool:
+        return self.kind == "float"
+
+    @property
+    def is_posit(self) -> bool:
+        return self.kind == "posit"
+
+    @property
+    def min_exp(self) -> Optional[int]:
+        """Unbiased exponent of the smallest normal (floats), 1 - bias."""
+        return None if self.bias is None else 1 - self.bias
+
+
+def _bad(spec: str, why: str = "") -> ValueError:
+    detail = f" ({why})" if why else ""
+    return ValueError(f"unsupported number format {spec!r}{detail}; accepted: {ACCEPTED_SPECS}")
+
+
+def _float_format(spec: str, x: int, y: int) -> Format:
+    """IEEE-like / OCP float with x exponent and y mantissa bits."""
+    if not 2 <= x <= _MAX_EXP_BITS:
+        raise _bad(spec, f"{x} exponent bits: float32 emulation needs 2..{_MAX_EXP_BITS}")
+    if not 0 <= y <= _MAX_MAN_BITS:
+        raise _bad(spec, f"{y} mantissa bits: float32 emulation needs 0..{_MAX_MAN_BITS}")
+    if (x, y) == (8, 23):
+        return _FP32
+    layout = _OCP_LAYOUTS.get((x, y), "ieee")
+    bias = 2 ** (x - 1) - 1
+    if layout == "ieee":
+        max_exp = 2**x - 2 - bias  # all-ones exponent reserved for inf/NaN
+        max_val = (2.0 - 2.0**-y) * 2.0**max_exp
+    elif layout == "fn":
+        max_exp = 2**x - 1 - bias  # top exponent finite, all-ones mantissa there is NaN
+        max_val = (2.0 - 2.0 ** (1 - y)) * 2.0**max_exp
+    else:  # "mx": every code finite
+        max_exp = 2**x - 1 - bias
+        max_val = (2.0 - 2.0**-y) * 2.0**max_exp
+    min_exp = 1 - bias
+    return Format(
+        name=_NAMED_FLOATS.get((x, y), f"e{x}m{y}"),
+        kind="float",
+        bits=1 + x + y,
+        max=max_val,
+        min_subnormal=2.0 ** (min_exp - y),
+        min_normal=2.0**min_exp,
+        exp_bits=x,
+        man_bits=y,
+        bias=bias,
+        max_exp=max_exp,
+        layout=layout,
+        has_inf=layout == "ieee",
+        has_nan=layout != "mx",
+    )
+
+
+def _posit_format(spec: str, n: int, es: int) -> Format:
+    if not 2 <= n <= _MAX_POSIT_BITS:
+        raise _bad(spec, f"posit width {n}: accepted 2..{_MAX_POSIT_BITS}")
+    if es > 6 or (n - 2) * 2**es > -_FLOAT32_MIN_NORMAL_EXP:
+        raise _bad(spec, f"posit({n},{es}) scale range exceeds float32")
+    top = (n - 2) * 2**es  # maxpos = useed^(n-2) = 2^top
+    return Format(
+        name=f"posit{n}es{es}",
+        kind="posit",
+        bits=n,
+        max=2.0**top,
+        min_subnormal=2.0**-top,
+        es=es,
+        has_inf=False,
+        has_nan=True,  # NaR, emulated as NaN
+    )
+
+
+_FP32 = Format(
+    name="fp32",
+    kind="none",
+    bits=32,
+    max=FP32_MAX,
+    min_subnormal=2.0**-149,
+    min_normal=2.0**-126,
+    exp_bits=8,
+    man_bits=23,
+    bias=127,
+    max_exp=127,
+    layout="ieee",
+    has_inf=True,
+    has_nan=True,
+)
+
+_FLOAT_RE = re.compile(r"e(\d{1,3})m(\d{1,3})")
+_POSIT_RE = re.compile(r"posit(\d{1,3})es(\d{1,3})")
+
+
+def parse_format(spec: Union[str, Format]) -> Format:
+    """Turn a spec string (see the module docstring) into its frozen `Format`.
+
+    A `Format` is returned as is, so every API can take either. ``parse_format(str(f)) == f``.
+    Raises ValueError (one line, naming what is accepted) for anything else.
+    """
+    if isinstance(spec, Format):
+        return spec
+    if not isinstance(spec, str):
+        raise TypeError(f"number format must be a spec string or Format, got {type(spec).__name__}")
+    s = spec.strip().lower()
+    s = _ALIASES.get(s, s)
+    m = _FLOAT_RE.fullmatch(s)
+    if m:
+        return _float_format(spec, int(m.group(1)), int(m.group(2)))
+    m = _POSIT_RE.fullmatch(s)
+    if m:
+        return _posit_format(spec, int(m.group(1)), int(m.group(2)))
+    raise _bad(spec)
+
+
+def _self_check() -> None:
+    """The layouts above must reproduce the maxima the standards name (cheap, runs at import)."""
+    for spec, want in (("bf16", BF16_MAX), ("fp16", FP16_MAX), ("e4m3", E4M3_MAX),
+                       ("e5m2", E5M2_MAX), ("e2m1", E2M1_MAX), ("e2m3", E2M3_MAX),
+                       ("e3m2", E3M2_MAX)):
+        got = parse_format(spec).max
+        if got != want:  # pragma: no cover - a broken edit of the layout table
+            raise AssertionError(f"{spec}: derived max {got} != standard {want}")
+    assert math.isfinite(FP32_MAX)
+
+
+_self_check()
