@@ -52,13 +52,10 @@ import torch.nn.functional as F
 
 from . import data as data_mod
 from . import runs
-from .cli import REPO_ROOT, RESUME_FREE_FIELDS, RunConfig
+from .cli import CHANNELS_LAST_DEFAULT, REPO_ROOT, RESUME_FREE_FIELDS, RunConfig
 from .errors import Diverged, UserError
 from .resnet import build_model, count_parameters
 
-# channels-last (NHWC) default per device type; measured with benchmarks/pipeline_speed.py:
-# on CUDA NHWC lets cuDNN use its fastest convolution kernels; on the 2-core CPU it was slower.
-CHANNELS_LAST_DEFAULT = {"cuda": True, "cpu": False}
 DIVERGENCE_CHECK_EVERY = 50          # steps between finiteness checks (one host sync each)
 PROGRESS_EVERY_S = 0.5               # progress-bar refresh period on a terminal
 
@@ -427,7 +424,8 @@ class _Trainer:
                  f", channels-last {'on' if channels_last else 'off'}"
                  f"{', autocast ' + self.resolved['autocast'] if self.autocast_dtype else ''})")
         self.log(f"  data: {data.train_x.shape[0]} train / {data.test_x.shape[0]} test images from "
-                 f"{data.source}; {cfg.epochs} epochs x {len(batches)} steps of {cfg.batch_size}, "
+                 f"{data.source}; {cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''} x {len(batches)} steps "
+                 f"of {cfg.batch_size}, "
                  f"{cfg.schedule} schedule from lr {cfg.lr:g}; writing {self.run_dir}")
         if ckpt is not None:
             self.log(f"  resuming after epoch {start_epoch} from {self.ckpt_path}")

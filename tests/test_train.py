@@ -22,6 +22,16 @@ FP32_SCRIPT = ROOT / "FP32" / "train_cifar10_fp32.py"
 TIMING_KEYS = {"epoch_seconds", "train_seconds", "images_per_s", "wall_seconds"}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread for these tiny models: on a shared 2-core machine two OpenMP threads
+    stall each other (steps seen 15x slower), one thread runs steadily."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def make_config(runs_dir, *flags, name="t"):
     parser = cli.build_parser("test")
     args = cli.parse_args(parser, ["--synthetic", "--model", "resnet8", "--batch-size", "64",
@@ -194,7 +204,7 @@ def test_script_exit_codes_in_process(tmp_path, capsys, monkeypatch):
     bad = tmp_path / "data" / "cifar-10-batches-py"
     bad.mkdir(parents=True)
     (bad / "data_batch_1").write_bytes(b"\x80\x02}q\x00(U\x04data")
-    assert exit_code(fp32.main, ["--data-dir", str(tmp_path / "data"), "--epochs", "1"]) == 2
+    assert exit_code(fp32.main, ["--data-dir", str(tmp_path / "data"), "--runs-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: cannot read CIFAR-10 batch") and "Traceback" not in err[0]
     # flags: unknown model, contradictory flags
@@ -215,7 +225,8 @@ def test_fp32_script_runs_from_its_folder(tmp_path):
     proc = subprocess.run(
         [sys.executable, "train_cifar10_fp32.py", "--synthetic", "--model", "resnet8", "--epochs", "1",
          "--max-steps-per-epoch", "2", "--runs-dir", str(tmp_path)],
-        cwd=FP32_SCRIPT.parent, capture_output=True, text=True, timeout=300)
+        cwd=FP32_SCRIPT.parent, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1].startswith("final test accuracy: ")
     s = json.loads((tmp_path / "fp32_resnet8_s0_synthetic_max2" / "summary.json").read_text())
