@@ -1,0 +1,389 @@
+"""Fake quantization: round float32 tensors to the project's number formats, exactly.
+
+Public API (the one place in the project that knows a bit layout):
+
+- ``quantize(x, fmt, rounding="nearest", saturate=True, generator=None)``
+- ``quantize_scaled(x, fmt, scaling="none", rounding="nearest", saturate=True, generator=None,
+  channel_dim=0)``
+- ``representable_values(fmt)``
+- ``ROUNDINGS``, ``SCALINGS``
+
+Semantics are those of ../shared/NUMERICS.md: round to nearest with ties to even, or unbiased
+stochastic rounding; subnormals kept; saturation (default) or the OCP non-saturating overflow;
+NaN stays NaN in every format and mode, also in formats without a NaN code (e2m1, e2m3, e3m2),
+because a fake-quantized tensor must never hide a divergence; -0.0 stays -0.0 (also for posits,
+whose single zero it equals); posits never round to 0 nor beyond maxpos, and ±inf gives NaR
+(NaN) for posits whatever ``saturate`` says (the posit standard has no infinity to saturate).
+
+How a call runs (users never choose; ``QUANT_PATH=eager|compiled|auto`` overrides for debugging):
+
+- fp32/none: ``x`` itself is returned.
+- Tensors below ``_MIN_COMPILE_NUMEL`` elements, calls made while ``torch.compile`` traces a
+  model, and platforms where compiling fails: eager PyTorch ops. bf16 and fp16 (both overflow
+  modes) and e4m3/e5m2 in saturating nearest mode use torch's native RNE casts after a clamp;
+  everything else uses integer arithmetic on the float32 bit pattern (``_quant_kernels``).
+- Everything else: the same bit arithmetic fused into one kernel by ``torch.compile`` (dynamic
+  shapes, compiled once per kernel and device, cached in memory and by inductor on disk). Format
+  parameters are runtime inputs, so the four kernels (float/posit x nearest/stochastic) serve
+  every format. If compiling raises, the failure is remembered and the eager ops are used from
+  then on, silently and with the same bits.
+
+Stochastic rounding draws two 32-bit seed words per call from ``generator`` (default: the
+global generator of x's device, so ``torch.manual_seed`` makes runs reproducible) and derives
+each element's random bits from a counter-based hash of (element index, seed): the same seed gives
+the same bits on CPU and CUDA, eager and compiled. Under a user's ``torch.compile`` the seed words
+come from the compiler's random stream instead (still seeded by ``torch.manual_seed``).
+
+Inputs may be float32, float16, bfloat16 or float64; the work is done in float32 and the result
+is cast back to x's dtype (exact when the format's values fit that dtype; float64 inputs are
+rounded to float32 first). The result never requires grad: training wraps this in a
+straight-through autograd function.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import types
+from typing import Callable, Optional, Union
+
+import torch
+
+from . import _quant_kernels as K
+from .formats import Format, parse_format
+
+__all__ = ["quantize", "quantize_scaled", "representable_values", "ROUNDINGS", "SCALINGS"]
+
+ROUNDINGS = ("nearest", "stochastic")
+SCALINGS = ("none", "tensor", "channel")
+
+_log = logging.getLogger(__name__)
+
+# Below this many elements the eager ops beat a compiled kernel's call overhead (measured with
+# benchmarks/quant_speed.py --sizes on the 2-core development machine); it also keeps the compiled
+# kernels away from the size-0/1 specialisation of dynamic shapes.
+_MIN_COMPILE_NUMEL = 1 << 14
+
+_PATHS = ("auto", "eager", "compiled")
+
+# Native casts that round exactly as the contract says (RNE, subnormals kept, NaN kept).
+# fp8 casts are used only in saturating mode, after a clamp: their overflow behaviour differs
+# between torch's CPU casts (e4m3 saturates, e5m2 overflows to inf) and Triton's (both saturate).
+_CAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16,
+                "e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+_CAST_NONSAT_OK = ("bf16", "fp16")  # IEEE overflow to inf is exactly what these casts do
+
+
+# ---------------------------------------------------------------------------------------------
+# argument checks
+# ---------------------------------------------------------------------------------------------
+def _check_rounding(rounding: str) -> str:
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"unknown rounding {rounding!r}; accepted: {', '.join(ROUNDINGS)}")
+    return rounding
+
+
+def _check_tensor(x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"quantize expects a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point() or x.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        raise TypeError(f"quantize expects float32/float16/bfloat16/float64, got {x.dtype}")
+
+
+# ---------------------------------------------------------------------------------------------
+# methods: which kernel computes a (format, rounding, saturate) triple
+# ---------------------------------------------------------------------------------------------
+def _methods(fmt: Format, rounding: str, saturate: bool) -> tuple:
+    """Exact methods for this case, fastest eager one first ("cast", "bits")."""
+    if fmt.is_posit:
+        return ("bits",)
+    if rounding == "nearest" and fmt.name in _CAST_DTYPES and (
+            saturate or fmt.name in _CAST_NONSAT_OK):
+        return ("cast", "bits")
+    return ("bits",)
+
+
+def _compiled_method(fmt: Format, rounding: str, saturate: bool) -> str:
+    """The method the compiled path uses: fused bit arithmetic is at least as fast as a fused
+    native cast on CPU (inductor converts float8 one element at a time) and is one kernel for all
+    formats, so fewer compiles."""
+    return "bits"
+
+
+def _params(fmt: Format, saturate: bool) -> tuple:
+    return K.posit_params(fmt) if fmt.is_posit else K.float_params(fmt, saturate)
+
+
+_PARAM_TENSORS: dict = {}
+
+
+def _param_tensor(fmt: Format, saturate: bool, device: torch.device) -> torch.Tensor:
+    """Format parameters as an int32 tensor on `device`, made once (no host->device copy per
+    call, which would synchronise a CUDA stream)."""
+    key = (fmt.name, bool(saturate) or fmt.is_posit, str(device))
+    t = _PARAM_TENSORS.get(key)
+    if t is None:
+        t = torch.tensor(_params(fmt, saturate), dtype=torch.int32, device=device)
+        _PARAM_TENSORS[key] = t
+    return t
+
+
+def _draw_seed(generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
+    """Two int32 seed words for one stochastic call, from `generator` or x's device default."""
+    if generator is not None:
+        seed = torch.randint(-2**31, 2**31, (2,), dtype=torch.int32, generator=generator,
+                             device=generator.device)
+        return seed.to(device)
+    return torch.randint(-2**31, 2**31, (2,), dtype=torch.int32, device=device)
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels on a flat float32 tensor
+# ---------------------------------------------------------------------------------------------
+def _eager_kernel(flat: torch.Tensor, fmt: Format, rounding: str, saturate: bool,
+                  seed: Optional[torch.Tensor], method: str) -> torch.Tensor:
+    if method == "cast":
+        return K.cast_nearest(flat, _CAST_DTYPES[fmt.name], fmt.max if saturate else None)
+    fn = _KERNELS[("posit" if fmt.is_posit else "float", rounding)]
+    args = (flat.view(torch.int32), _params(fmt, saturate))
+    if rounding == "stochastic":
+        args += (seed,)
+    return fn(*args).view(torch.float32)
+
+
+# The kernels work on int32 bit patterns in and out; p is a tuple of ints (eager) or a 1-D int32
+# tensor (compiled: format parameters are runtime inputs, one kernel serves every format).
+def _unpack(p):
+    return p.unbind(0) if isinstance(p, torch.Tensor) else p
+
+
+def _k_float_nearest(bits, p):
+    return K.float_nearest(bits, _unpack(p))
+
+
+def _k_float_stochastic(bits, p, seed, lane=None):
+    return K.float_stochastic(bits, _unpack(p), K.random_bits(K.element_index(bits, lane), seed))
+
+
+def _k_posit_nearest(bits, p):
+    return K.posit_nearest(bits, _unpack(p))
+
+
+def _k_posit_stochastic(bits, p, seed, lane=None):
+    r1, r2 = K.random_bits(K.element_index(bits, lane), seed, words=2)
+    return K.posit_stochastic(bits, _unpack(p), r1, r2)
+
+
+_KERNELS = {("float", "nearest"): _k_float_nearest, ("float", "stochastic"): _k_float_stochastic,
+            ("posit", "nearest"): _k_posit_nearest, ("posit", "stochastic"): _k_posit_stochastic}
+
+_LANES = 16
+_LANE_TENSORS: dict = {}
+
+
+def _lane_tensor(device: torch.device) -> torch.Tensor:
+    t = _LANE_TENSORS.get(str(device))
+    if t is None:
+        t = _LANE_TENSORS[str(device)] = torch.arange(_LANES, dtype=torch.int32, device=device)
+    return t
+
+
+_COMPILED: dict = {}  # (kind, rounding, device type) -> compiled callable, or None if it failed
+
+
+def _compile(fn: Callable, tag: str) -> Callable:
+    # A fresh code object per kernel and device: dynamo keeps its cache (and its recompile limit)
+    # per code object, so kernels never evict one another.
+    code = fn.__code__.replace(co_name=f"_quantize_{tag}")
+    clone = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__,
+                               fn.__closure__)
+    return torch.compile(clone, dynamic=True, fullgraph=True)
+
+
+def _compiled_kernel(flat: torch.Tensor, fmt: Format, rounding: str, saturate: bool,
+                     seed: Optional[torch.Tensor], strict: bool) -> Optional[torch.Tensor]:
+    """Run the compiled kernel; None (and remember) if compiling is not possible here."""
+    key = ("posit" if fmt.is_posit else "float", rounding, flat.device.type)
+    fn = _COMPILED.get(key, False)
+    if fn is None and not strict:
+        return None
+    if not fn:
+        fn = _compile(_KERNELS[key[:2]], "_".join(key))
+        _COMPILED[key] = fn
+    bits = flat.view(torch.int32)
+    args = (bits, _param_tensor(fmt, saturate, flat.device))
+    if rounding == "stochastic":
+        args += (seed,)
+        if flat.device.type == "cpu" and bits.numel() % _LANES == 0:
+            # a (rows, 16) view lets the CPU kernel form element indices cheaply (same values)
+            args = (bits.view(-1, _LANES),) + args[1:] + (_lane_tensor(flat.device),)
+    try:
+        return fn(*args).view(torch.float32).view(-1)
+    except Exception as err:  # no compiler, unsupported platform, ...: eager is exact too
+        if strict:
+            raise
+        _COMPILED[key] = None
+        _log.info("quantize: compiled kernel %s unavailable (%s: %s); using eager ops", key,
+                  type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# layout: run the element-wise kernels on a flat view in memory order
+# ---------------------------------------------------------------------------------------------
+def _flatten(x: torch.Tensor):
+    """A 1-D view of x in memory order and a function mapping a flat result back to x's
+    layout (contiguous or channels-last kept; anything else comes back contiguous)."""
+    if x.is_contiguous():
+        return x.view(-1), lambda y: y.view(x.shape)
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        xp = x.permute(0, 2, 3, 1)
+        return xp.reshape(-1), lambda y: y.view(xp.shape).permute(0, 3, 1, 2)
+    xc = x.contiguous()
+    return xc.view(-1), lambda y: y.view(x.shape)
+
+
+def _run(x, fmt, rounding, saturate, generator, path, method=None, seed=None):
+    fmt = parse_format(fmt)
+    _check_rounding(rounding)
+    _check_tensor(x)
+    if fmt.is_identity:
+        return x
+    saturate = bool(saturate)
+    x = x.detach()
+    x32 = x if x.dtype == torch.float32 else x.to(torch.float32)
+    flat, unflatten = _flatten(x32)
+    if rounding == "stochastic" and seed is None:
+        seed = _draw_seed(generator, flat.device)
+    if path == "auto":
+        path = os.environ.get("QUANT_PATH", "auto")
+        if path not in _PATHS:
+            raise ValueError(f"QUANT_PATH={path!r}; accepted: {', '.join(_PATHS)}")
+    if path == "auto":
+        use_compiled = flat.numel() >= _MIN_COMPILE_NUMEL and not torch.compiler.is_compiling()
+    else:
+        use_compiled = path == "compiled"
+    y = None
+    if use_compiled:
+        if method not in (None, _compiled_method(fmt, rounding, saturate)):
+            raise ValueError(f"the compiled path has no method {method!r}")
+        y = _compiled_kernel(flat, fmt, rounding, saturate, seed, strict=path == "compiled")
+    if y is None:
+        methods = _methods(fmt, rounding, saturate)
+        if method is None:
+            method = methods[0]
+        elif method not in methods:
+            raise ValueError(f"method {method!r} not exact for {fmt} {rounding}; have {methods}")
+        y = _eager_kernel(flat, fmt, rounding, saturate, seed, method)
+    y = unflatten(y)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# public API
+# ---------------------------------------------------------------------------------------------
+def quantize(x: torch.Tensor, fmt: Union[str, Format], rounding: str = "nearest",
+             saturate: bool = True, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Round every element of `x` to the nearest value of `fmt` (see the module docstring).
+
+    fmt: a spec string (``"e4m3"``, ``"posit8es1"``, ...) or a parsed Format.
+    rounding: ``"nearest"`` (ties to even) or ``"stochastic"`` (unbiased, reproducible under
+    ``torch.manual_seed`` or the given ``generator``).
+    saturate: True maps anything beyond ±max (±inf included) to ±max; False follows the OCP
+    non-saturating conversion (inf where the format has inf, NaN for e4m3, ±max for e2m1/e2m3/
+    e3m2). Posits always saturate finite values and map ±inf to NaR.
+    Returns a new tensor of x's shape and dtype (x itself for fp32/none).
+    """
+    return _run(x, fmt, rounding, saturate, generator, "auto")
+
+
+def _quantize_eager(x, fmt, rounding="nearest", saturate=True, generator=None, method=None,
+                    seed=None):
+    """Test hook: the eager ops, with `method` "cast" or "bits" (default: the fastest exact one)
+    and optionally fixed seed words (an int32 tensor of 2) for stochastic rounding."""
+    return _run(x, fmt, rounding, saturate, generator, "eager", method, seed)
+
+
+def _quantize_compiled(x, fmt, rounding="nearest", saturate=True, generator=None, method=None,
+                       seed=None):
+    """Test hook: the compiled kernel, whatever the size; raises if it cannot compile."""
+    return _run(x, fmt, rounding, saturate, generator, "compiled", method, seed)
+
+
+def _pow2_scale(amax: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """Power-of-two s with amax*s in (max/2, max]; s = 1 where amax is 0, inf or NaN.
+
+    s = 2^floor(log2(max/amax)), computed from the exact frexp exponents (a float division could
+    round across a power of two): with amax = ma*2^ea, max = mm*2^em (ma, mm in [0.5, 1)),
+    s = 2^(em-ea) if ma <= mm else 2^(em-ea-1). The exponent is kept within float32's normal
+    range, so s and 1/s are exact (for a subnormal amax, amax*s may then stay below max/2).
+    """
+    amax = amax.to(torch.float32)
+    ma, ea = torch.frexp(amax)
+    mm, em = torch.frexp(torch.tensor(fmt.max, dtype=torch.float32, device=amax.device))
+    exp = em - ea - (ma > mm).to(ea.dtype)
+    exp = torch.clamp(exp, min=-126, max=127)
+    s = ((exp + 127) << 23).to(torch.int32).view(torch.float32)
+    ok = torch.isfinite(amax) & (amax > 0)
+    return torch.where(ok, s, torch.ones_like(s))
+
+
+def quantize_scaled(x: torch.Tensor, fmt: Union[str, Format], scaling: str = "none",
+                    rounding: str = "nearest", saturate: bool = True,
+                    generator: Optional[torch.Generator] = None,
+                    channel_dim: int = 0) -> torch.Tensor:
+    """quantize(x * s) / s with a power-of-two scale s chosen from x's absolute maximum.
+
+    scaling "none": s = 1 (the format's own range). "tensor": one s for the whole tensor.
+    "channel": one s per slice along `channel_dim` (per output channel of a weight).
+    s = 2^floor(log2(fmt.max / amax)), so amax*s lies in (max/2, max]: the largest element uses
+    the top binade and nothing overflows; a power of two keeps x*s and the division exact. A
+    slice whose amax is 0 (all zeros) or not finite (it holds inf or NaN) uses s = 1, so zeros
+    stay zeros and NaN/inf behave as in plain quantize (NaN stays NaN).
+    """
+    if scaling not in SCALINGS:
+        raise ValueError(f"unknown scaling {scaling!r}; accepted: {', '.join(SCALINGS)}")
+    fmt = parse_format(fmt)
+    _check_tensor(x)
+    if scaling == "none" or fmt.is_identity or x.numel() == 0:
+        return quantize(x, fmt, rounding, saturate, generator)
+    xd = x.detach()
+    ax = xd.abs()
+    if scaling == "tensor":
+        amax = ax.amax()
+    else:
+        if xd.dim() == 0:
+            raise ValueError("channel scaling needs a tensor with at least one dimension")
+        dim = channel_dim % xd.dim()
+        others = [d for d in range(xd.dim()) if d != dim]
+        amax = ax.amax(dim=others, keepdim=True) if others else ax
+    s = _pow2_scale(amax, fmt)
+    xs = (xd.to(torch.float32) * s)
+    y = quantize(xs, fmt, rounding, saturate, generator) / s
+    return y.to(x.dtype)
+
+
+def representable_values(fmt: Union[str, Format]) -> torch.Tensor:
+    """All finite values of `fmt` (at most 16 bits), sorted ascending, float32, zero once.
+
+    Enumerated from the bit layout: floats from every (exponent, mantissa) field pair the layout
+    leaves finite, posits by decoding every pattern except NaR.
+    """
+    fmt = parse_format(fmt)
+    if fmt.bits > 16:
+        raise ValueError(f"representable_values needs a format of at most 16 bits, {fmt} has "
+                         f"{fmt.bits}")
+    if fmt.is_posit:
+        n1 = fmt.bits - 1
+        pats = torch.arange(1, 1 << n1, dtype=torch.int32)
+        pos = K.posit_decode(pats, n1, fmt.es, 1 << fmt.es).view(torch.float32)
+    else:
+        m = fmt.man_bits
+        top_field = fmt.max_exp + fmt.bias  # largest exponent field holding finite values
+        field = torch.arange(0, top_field + 1, dtype=torch.float64).repeat_interleave(1 << m)
+        man = torch.arange(0, 1 << m, dtype=torch.float64).repeat(top_field + 1)
+        frac = man / 2.0**m
+        pos = torch.where(field == 0, frac * 2.0 ** (1 - fmt.bias),
+                          (1 + frac) * torch.exp2(field - fmt.bias))
+        pos = pos[(pos > 0) & (pos <= fmt.max)].to(torch.float32)
+    pos = torch.unique(pos)  # sorted
+    return torch.cat([-pos.flip(0), torch.zeros(1), pos])

@@ -1,0 +1,827 @@
+"""common/quant.py checked against independent references, never against itself.
+
+References (../shared/NUMERICS.md): ml_dtypes casts and torch's own casts (floats), softposit
+(posit8 = posit(8,0), posit16 = posit(16,1), pX2 = posit(n,2)), qtorch-plus ``posit_quantize``,
+qtorch ``float_quantize`` (inside its valid range only), and two oracles written here from the
+definitions, separately from the implementation: floats by float64 arithmetic (quantum, rint, the
+overflow rule) and posits by decoding every bit pattern from the definition and rounding at the
+posit(n+1, es) decision points. Every test runs each implementation path: the eager bit
+arithmetic, the eager native cast (where quantize uses one) and the compiled kernel.
+"""
+import functools
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from common import quant
+from common.formats import parse_format
+from common.quant import (ROUNDINGS, SCALINGS, _quantize_compiled, _quantize_eager, quantize,
+                          quantize_scaled, representable_values)
+
+ml_dtypes = pytest.importorskip("ml_dtypes")
+
+# random float32 bit patterns per format (plus the exhaustive sets, both signs): millions for
+# the main formats, fewer for the many extra layouts to keep the suite fast
+N_RANDOM = 1 << 20
+N_RANDOM_EXTRA = 1 << 18
+MAIN_FORMATS = ("bf16", "fp16", "e4m3", "e5m2", "e2m1", "e2m3", "e3m2", "posit8es1", "posit16es1",
+                "posit8es0", "posit16es2")
+RNG_SEED = 20240611
+
+
+# =============================================================================================
+# paths
+# =============================================================================================
+def run_path(path, x, fmt, rounding="nearest", saturate=True, seed=None):
+    """quantize by one named implementation path."""
+    if path == "compiled":
+        return _quantize_compiled(x, fmt, rounding, saturate, seed=seed)
+    method = path.split("-")[1]
+    return _quantize_eager(x, fmt, rounding, saturate, method=method, seed=seed)
+
+
+def paths_for(spec, rounding="nearest", saturate=True):
+    methods = quant._methods(parse_format(spec), rounding, saturate)
+    return [f"eager-{m}" for m in methods] + ["compiled"]
+
+
+
+
+# =============================================================================================
+# comparison
+# =============================================================================================
+def assert_same_bits(got, want, x, what):
+    """Bit-for-bit equality (NaN matches any NaN); reports the first mismatches."""
+    got = got.detach().cpu().numpy() if isinstance(got, torch.Tensor) else np.asarray(got)
+    want = np.asarray(want, dtype=np.float32)
+    x = np.asarray(x, dtype=np.float32)
+    bad = (got.view(np.uint32) != want.view(np.uint32)) & ~(np.isnan(got) & np.isnan(want))
+    if bad.any():
+        idx = np.flatnonzero(bad)[:6]
+        rows = ", ".join(f"x={x[i]!r} ({x[i:i+1].view(np.uint32)[0]:#010x}) got={got[i]!r} "
+                         f"want={want[i]!r}" for i in idx)
+        raise AssertionError(f"{what}: {bad.sum()} of {bad.size} differ: {rows}")
+
+
+# =============================================================================================
+# float oracle (float64 arithmetic) and input sets
+# =============================================================================================
+def float_oracle(x, fmt, saturate):
+    """Round float32 x to float format fmt: quantum q = 2^(max(floor(log2|x|), emin) - man_bits),
+    numpy rint (half to even) of |x|/q in float64 (exact here), then the overflow rule of
+    NUMERICS.md. Ties go to the even bit pattern: for man_bits >= 1 that is rint's even multiple
+    of q; with no mantissa bits (eXm0) the pattern's last bit is the exponent field's."""
+    x64 = np.asarray(x, dtype=np.float32).astype(np.float64)
+    a = np.abs(x64)
+    emin = 1 - fmt.bias
+    with np.errstate(all="ignore"):
+        _, e = np.frexp(a)
+        q = np.ldexp(1.0, np.maximum(e - 1, emin) - fmt.man_bits)
+        r = np.rint(a / q) * q
+        if fmt.man_bits == 0:  # tie between 2^k (field k + bias) and 2^(k+1): even field wins
+            tie = (a / q) % 1 == 0.5
+            lo = np.floor(a / q) * q
+            lo_field = np.where(lo >= 2.0**emin, np.frexp(lo)[1] - 1 + fmt.bias, 0)
+            r = np.where(tie, np.where(lo_field % 2 == 0, lo, lo + q), r)
+    if saturate or fmt.layout == "mx":
+        ovf = fmt.max
+    elif fmt.has_inf:
+        ovf = np.inf
+    else:
+        ovf = np.nan
+    r = np.where(r > fmt.max, ovf, r)
+    out = np.where(np.isnan(x64), np.nan, np.copysign(r, x64))
+    return out.astype(np.float32)
+
+
+def float_values_by_definition(fmt, max_fields=None):
+    """Positive finite values of a float format from its fields (all of them when it has at
+    most 16 bits; else the lowest and highest `max_fields` exponent fields)."""
+    x_bits, m_bits = fmt.exp_bits, fmt.man_bits
+    fields = np.arange(2**x_bits)
+    if max_fields is not None and len(fields) > 2 * max_fields:
+        fields = np.concatenate([fields[:max_fields], fields[-max_fields:]])
+    mants = np.arange(2**m_bits) if m_bits <= 12 else np.unique(np.concatenate(
+        [np.arange(64), 2**m_bits - 1 - np.arange(64),
+         np.random.default_rng(1).integers(0, 2**m_bits, 512)]))
+    f, m = np.meshgrid(fields, mants, indexing="ij")
+    f, m = f.ravel(), m.ravel()
+    top = 2**x_bits - 1
+    if fmt.layout == "ieee":
+        keep = f < top
+    elif fmt.layout == "fn":
+        keep = ~((f == top) & (m == 2**m_bits - 1))
+    else:
+        keep = np.ones_like(f, dtype=bool)
+    f, m = f[keep], m[keep]
+    frac = m / 2.0**m_bits
+    val = np.where(f == 0, frac * 2.0 ** (1 - fmt.bias), (1 + frac) * 2.0 ** (f - fmt.bias))
+    return np.unique(val[val > 0])
+
+
+def _around(v32):
+    """v and one float32 ulp either side."""
+    v32 = np.asarray(v32, dtype=np.float32)
+    return np.concatenate([v32, np.nextafter(v32, np.float32(np.inf)),
+                           np.nextafter(v32, np.float32(-np.inf))])
+
+
+SPECIALS = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, -np.nan,
+                     np.finfo(np.float32).max, np.finfo(np.float32).smallest_subnormal,
+                     np.finfo(np.float32).smallest_normal], dtype=np.float32)
+
+
+def random_bits(n, seed):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 2**32, n, dtype=np.uint64).astype(np.uint32).view(np.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def float_inputs(spec, n_random=None):
+    """Every value (<= 16 bits; else a sample), every midpoint between neighbours (0 and
+    max + ulp included), each +-1 float32 ulp, overflow edges, specials, random bit patterns and
+    random values spread over the format's range; both signs."""
+    fmt = parse_format(spec)
+    if n_random is None:
+        n_random = N_RANDOM if spec in MAIN_FORMATS else N_RANDOM_EXTRA
+    vals = float_values_by_definition(fmt, max_fields=None if fmt.bits <= 16 else 6)
+    ulp_max = 2.0 ** (fmt.max_exp - fmt.man_bits)
+    grid = np.concatenate([[0.0], vals, [fmt.max + ulp_max]])
+    mids = (grid[:-1] + grid[1:]) / 2
+    with np.errstate(over="ignore"):
+        edges = np.array([fmt.max, fmt.max + ulp_max / 2, fmt.max + ulp_max, 2 * fmt.max,
+                          fmt.min_subnormal / 2, fmt.min_subnormal / 4, fmt.min_normal])
+        parts = [_around(vals.astype(np.float32)), _around(mids.astype(np.float32)),
+                 _around(edges.astype(np.float32)), SPECIALS]
+    rng = np.random.default_rng(RNG_SEED + fmt.bits)
+    lo, hi = math.log2(fmt.min_subnormal) - 2, math.log2(min(fmt.max, 2.0**127)) + 1
+    spread = rng.standard_normal(n_random // 4) * np.exp2(rng.uniform(lo, hi, n_random // 4))
+    parts += [random_bits(n_random, RNG_SEED), spread.astype(np.float32)]
+    x = np.concatenate(parts).astype(np.float32)
+    return np.concatenate([x, -x])
+
+
+@functools.lru_cache(maxsize=None)
+def float_reference(spec, saturate):
+    x = float_inputs(spec)
+    return x, float_oracle(x, parse_format(spec), saturate)
+
+
+# =============================================================================================
+# floats
+# =============================================================================================
+# ml_dtypes types (OCP / IEEE conversions, non-saturating) and the "other eXmY" rule: IEEE-like
+ML_DTYPES = {
+    "bf16": ml_dtypes.bfloat16, "fp16": np.float16, "e4m3": ml_dtypes.float8_e4m3fn,
+    "e5m2": ml_dtypes.float8_e5m2, "e2m1": ml_dtypes.float4_e2m1fn,
+    "e2m3": ml_dtypes.float6_e2m3fn, "e3m2": ml_dtypes.float6_e3m2fn,
+    "e3m4": ml_dtypes.float8_e3m4,
+}
+# beyond ml_dtypes: small/large exponent and mantissa widths, 8-bit exponents with subnormals
+# below float32's normal range, 23-bit mantissas (no rounding in the normal range)
+OTHER_FLOATS = ["e6m9", "e2m0", "e3m1", "e4m0", "e7m8", "e8m3", "e5m13", "e8m15", "e4m23",
+                "e8m22", "e7m1"]
+
+
+def float_cases(specs):
+    """(spec, saturate, path) for every nearest-mode path quantize has for that case."""
+    return [pytest.param(spec, sat, path, id=f"{spec}-{'sat' if sat else 'nonsat'}-{path}")
+            for spec in specs for sat in (True, False) for path in paths_for(spec, "nearest", sat)]
+
+
+@pytest.mark.parametrize("spec,saturate,path", float_cases(list(ML_DTYPES) + OTHER_FLOATS))
+def test_float_nearest_matches_arithmetic_oracle(spec, saturate, path):
+    x, want = float_reference(spec, saturate)
+    got = run_path(path, torch.from_numpy(x), spec, "nearest", saturate)
+    assert_same_bits(got, want, x, f"{spec} {path} saturate={saturate}")
+
+
+@pytest.mark.parametrize("spec,saturate,path", float_cases(list(ML_DTYPES)))
+def test_float_nearest_matches_ml_dtypes(spec, saturate, path):
+    """ml_dtypes converts with RNE, subnormals and the OCP non-saturating overflow; saturating
+    mode is that conversion of x clipped to +-max. Formats without a NaN code: ml_dtypes turns NaN
+    into a number, NUMERICS.md keeps NaN, so NaN inputs are compared separately below."""
+    fmt = parse_format(spec)
+    x = float_inputs(spec)
+    src = np.clip(x, -fmt.max, fmt.max) if saturate else x
+    with np.errstate(all="ignore"):
+        want = src.astype(ML_DTYPES[spec]).astype(np.float32)
+    keep = ~np.isnan(x)
+    got = run_path(path, torch.from_numpy(x), spec, "nearest", saturate).numpy()
+    assert_same_bits(got[keep], want[keep], x[keep], f"{spec} {path} vs ml_dtypes")
+    assert np.isnan(got[~keep]).all()
+
+
+@pytest.mark.parametrize("path", ["eager-bits", "compiled"])
+@pytest.mark.parametrize("spec,dtype,saturating", [
+    ("e4m3", torch.float8_e4m3fn, True),  # torch's CPU e4m3fn cast saturates, NaN stays NaN
+    ("e5m2", torch.float8_e5m2, False),  # torch's CPU e5m2 cast overflows to inf
+    ("bf16", torch.bfloat16, False), ("fp16", torch.float16, False)])
+def test_float_nearest_matches_torch_casts(spec, dtype, saturating, path):
+    x = float_inputs(spec)
+    xt = torch.from_numpy(x)
+    want = xt.to(dtype).to(torch.float32)
+    assert_same_bits(run_path(path, xt, spec, "nearest", saturating), want.numpy(), x,
+                     f"{spec} {path} vs torch {dtype}")
+    if not saturating:  # saturating mode = torch's cast of x clipped to +-max
+        fmt = parse_format(spec)
+        want = xt.clamp(-fmt.max, fmt.max).to(dtype).to(torch.float32)
+        assert_same_bits(run_path(path, xt, spec, "nearest", True), want.numpy(), x,
+                         f"{spec} {path} saturating vs torch {dtype}")
+
+
+def _import_isolated(pkg):
+    """Import qtorch / qtorch_plus, each with its own torch_extensions folder: both JIT-build a C++
+    extension named "quant_cpu" in the same default folder, so importing one invalidates the
+    other's cached build (a ~20 s rebuild on every test run). Skip when absent or unbuildable."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    base = os.path.join(os.path.expanduser("~"), ".cache", f"torch_extensions_{pkg}")
+    os.environ["TORCH_EXTENSIONS_DIR"] = base
+    try:
+        return __import__(f"{pkg}.quant", fromlist=["quant"])
+    except ImportError as err:
+        pytest.skip(f"{pkg} not installed ({err})")
+    except Exception as err:  # the JIT build failed: no compiler, ...
+        pytest.skip(f"{pkg} failed to build its extension ({type(err).__name__})")
+    finally:
+        if root is None:
+            os.environ.pop("TORCH_EXTENSIONS_DIR", None)
+        else:
+            os.environ["TORCH_EXTENSIONS_DIR"] = root
+
+
+@pytest.fixture(scope="module")
+def qtorch_quant():
+    return _import_isolated("qtorch")
+
+
+@pytest.fixture(scope="module")
+def qtorch_plus_quant():
+    return _import_isolated("qtorch_plus")
+
+
+@pytest.mark.parametrize("path", ["eager-bits", "compiled"])
+@pytest.mark.parametrize("spec", ["e4m3", "e5m2", "bf16", "fp16", "e3m2", "e6m9", "e5m13"])
+def test_float_nearest_matches_qtorch_in_its_valid_range(spec, path, qtorch_quant):
+    """qtorch float_quantize reserves no exponent for inf/NaN (its e4m3 tops out at 480), does not
+    saturate like OCP, breaks ties away from zero and treats subnormals its own way, so compare
+    only normal-range inputs at most max that are not exact ties."""
+    fmt = parse_format(spec)
+    rng = np.random.default_rng(RNG_SEED)
+    x = np.concatenate([random_bits(N_RANDOM, RNG_SEED + 1),
+                        (rng.standard_normal(N_RANDOM) * fmt.max / 8).astype(np.float32)])
+    x = x[np.isfinite(x) & (np.abs(x) >= fmt.min_normal) & (np.abs(x) <= fmt.max)]
+    want = qtorch_quant.float_quantize(torch.from_numpy(x), fmt.exp_bits, fmt.man_bits,
+                                       rounding="nearest").numpy()
+    a = np.abs(x.astype(np.float64))
+    q = np.ldexp(1.0, np.frexp(a)[1] - 1 - fmt.man_bits)
+    tie = (a / q) % 1 == 0.5
+    x, want = x[~tie], want[~tie]
+    assert len(x) > N_RANDOM // 4
+    assert_same_bits(run_path(path, torch.from_numpy(x), spec), want, x, f"{spec} vs qtorch")
+
+
+# hand-picked cases, one reason each: (spec, x, saturating result, non-saturating result)
+FLOAT_CASES = [
+    ("e4m3", 464.0, 448.0, 448.0),  # tie between 448 and (480): 448's mantissa 110 is even
+    ("e4m3", 464.00003, 448.0, math.nan),  # just past the tie: overflow -> NaN (no inf)
+    ("e4m3", math.inf, 448.0, math.nan),  # inf saturates / has no e4m3 encoding
+    ("e4m3", 2.0**-10, 0.0, 0.0),  # half the smallest subnormal: tie to even (0)
+    ("e4m3", 3 * 2.0**-10, 2.0**-8, 2.0**-8),  # tie between subnormals 1 and 2 (x2^-9): even 2
+    ("e4m3", 1.0625, 1.0, 1.0),  # tie: even mantissa 000 (QPyTorch would give 1.125)
+    ("e4m3", 1.1875, 1.25, 1.25),  # tie: even mantissa 010
+    ("e4m3", -0.0, -0.0, -0.0),  # sign of zero kept
+    ("e4m3", -1e-30, -0.0, -0.0),  # underflow keeps the sign
+    ("e5m2", 61440.0, 57344.0, math.inf),  # tie at the overflow boundary: max is odd -> inf
+    ("e5m2", 61439.996, 57344.0, 57344.0),  # just below it
+    ("e5m2", -math.inf, -57344.0, -math.inf),
+    ("e2m1", 5.0, 4.0, 4.0),  # tie between 4 and 6: even mantissa (4)
+    ("e2m1", 7.0, 6.0, 6.0),  # MX FP4 has neither inf nor NaN: overflow gives max
+    ("e2m1", 0.25, 0.0, 0.0),  # half the smallest subnormal 0.5: tie to 0
+    ("e2m1", 0.75, 1.0, 1.0),  # tie between subnormal 0.5 (odd) and 1.0 (even)
+    ("e2m1", math.nan, math.nan, math.nan),  # no NaN code, but NaN is never hidden
+    ("e3m2", 30.0, 28.0, 28.0),  # tie between 28 and (32): 28 = 1.11b x 2^4 is odd -> overflow
+    ("bf16", 1 + 2.0**-8, 1.0, 1.0),  # tie: even
+    ("bf16", 3.4e38, 3.3895313892515355e38, math.inf),  # beyond max + ulp/2
+    ("fp16", 65520.0, 65504.0, math.inf),  # IEEE binary16 overflow threshold (tie, odd max)
+    ("fp16", 2.0**-25, 0.0, 0.0),  # half the smallest subnormal: tie to 0
+]
+
+
+@pytest.mark.parametrize("spec,x,sat,nonsat", FLOAT_CASES)
+def test_float_hand_picked_cases(spec, x, sat, nonsat):
+    xt = torch.tensor([x], dtype=torch.float32)
+    for path in paths_for(spec, "nearest", True):
+        assert_same_bits(run_path(path, xt, spec, "nearest", True), [sat], [x], f"{spec} {path}")
+    for path in paths_for(spec, "nearest", False):
+        assert_same_bits(run_path(path, xt, spec, "nearest", False), [nonsat], [x],
+                         f"{spec} {path} nonsat")
+
+
+# =============================================================================================
+# posits: a decoder written from the definition, its oracle, and the references
+# =============================================================================================
+def posit_value(pattern, n, es):
+    """Value of an n-bit posit pattern by the definition (NaR -> nan), as a Python float."""
+    pattern &= (1 << n) - 1
+    if pattern == 0:
+        return 0.0
+    if pattern == 1 << (n - 1):
+        return math.nan
+    negative = pattern >> (n - 1)
+    if negative:
+        pattern = (-pattern) & ((1 << n) - 1)
+    body = format(pattern, f"0{n}b")[1:]
+    run = len(body) - len(body.lstrip(body[0]))
+    k = run - 1 if body[0] == "1" else -run
+    rest = body[run + 1:]
+    e = int(rest[:es].ljust(es, "0"), 2) if es else 0
+    fbits = rest[es:]
+    f = int(fbits, 2) / 2 ** len(fbits) if fbits else 0.0
+    v = 2.0 ** (k * 2**es + e) * (1 + f)
+    return -v if negative else v
+
+
+@functools.lru_cache(maxsize=None)
+def posit_table(n, es):
+    """Positive posit(n, es) values by pattern (index p = pattern p, 1 .. 2^(n-1)-1) and the
+    decision points between p and p+1: the posit(n+1, es) value of pattern 2p+1."""
+    vals = np.array([posit_value(p, n, es) for p in range(1, 1 << (n - 1))])
+    dps = np.array([posit_value(2 * p + 1, n + 1, es) for p in range(1, (1 << (n - 1)) - 1)])
+    return vals, dps
+
+
+def posit_oracle(x, n, es):
+    """Round float32 x to posit(n, es) from the table: saturate to [minpos, maxpos], never 0 for
+    x != 0, round at the decision points, ties to the even pattern; inf/NaN -> NaN (NaR)."""
+    vals, dps = posit_table(n, es)
+    x64 = np.asarray(x, dtype=np.float32).astype(np.float64)
+    a = np.abs(x64)
+    p = np.clip(np.searchsorted(vals, a, side="right") - 1, 0, len(vals) - 1)  # vals[p] <= a
+    out = vals[p].copy()
+    inner = (a > vals[0]) & (a < vals[-1])
+    pi = p[inner]
+    d = dps[np.clip(pi, 0, len(dps) - 1)] if len(dps) else np.zeros_like(pi, dtype=float)
+    ai = a[inner]
+    up = (ai > d) | ((ai == d) & ((pi + 1) % 2 == 1))  # pattern pi+1 is pi+2 since index 0 = 1
+    res = np.where(up, vals[np.clip(pi + 1, 0, len(vals) - 1)], vals[pi])
+    out[inner] = res
+    out[a <= vals[0]] = vals[0]
+    out[a >= vals[-1]] = vals[-1]
+    out = np.copysign(out, x64)
+    out[a == 0] = x64[a == 0]
+    out[~np.isfinite(x64)] = np.nan
+    return out.astype(np.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def posit_inputs(n, es, n_random=None):
+    """All values, all decision points, arithmetic midpoints, each +-1 float32 ulp, values
+    beyond maxpos and below minpos, specials, random bit patterns and spread values; both
+    signs."""
+    if n_random is None:
+        n_random = N_RANDOM if f"posit{n}es{es}" in MAIN_FORMATS else N_RANDOM_EXTRA
+    vals, dps = posit_table(n, es)
+    mids = (vals[:-1] + vals[1:]) / 2
+    edges = np.array([vals[-1] * 2, vals[-1] * 1.5, vals[0] / 2, vals[0] / 3, 1e-38, 1e38])
+    parts = [_around(v.astype(np.float32)) for v in (vals, dps, mids, edges)] + [SPECIALS]
+    rng = np.random.default_rng(RNG_SEED + n * 8 + es)
+    top = math.log2(vals[-1]) + 2
+    spread = rng.standard_normal(n_random // 4) * np.exp2(rng.uniform(-top, top, n_random // 4))
+    parts += [random_bits(n_random, RNG_SEED + 2), spread.astype(np.float32)]
+    x = np.concatenate(parts).astype(np.float32)
+    return np.concatenate([x, -x])
+
+
+POSIT_SPECS = ["posit2es0", "posit3es0", "posit3es1", "posit4es0", "posit4es1", "posit5es2",
+               "posit6es1", "posit7es3", "posit8es0", "posit8es1", "posit8es2", "posit8es4",
+               "posit10es1", "posit12es2", "posit14es0", "posit16es1", "posit16es2",
+               "posit16es3", "posit5es5"]
+
+
+def _n_es(spec):
+    f = parse_format(spec)
+    return f.bits, f.es
+
+
+def test_posit_decoder_reproduces_numerics_worked_values():
+    # NUMERICS.md: posit(4,0) = {0, +-1/4, +-1/2, +-3/4, +-1, +-3/2, +-2, +-4}
+    vals, dps = posit_table(4, 0)
+    assert vals.tolist() == [0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0]
+    assert dps.tolist() == [0.375, 0.625, 0.875, 1.25, 1.75, 3.0]
+
+
+@pytest.mark.parametrize("path", ["eager-bits", "compiled"])
+@pytest.mark.parametrize("spec", POSIT_SPECS)
+def test_posit_nearest_matches_oracle(spec, path):
+    n, es = _n_es(spec)
+    x = posit_inputs(n, es)
+    want = posit_oracle(x, n, es)
+    saturate = n % 2 == 0  # posits have one overflow rule: saturate must not matter
+    got = run_path(path, torch.from_numpy(x), spec, "nearest", saturate)
+    assert_same_bits(got, want, x, f"{spec} {path}")
+
+
+# NUMERICS.md worked values
+POSIT_CASES = [
+    ("posit4es0", 1.25, 1.0), ("posit4es0", 1.75, 2.0), ("posit4es0", 3.0, 2.0),
+    ("posit4es0", 5.0, 4.0), ("posit4es0", 1e-30, 0.25), ("posit8es0", 100.0, 64.0),
+    ("posit8es0", 1e-9, 2.0**-6), ("posit16es1", 1e9, 2.0**28),
+    ("posit8es1", -1e-30, -(2.0**-12)),  # never rounds to 0, keeps the sign
+    ("posit8es1", math.inf, math.nan), ("posit8es1", -math.inf, math.nan),  # inf -> NaR
+    ("posit8es1", math.nan, math.nan), ("posit8es1", -0.0, -0.0),
+]
+
+
+@pytest.mark.parametrize("spec,x,want", POSIT_CASES)
+def test_posit_worked_values(spec, x, want):
+    fmt = parse_format(spec)
+    # stochastic rounding has no choice at zero, NaN/inf and beyond [minpos, maxpos]
+    fixed = x == 0 or not math.isfinite(x) or not fmt.min_subnormal < abs(x) < fmt.max
+    for path in ("eager-bits", "compiled"):
+        for rounding in ROUNDINGS if fixed else ("nearest",):
+            got = run_path(path, torch.tensor([x]), spec, rounding, True,
+                           seed=torch.tensor([1, 2], dtype=torch.int32))
+            assert_same_bits(got, [want], [x], f"{spec} {path} {rounding}")
+
+
+def _softposit_round(x, n, es, sp):
+    if (n, es) == (8, 0):
+        return np.array([sp.convertP8ToDouble(sp.convertDoubleToP8(float(v))) for v in x])
+    if (n, es) == (16, 1):
+        return np.array([sp.convertP16ToDouble(sp.convertDoubleToP16(float(v))) for v in x])
+    assert es == 2
+    return np.array([sp.convertPX2ToDouble(sp.convertDoubleToPX2(float(v), n)) for v in x])
+
+
+SOFTPOSIT_CASES = [(8, 0), (16, 1), (3, 2), (5, 2), (8, 2), (11, 2), (16, 2)]
+
+
+@pytest.mark.parametrize("n,es", SOFTPOSIT_CASES)
+def test_posit_decoder_matches_softposit(n, es):
+    """The test's own decoder agrees with softposit on every pattern (values round-trip)."""
+    sp = pytest.importorskip("softposit")
+    vals, dps = posit_table(n, es)
+    np.testing.assert_array_equal(_softposit_round(vals, n, es, sp), vals)
+
+
+@pytest.mark.parametrize("path", ["eager-bits", "compiled"])
+@pytest.mark.parametrize("n,es", SOFTPOSIT_CASES)
+def test_posit_nearest_matches_softposit(n, es, path):
+    """Exhaustive: every value, decision point and arithmetic midpoint, +-1 ulp, both signs.
+    softposit returns inf for NaR, so inf/NaN inputs are left to the oracle test."""
+    sp = pytest.importorskip("softposit")
+    x = posit_inputs(n, es, n_random=0)
+    x = x[np.isfinite(x)]
+    want = _softposit_round(x, n, es, sp).astype(np.float32)
+    want = np.where(x == 0, x, want)  # softposit has one zero; -0.0 is kept here
+    got = run_path(path, torch.from_numpy(x), f"posit{n}es{es}")
+    assert_same_bits(got, want, x, f"posit({n},{es}) {path} vs softposit")
+
+
+@pytest.mark.parametrize("path", ["eager-bits", "compiled"])
+@pytest.mark.parametrize("spec", ["posit4es0", "posit6es2", "posit8es1", "posit8es3",
+                                  "posit12es1", "posit16es1", "posit16es2"])
+def test_posit_nearest_matches_qtorch_plus(spec, path, qtorch_plus_quant):
+    """qtorch-plus posit_quantize on millions of random inputs; it maps NaN and inf to -inf, so
+    only finite inputs are compared, and -0.0 becomes +0.0 there."""
+    n, es = _n_es(spec)
+    x = posit_inputs(n, es, n_random=N_RANDOM)
+    x = x[np.isfinite(x) & (x != 0)]
+    want = qtorch_plus_quant.posit_quantize(torch.from_numpy(x), n, es, rounding="nearest")
+    assert_same_bits(run_path(path, torch.from_numpy(x), spec), want.numpy(), x,
+                     f"{spec} {path} vs qtorch-plus")
+
+
+# =============================================================================================
+# representable_values
+# =============================================================================================
+@pytest.mark.parametrize("spec", list(ML_DTYPES))
+def test_representable_values_match_ml_dtypes(spec):
+    dt = ML_DTYPES[spec]
+    bits = ml_dtypes.finfo(dt).bits
+    pats = np.arange(2**bits, dtype=np.uint16 if bits > 8 else np.uint8)
+    if bits < 8:  # sub-byte ml_dtypes types hold one code per byte
+        pats = pats.astype(np.uint8)
+    with np.errstate(all="ignore"):
+        vals = pats.view(dt).astype(np.float32)
+    want = np.unique(np.abs(vals[np.isfinite(vals)]))
+    want = np.concatenate([-want[::-1][:-1], want])  # zero once
+    got = representable_values(spec)
+    assert got.dtype == torch.float32
+    np.testing.assert_array_equal(got.numpy(), want)
+
+
+@pytest.mark.parametrize("spec", ["e6m9", "e3m1", "e2m0", "e7m8"])
+def test_representable_values_match_definition(spec):
+    vals = float_values_by_definition(parse_format(spec)).astype(np.float32)
+    np.testing.assert_array_equal(representable_values(spec).numpy(),
+                                  np.concatenate([-vals[::-1], [0.0], vals]))
+
+
+@pytest.mark.parametrize("spec", ["posit2es0", "posit4es0", "posit8es0", "posit8es2",
+                                  "posit16es1", "posit16es3"])
+def test_representable_values_of_posits(spec):
+    n, es = _n_es(spec)
+    vals = posit_table(n, es)[0].astype(np.float32)
+    np.testing.assert_array_equal(representable_values(spec).numpy(),
+                                  np.concatenate([-vals[::-1], [0.0], vals]))
+
+
+def test_representable_values_aliases_and_limits():
+    assert torch.equal(representable_values("e8m7"), representable_values("bf16"))
+    assert torch.equal(representable_values("fp4"), representable_values("e2m1"))
+    for spec in ("fp32", "e8m10", "e5m13"):
+        with pytest.raises(ValueError):
+            representable_values(spec)
+
+
+# =============================================================================================
+# stochastic rounding
+# =============================================================================================
+def _neighbours(spec, x):
+    vals = representable_values(spec).double().numpy()
+    i = np.clip(np.searchsorted(vals, x, side="right") - 1, 0, len(vals) - 2)
+    return vals[i], vals[i + 1]
+
+
+# x strictly between neighbours: normal range, subnormals, just below max, below the smallest
+# subnormal, cut exponent bits of posits (not linear in the bit string), tiny posit fractions
+SR_CASES = [
+    ("e4m3", 1.0 + 0.3 * 0.125), ("e4m3", -3.3e-3), ("e4m3", 431.0), ("e4m3", 2.0**-12),
+    ("e5m2", 1e-5), ("e5m2", 700.0), ("e2m1", 2.6), ("e2m1", 0.2), ("e3m2", 13.0),
+    ("bf16", 1.0 + 2.0**-10), ("bf16", 3e-39), ("fp16", 1e-7), ("fp16", 3.14159),
+    ("posit8es1", 3.3), ("posit8es1", -0.013), ("posit6es2", 3000.0), ("posit6es2", 1e-3),
+    ("posit16es1", 1.0001), ("posit8es0", 40.0), ("posit16es3", 1e20), ("posit5es5", 1e5),
+]
+
+
+@pytest.mark.parametrize("path", ["eager-bits", "compiled"])
+@pytest.mark.parametrize("spec,x", SR_CASES)
+def test_stochastic_is_unbiased(spec, x, path):
+    """Every draw is one of the two neighbours, and the mean of N draws is x within 6 standard
+    errors, sigma = (hi - lo) * sqrt(p (1 - p) / N), p = (x - lo) / (hi - lo)."""
+    n = 200_000
+    x32 = float(np.float32(x))
+    lo, hi = _neighbours(spec, x32)
+    assert lo < x32 < hi
+    torch.manual_seed(7)
+    got = run_path(path, torch.full((n,), x32), spec, "stochastic").double().numpy()
+    assert np.isin(got, [lo, hi]).all()
+    p = (x32 - lo) / (hi - lo)
+    sigma = (hi - lo) * math.sqrt(p * (1 - p) / n)
+    assert abs(got.mean() - x32) <= 6 * sigma, (got.mean(), x32, sigma)
+
+
+@pytest.mark.parametrize("spec", ["e4m3", "e5m2", "bf16", "posit8es1", "posit6es2"])
+def test_stochastic_is_unbiased_over_random_inputs(spec):
+    """Sum of errors over a million random in-range inputs, against its standard deviation."""
+    fmt = parse_format(spec)
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal(1 << 20) * min(fmt.max / 16, 1e6)).astype(np.float32)
+    lo, hi = _neighbours(spec, x.astype(np.float64))
+    ok = (hi > lo) & (x > lo) & (x < hi)
+    p = np.where(ok, (x - lo) / np.where(ok, hi - lo, 1), 0)
+    sigma = math.sqrt(float(np.sum((hi - lo) ** 2 * p * (1 - p), where=ok)))
+    got = quantize(torch.from_numpy(x), spec, "stochastic").double().numpy()
+    assert np.all((got == lo) | (got == hi) | (got == x))
+    assert abs(float(np.sum(got - x))) <= 6 * sigma
+
+
+@pytest.mark.parametrize("spec", ["e4m3", "e2m1", "bf16", "posit8es1", "posit16es2"])
+def test_stochastic_keeps_representable_values_and_specials(spec):
+    fmt = parse_format(spec)
+    vals = representable_values(spec)
+    for path in ("eager-bits", "compiled"):
+        assert torch.equal(run_path(path, vals, spec, "stochastic"), vals)
+        x = torch.tensor([math.nan, math.inf, -math.inf, fmt.max * 4, -fmt.max * 4, -0.0])
+        got = run_path(path, x, spec, "stochastic", True)
+        assert math.isnan(got[0])
+        if fmt.is_posit:  # NaR for inf, saturation for finite values
+            assert math.isnan(got[1]) and math.isnan(got[2])
+        else:
+            assert got[1] == fmt.max and got[2] == -fmt.max
+        assert got[3] == fmt.max and got[4] == -fmt.max
+        assert got[5] == 0 and math.copysign(1, got[5]) == -1
+
+
+def test_stochastic_nonsaturating_overflow():
+    x = torch.tensor([1e6, -1e6, 460.0])
+    got = quantize(x, "e5m2", "stochastic", saturate=False)
+    assert got[0] == math.inf and got[1] == -math.inf
+    got = _quantize_eager(torch.full((1000,), 460.0), "e4m3", "stochastic", saturate=False)
+    # 460 lies between 448 and (480): rounding up overflows to NaN (e4m3 has no inf)
+    assert torch.isnan(got).any() and (got[~torch.isnan(got)] == 448).all()
+
+
+@pytest.mark.parametrize("spec", ["e4m3", "posit8es1"])
+def test_stochastic_same_seed_same_bits(spec):
+    x = torch.randn(50_000)
+    torch.manual_seed(11)
+    a = quantize(x, spec, "stochastic")
+    b = quantize(x, spec, "stochastic")
+    torch.manual_seed(11)
+    assert torch.equal(quantize(x, spec, "stochastic"), a)
+    assert not torch.equal(a, b)  # the stream moves on
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert torch.equal(quantize(x, spec, "stochastic", generator=g1),
+                       quantize(x, spec, "stochastic", generator=g2))
+
+
+@pytest.mark.parametrize("spec", ["e4m3", "e3m2", "bf16", "fp16", "posit8es1", "posit6es2",
+                                  "posit16es1"])
+def test_stochastic_eager_and_compiled_agree(spec):
+    x = torch.from_numpy(float_inputs("e4m3", n_random=1 << 16)) * 3
+    seed = torch.tensor([123456789, -987654321], dtype=torch.int32)
+    for saturate in (True, False):
+        a = run_path("eager-bits", x, spec, "stochastic", saturate, seed=seed)
+        b = run_path("compiled", x, spec, "stochastic", saturate, seed=seed)
+        assert_same_bits(b, a.numpy(), x.numpy(), f"{spec} compiled vs eager")
+
+
+def test_random_bits_are_fair_and_decorrelated():
+    from common import _quant_kernels as K
+    seed = torch.tensor([1, 2], dtype=torch.int32)
+    idx = torch.arange(1 << 18, dtype=torch.int32)
+    shifts = torch.arange(32, dtype=torch.int32)
+    r, r2 = K.random_bits(idx, seed, words=2)
+    for word in (r, r2, r ^ r2, r ^ r.roll(1)):  # each bit fair; words and neighbours unrelated
+        bits = ((word.unsqueeze(1) >> shifts) & 1).float().mean(0)
+        assert ((bits - 0.5).abs() < 0.006).all()  # 6 sigma = 0.0059
+    other = K.random_bits(idx, torch.tensor([1, 3], dtype=torch.int32))
+    assert (r == other).double().mean() < 1e-3
+    # the (rows, 16) index form used by the CPU kernels gives the same indices
+    lanes = K.element_index(idx.view(-1, 16), torch.arange(16, dtype=torch.int32))
+    assert torch.equal(lanes.view(-1), K.element_index(idx))
+
+
+# =============================================================================================
+# API: dtypes, shapes, layouts, errors, fallback, torch.compile
+# =============================================================================================
+def test_identity_returns_input():
+    x = torch.randn(10)
+    assert quantize(x, "fp32") is x and quantize(x, "none", "stochastic") is x
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_dtype_and_shape_kept(dtype):
+    x = (torch.randn(3, 5, 7) * 10).to(dtype)
+    y = quantize(x, "e4m3")
+    assert y.dtype == dtype and y.shape == x.shape
+    want = quantize(x.float(), "e4m3").to(dtype)
+    assert torch.equal(y, want)
+
+
+@pytest.mark.parametrize("numel", [0, 1, 3])
+def test_tiny_tensors(numel):
+    x = torch.randn(numel)
+    for path in ("eager-bits", "compiled"):
+        assert run_path(path, x, "e5m2").shape == x.shape
+    assert quantize(torch.tensor(3.3), "e2m1").shape == ()
+    assert quantize(torch.tensor(3.3), "e2m1").item() == 3.0
+
+
+def test_layouts_kept_and_values_independent_of_layout():
+    x = torch.randn(4, 8, 16, 16) * 5
+    want = quantize(x, "e4m3")
+    cl = x.contiguous(memory_format=torch.channels_last)
+    y = quantize(cl, "e4m3")
+    assert y.is_contiguous(memory_format=torch.channels_last) and torch.equal(y, want)
+    t = x.transpose(1, 3)
+    assert torch.equal(quantize(t, "e4m3"), want.transpose(1, 3))
+    big = torch.randn(64, 64, 8, 8).contiguous(memory_format=torch.channels_last)  # compiled
+    assert torch.equal(quantize(big, "posit8es1"), quantize(big.contiguous(), "posit8es1"))
+
+
+def test_auto_path_equals_both_paths():
+    x = torch.from_numpy(float_inputs("e4m3", n_random=1 << 16))
+    for spec in ("e4m3", "e3m2", "bf16", "posit8es1"):
+        auto = quantize(x, spec)
+        assert_same_bits(auto, run_path("eager-bits", x, spec).numpy(), x, spec)
+        assert_same_bits(auto, run_path("compiled", x, spec).numpy(), x, spec)
+
+
+def test_no_grad_through_the_cast():
+    x = torch.randn(100, requires_grad=True)
+    y = quantize(x, "e4m3")
+    assert not y.requires_grad
+
+
+def test_bad_arguments():
+    x = torch.randn(4)
+    with pytest.raises(ValueError, match="nearest, stochastic"):
+        quantize(x, "e4m3", rounding="up")
+    with pytest.raises(ValueError, match="accepted"):
+        quantize(x, "e4m9x")
+    with pytest.raises(TypeError):
+        quantize(torch.arange(4), "e4m3")
+    with pytest.raises(TypeError):
+        quantize([1.0], "e4m3")
+    with pytest.raises(ValueError, match="none, tensor, channel"):
+        quantize_scaled(x, "e4m3", scaling="block")
+    assert ROUNDINGS == ("nearest", "stochastic") and SCALINGS == ("none", "tensor", "channel")
+
+
+def test_quant_path_env(monkeypatch):
+    x = torch.randn(1000)
+    monkeypatch.setenv("QUANT_PATH", "eager")
+    a = quantize(x, "e5m2")
+    monkeypatch.setenv("QUANT_PATH", "compiled")
+    assert torch.equal(quantize(x, "e5m2"), a)
+    monkeypatch.setenv("QUANT_PATH", "fast")
+    with pytest.raises(ValueError, match="QUANT_PATH"):
+        quantize(x, "e5m2")
+
+
+def test_compile_failure_falls_back_silently(monkeypatch):
+    def broken(fn, tag):
+        def run(*args):
+            raise RuntimeError("no compiler here")
+        return run
+    monkeypatch.setattr(quant, "_COMPILED", {})
+    monkeypatch.setattr(quant, "_compile", broken)
+    x = torch.randn(1 << 16) * 100
+    want = run_path("eager-bits", x, "e4m3")
+    assert torch.equal(quantize(x, "e4m3"), want)
+    assert quant._COMPILED[("float", "nearest", "cpu")] is None  # remembered, not retried
+    assert torch.equal(quantize(x, "e4m3"), want)
+    with pytest.raises(RuntimeError):
+        _quantize_compiled(x, "e4m3")
+
+
+@pytest.mark.slow
+def test_usable_inside_torch_compile():
+    def f(x):
+        return quantize(x, "e4m3"), quantize(x, "posit8es1", "stochastic")
+
+    compiled = torch.compile(f, fullgraph=True)
+    x = torch.randn(1000) * 10
+    near, sr = compiled(x)
+    assert torch.equal(near, quantize(x, "e4m3"))
+    lo, hi = _neighbours("posit8es1", x.double().numpy())
+    sr = sr.double().numpy()
+    assert np.all((sr == lo) | (sr == hi))
+
+
+# =============================================================================================
+# quantize_scaled
+# =============================================================================================
+def _pow2_reference(amax, fmax):
+    """2^floor(log2(fmax / amax)) by exact rational comparison (Python floats are exact here)."""
+    k = math.floor(math.log2(fmax / amax))
+    while amax * 2.0**k > fmax:
+        k -= 1
+    while amax * 2.0 ** (k + 1) <= fmax:
+        k += 1
+    return 2.0**k
+
+
+@pytest.mark.parametrize("spec", ["e4m3", "e2m1", "e5m2", "posit8es1", "bf16"])
+@pytest.mark.parametrize("amax", [1e-3, 0.75, 448.0, 449.0, 6.0, 7.0, 3e5, 1e-30, 3e38])
+def test_tensor_scaling_uses_power_of_two(spec, amax):
+    fmt = parse_format(spec)
+    amax = float(np.float32(amax))
+    x = torch.tensor([amax, -amax / 3, amax / 7, 0.0])
+    s = _pow2_reference(amax, fmt.max)
+    if 2.0**-126 <= s <= 2.0**127:
+        assert fmt.max / 2 < amax * s <= fmt.max
+    else:  # documented: the scale stays a normal float32 (bf16 with a tiny amax)
+        s = min(max(s, 2.0**-126), 2.0**127)
+    want = quantize(x * s, spec) / s
+    assert torch.equal(quantize_scaled(x, spec, "tensor"), want)
+
+
+def test_channel_scaling_per_slice_along_dim():
+    torch.manual_seed(0)
+    w = torch.randn(8, 3, 3, 3) * torch.logspace(-4, 4, 8).view(8, 1, 1, 1)
+    got = quantize_scaled(w, "e4m3", "channel")
+    for c in range(8):
+        assert torch.equal(got[c], quantize_scaled(w[c], "e4m3", "tensor"))
+    got1 = quantize_scaled(w, "e2m1", "channel", channel_dim=1)
+    for c in range(3):
+        assert torch.equal(got1[:, c], quantize_scaled(w[:, c], "e2m1", "tensor"))
+    assert torch.equal(quantize_scaled(w, "e2m1", "channel", channel_dim=-3), got1)
+
+
+def test_scaling_of_zero_nan_and_inf_slices():
+    x = torch.zeros(3, 4)
+    x[1] = torch.tensor([1.0, math.nan, 3.0, 1e-3])
+    x[2] = torch.tensor([1e-3, math.inf, 3.0, -2.0])
+    got = quantize_scaled(x, "e4m3", "channel")
+    assert torch.equal(got[0], torch.zeros(4))  # amax 0: s = 1, zeros stay zeros
+    assert torch.isnan(got[1, 1])  # NaN stays NaN, the rest quantized unscaled
+    assert torch.equal(got[1, [0, 2, 3]], quantize(x[1, [0, 2, 3]], "e4m3"))
+    assert torch.equal(got[2], quantize(x[2], "e4m3"))  # inf: s = 1, saturates
+    assert torch.isnan(quantize_scaled(x, "e4m3", "tensor")[1, 1])
+    assert torch.equal(quantize_scaled(torch.zeros(5), "e2m1", "tensor"), torch.zeros(5))
+
+
+def test_scaled_none_and_identity():
+    x = torch.randn(10) * 1000
+    assert torch.equal(quantize_scaled(x, "e4m3"), quantize(x, "e4m3"))
+    assert torch.equal(quantize_scaled(x, "fp32", "tensor"), x)
+    y = quantize_scaled(x, "e4m3", "tensor", rounding="stochastic")
+    assert y.shape == x.shape and torch.isfinite(y).all()
