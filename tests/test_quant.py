@@ -36,18 +36,19 @@ RNG_SEED = 20240611
 # paths
 # =============================================================================================
 def run_path(path, x, fmt, rounding="nearest", saturate=True, seed=None):
-    """quantize by one named implementation path."""
-    if path == "compiled":
-        return _quantize_compiled(x, fmt, rounding, saturate, seed=seed)
-    method = path.split("-")[1]
-    return _quantize_eager(x, fmt, rounding, saturate, method=method, seed=seed)
+    """quantize by one named implementation path: "eager" or "compiled", optionally with the
+    method: "-bits" (integer arithmetic) or "-cast" (torch's native cast); default: quantize's
+    choice for that path."""
+    mode, _, method = path.partition("-")
+    fn = _quantize_compiled if mode == "compiled" else _quantize_eager
+    return fn(x, fmt, rounding, saturate, method=method or None, seed=seed)
 
 
 def paths_for(spec, rounding="nearest", saturate=True):
-    methods = quant._methods(parse_format(spec), rounding, saturate)
-    return [f"eager-{m}" for m in methods] + ["compiled"]
-
-
+    """Every (mode, method) path quantize has for this case."""
+    fmt = parse_format(spec)
+    return [f"{mode}-{m}" for mode in ("eager", "compiled")
+            for m in quant._methods(fmt, rounding, saturate, compiled=mode == "compiled")]
 
 
 # =============================================================================================
@@ -215,7 +216,7 @@ def test_float_nearest_matches_ml_dtypes(spec, saturate, path):
     assert np.isnan(got[~keep]).all()
 
 
-@pytest.mark.parametrize("path", ["eager-bits", "compiled"])
+@pytest.mark.parametrize("path", ["eager-bits", "compiled-bits"])
 @pytest.mark.parametrize("spec,dtype,saturating", [
     ("e4m3", torch.float8_e4m3fn, True),  # torch's CPU e4m3fn cast saturates, NaN stays NaN
     ("e5m2", torch.float8_e5m2, False),  # torch's CPU e5m2 cast overflows to inf
@@ -263,7 +264,7 @@ def qtorch_plus_quant():
     return _import_isolated("qtorch_plus")
 
 
-@pytest.mark.parametrize("path", ["eager-bits", "compiled"])
+@pytest.mark.parametrize("path", ["eager-bits", "compiled-bits"])
 @pytest.mark.parametrize("spec", ["e4m3", "e5m2", "bf16", "fp16", "e3m2", "e6m9", "e5m13"])
 def test_float_nearest_matches_qtorch_in_its_valid_range(spec, path, qtorch_quant):
     """qtorch float_quantize reserves no exponent for inf/NaN (its e4m3 tops out at 480), does not
@@ -414,7 +415,7 @@ def test_posit_decoder_reproduces_numerics_worked_values():
     assert dps.tolist() == [0.375, 0.625, 0.875, 1.25, 1.75, 3.0]
 
 
-@pytest.mark.parametrize("path", ["eager-bits", "compiled"])
+@pytest.mark.parametrize("path", ["eager-bits", "compiled-bits"])
 @pytest.mark.parametrize("spec", POSIT_SPECS)
 def test_posit_nearest_matches_oracle(spec, path):
     n, es = _n_es(spec)
@@ -441,7 +442,7 @@ def test_posit_worked_values(spec, x, want):
     fmt = parse_format(spec)
     # stochastic rounding has no choice at zero, NaN/inf and beyond [minpos, maxpos]
     fixed = x == 0 or not math.isfinite(x) or not fmt.min_subnormal < abs(x) < fmt.max
-    for path in ("eager-bits", "compiled"):
+    for path in ("eager-bits", "compiled-bits"):
         for rounding in ROUNDINGS if fixed else ("nearest",):
             got = run_path(path, torch.tensor([x]), spec, rounding, True,
                            seed=torch.tensor([1, 2], dtype=torch.int32))
@@ -468,7 +469,7 @@ def test_posit_decoder_matches_softposit(n, es):
     np.testing.assert_array_equal(_softposit_round(vals, n, es, sp), vals)
 
 
-@pytest.mark.parametrize("path", ["eager-bits", "compiled"])
+@pytest.mark.parametrize("path", ["eager-bits", "compiled-bits"])
 @pytest.mark.parametrize("n,es", SOFTPOSIT_CASES)
 def test_posit_nearest_matches_softposit(n, es, path):
     """Exhaustive: every value, decision point and arithmetic midpoint, +-1 ulp, both signs.
@@ -482,7 +483,7 @@ def test_posit_nearest_matches_softposit(n, es, path):
     assert_same_bits(got, want, x, f"posit({n},{es}) {path} vs softposit")
 
 
-@pytest.mark.parametrize("path", ["eager-bits", "compiled"])
+@pytest.mark.parametrize("path", ["eager-bits", "compiled-bits"])
 @pytest.mark.parametrize("spec", ["posit4es0", "posit6es2", "posit8es1", "posit8es3",
                                   "posit12es1", "posit16es1", "posit16es2"])
 def test_posit_nearest_matches_qtorch_plus(spec, path, qtorch_plus_quant):
@@ -559,7 +560,7 @@ SR_CASES = [
 ]
 
 
-@pytest.mark.parametrize("path", ["eager-bits", "compiled"])
+@pytest.mark.parametrize("path", ["eager-bits", "compiled-bits"])
 @pytest.mark.parametrize("spec,x", SR_CASES)
 def test_stochastic_is_unbiased(spec, x, path):
     """Every draw is one of the two neighbours, and the mean of N draws is x within 6 standard
@@ -595,7 +596,7 @@ def test_stochastic_is_unbiased_over_random_inputs(spec):
 def test_stochastic_keeps_representable_values_and_specials(spec):
     fmt = parse_format(spec)
     vals = representable_values(spec)
-    for path in ("eager-bits", "compiled"):
+    for path in ("eager-bits", "compiled-bits"):
         assert torch.equal(run_path(path, vals, spec, "stochastic"), vals)
         x = torch.tensor([math.nan, math.inf, -math.inf, fmt.max * 4, -fmt.max * 4, -0.0])
         got = run_path(path, x, spec, "stochastic", True)
@@ -638,7 +639,7 @@ def test_stochastic_eager_and_compiled_agree(spec):
     seed = torch.tensor([123456789, -987654321], dtype=torch.int32)
     for saturate in (True, False):
         a = run_path("eager-bits", x, spec, "stochastic", saturate, seed=seed)
-        b = run_path("compiled", x, spec, "stochastic", saturate, seed=seed)
+        b = run_path("compiled-bits", x, spec, "stochastic", saturate, seed=seed)
         assert_same_bits(b, a.numpy(), x.numpy(), f"{spec} compiled vs eager")
 
 
@@ -678,7 +679,7 @@ def test_dtype_and_shape_kept(dtype):
 @pytest.mark.parametrize("numel", [0, 1, 3])
 def test_tiny_tensors(numel):
     x = torch.randn(numel)
-    for path in ("eager-bits", "compiled"):
+    for path in ("eager-bits", "compiled-bits"):
         assert run_path(path, x, "e5m2").shape == x.shape
     assert quantize(torch.tensor(3.3), "e2m1").shape == ()
     assert quantize(torch.tensor(3.3), "e2m1").item() == 3.0
@@ -702,6 +703,7 @@ def test_auto_path_equals_both_paths():
         auto = quantize(x, spec)
         assert_same_bits(auto, run_path("eager-bits", x, spec).numpy(), x, spec)
         assert_same_bits(auto, run_path("compiled", x, spec).numpy(), x, spec)
+        assert_same_bits(auto, run_path("eager", x, spec).numpy(), x, spec)
 
 
 def test_no_grad_through_the_cast():
