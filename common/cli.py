@@ -26,7 +26,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
 
 from .errors import DataError, Diverged, UserError
 from .resnet import MODELS, SHORTCUTS
@@ -84,6 +84,7 @@ class RunConfig:
     channels_last: Optional[bool] = None
     compile: bool = False
     tf32: bool = False
+    deterministic: bool = False
     runs_dir: str = str(DEFAULT_RUNS_DIR)
     resume: bool = False
     overwrite: bool = False
@@ -189,6 +190,9 @@ def build_parser(description: str, defaults: Optional[Mapping[str, Any]] = None,
         action="store_true")
     add(g, "--tf32", "tf32", "allow TF32 matmuls/convolutions on CUDA (faster, but no longer FP32 "
         "arithmetic)", action="store_true")
+    add(g, "--deterministic", "deterministic", "CUDA: deterministic cuDNN/cuBLAS kernels, no "
+        "autotuning, so GPU runs (and resumes) repeat bit for bit; slower. CPU runs always do",
+        action="store_true")
     add(g, "--runs-dir", "runs_dir", "where run folders go", shown="runs/ in the repo root",
         metavar="DIR")
     add(g, "--name", "name", "run name, the folder runs/<name>/", shown="derived from the config",

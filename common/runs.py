@@ -52,6 +52,12 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+def jsonable(obj: Any) -> Any:
+    """``obj`` as JSON would give it back (tuples -> lists, unknown objects -> str): the form in
+    which configs are stored in checkpoints (loadable with ``weights_only``) and compared."""
+    return json.loads(json.dumps(obj, default=str))
+
+
 def write_json(path: Path, obj: Any) -> None:
     """Write ``obj`` as indented JSON, atomically."""
     data = (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode()

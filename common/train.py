@@ -207,11 +207,26 @@ def run(config: RunConfig, model_transform: Optional[Callable[[nn.Module], Optio
         after_step: Optional[Callable[[nn.Module], None]] = None) -> Dict[str, Any]:
     """Train ``config`` to the end (or resume it) and return its summary dict (see module doc)."""
     ctx = _setup_distributed(config.device)
+    saved = _global_flags()
     try:
         return _Trainer(config, ctx, model_transform, autocast_dtype, after_step).execute()
     finally:
+        _restore_global_flags(saved)     # a later run in the same process starts from the defaults
         if ctx.initialized_here and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _global_flags():
+    return (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+            torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled())
+
+
+def _restore_global_flags(saved):
+    (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, det, warn) = saved
+    torch.use_deterministic_algorithms(det, warn_only=warn)
 
 
 class _Trainer:
@@ -285,7 +300,7 @@ class _Trainer:
 
     # -- existing run folder ----------------------------------------------------------------------
     def _check_resume_config(self, ckpt: Dict[str, Any], device: torch.device) -> None:
-        old, new = ckpt["config"], self.cfg.to_dict()
+        old, new = ckpt["config"], runs.jsonable(self.cfg.to_dict())
         diffs = []
         for k in sorted(set(old) | set(new)):
             if k in RESUME_FREE_FIELDS or old.get(k) == new.get(k):
@@ -336,9 +351,16 @@ class _Trainer:
         cfg, ctx = self.cfg, self.ctx
         device = resolve_device(cfg.device, ctx.local_rank)
         if device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
+            # FP32 means FP32: TF32 tensor-core arithmetic only with --tf32.
             torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
             torch.backends.cudnn.allow_tf32 = cfg.tf32
+            # Autotuned cuDNN kernels are fastest but may differ from run to run (and some use
+            # atomics); --deterministic trades that speed for GPU runs that repeat exactly.
+            torch.backends.cudnn.benchmark = not cfg.deterministic
+            torch.backends.cudnn.deterministic = cfg.deterministic
+            if cfg.deterministic:
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+                torch.use_deterministic_algorithms(True, warn_only=True)   # warn, not fail
         channels_last = (CHANNELS_LAST_DEFAULT[device.type] if cfg.channels_last is None
                          else cfg.channels_last)
         self.resolved = {
@@ -499,8 +521,8 @@ class _Trainer:
         for epoch in range(start_epoch, cfg.epochs):
             train_model.train()
             t0 = time.perf_counter()
-            sums = torch.zeros(2, dtype=torch.float32, device=device)      # loss sum, correct
-            images = 0
+            loss_sum = torch.zeros((), dtype=torch.float32, device=device)   # sum of batch means
+            correct = torch.zeros((), dtype=torch.int64, device=device)
             lr0 = lr_at(cfg, epoch, 0, steps)
             for step, (x, y) in enumerate(batches):
                 lr = lr_at(cfg, epoch, step, steps)
@@ -515,20 +537,24 @@ class _Trainer:
                 scaler.update()
                 if self.after_step is not None:
                     self.after_step(raw_model)
-                with torch.no_grad():
-                    sums[0] += loss.detach().float() * y.shape[0]
-                    sums[1] += (out.argmax(1) == y).sum()
-                images += y.shape[0] * ctx.world_size
+                with torch.no_grad():            # on the device: no host sync per step
+                    loss_sum += loss.detach().float()
+                    correct += (out.argmax(1) == y).sum()
                 if (step + 1) % DIVERGENCE_CHECK_EVERY == 0:
-                    self._check_finite(sums[0], epoch, step + 1, steps)
-                progress.update(epoch + 1, cfg.epochs, step + 1, steps, images, t0)
-            self._check_finite(sums[0], epoch, steps, steps)
+                    self._check_finite(loss_sum, epoch, step + 1, steps)
+                progress.update(epoch + 1, cfg.epochs, step + 1, steps,
+                                (step + 1) * cfg.batch_size, t0)
+            self._check_finite(loss_sum, epoch, steps, steps)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             train_time = time.perf_counter() - t0
             progress.clear()
-            _all_reduce(sums, ctx)
-            train_loss, train_correct = sums.tolist()
+            # every step has the same global batch (the last partial batch is dropped), so the
+            # epoch's mean loss is the mean of the batch means; ranks' sums are added up
+            sums = _all_reduce(torch.stack([loss_sum.double(), correct.double()]), ctx)
+            batch_loss_sum, train_correct = sums.tolist()
+            images = steps * cfg.batch_size
+            train_loss = batch_loss_sum / (steps * ctx.world_size)
 
             if ctx.active:                      # evaluate the same BN statistics on every rank
                 for buf in raw_model.buffers():
@@ -540,7 +566,7 @@ class _Trainer:
             self.train_seconds += train_time
             row = {
                 "epoch": epoch + 1, "lr": lr0,
-                "train_loss": train_loss / images, "train_acc": 100.0 * train_correct / images,
+                "train_loss": train_loss, "train_acc": 100.0 * train_correct / images,
                 "test_loss": ev["test_loss"], "test_acc": ev["test_acc"],
                 "train_images": images, "test_images": ev["test_images"],
                 "epoch_seconds": round(epoch_time, 3), "train_seconds": round(train_time, 3),
@@ -553,7 +579,8 @@ class _Trainer:
                     "version": runs.CHECKPOINT_VERSION, "epoch": epoch + 1,
                     "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict(), "rng": runs.rng_state(generator),
-                    "metrics": self.metrics, "config": cfg.to_dict(), "device_type": device.type,
+                    "metrics": self.metrics, "config": runs.jsonable(cfg.to_dict()),
+                    "device_type": device.type,
                     "world_size": ctx.world_size, "autocast": self.resolved["autocast"],
                     "wall_seconds": row["wall_seconds"],
                     "train_seconds": self.train_prev + self.train_seconds,

@@ -177,6 +177,20 @@ def test_resume_finished_fresh_mismatch_and_overwrite(tmp_path, capsys):
     assert "no checkpoint" in capsys.readouterr().out
 
 
+def test_format_dict_with_tuples_and_objects_resumes(tmp_path):
+    """A script's format dict is stored in JSON form, so odd values survive checkpoint and resume."""
+    args = cli.parse_args(cli.build_parser("t"), ["--synthetic", "--model", "resnet8", "--epochs", "1",
+                                                  "--max-steps-per-epoch", "1", "--device", "cpu",
+                                                  "--runs-dir", str(tmp_path)])
+    fmt = {"w": ("e4m3", "nearest"), "spec": Path("e5m2"), "bits_per_element": 8}
+    first = train.run(cli.make_config(args, format=fmt, label="FP8 w=e4m3"))
+    args.resume = True
+    again = train.run(cli.make_config(args, format=fmt, label="FP8 w=e4m3"))
+    assert again["final_test_acc"] == first["final_test_acc"]
+    assert again["format"] == {"w": ["e4m3", "nearest"], "spec": "e5m2", "bits_per_element": 8}
+    assert again["label"] == "FP8 w=e4m3"
+
+
 def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
     c = make_config(tmp_path, "--epochs", "3", "--max-steps-per-epoch", "3")
 
