@@ -1,7 +1,7 @@
 """Element-wise rounding kernels on float32 bit patterns (private to common/quant.py).
 
-Every function here is a straight sequence of element-wise PyTorch ops on a float32 tensor and its
-int32 bit pattern, with format parameters passed either as Python ints (eager mode) or as 0-d
+Every function here is a straight sequence of element-wise PyTorch ops on int32 tensors holding
+float32 bit patterns, with format parameters passed either as Python ints (eager mode) or as 0-d
 int32 tensors (compiled mode: one compiled kernel then serves every format, so training with many
 formats compiles once per kernel, not once per format). No data-dependent Python control flow, so
 the same code runs eagerly, under ``torch.compile`` (C++/OpenMP on CPU, Triton on CUDA) and
@@ -10,9 +10,8 @@ inside a user's compiled model, with the same bits everywhere.
 Why integers and not float arithmetic: the float tricks (add a magic number, subtract it) depend
 on the rounding mode, on flush-to-zero of subnormals (GPU kernels, fast-math CPU flags) and on
 fused multiply-add contraction, all of which differ between back-ends. Integer add, shift, and,
-or, compare and the exact int32 -> float32 conversion of small integers are the same on every
-back-end. The only float ops are in posit stochastic rounding (one subtract, one multiply, one
-compare, all IEEE-exact or correctly rounded, with no FMA pattern).
+or, compare and multiply (wrapping in two's complement) are the same on every back-end; no
+kernel here does float arithmetic.
 
 Shift amounts are kept in [0, 31] everywhere: shifting an int32 by 32 or more is undefined in
 C++ and differs between CPU and GPU.
@@ -27,12 +26,11 @@ import torch
 F32_ABS_MASK = 0x7FFFFFFF
 F32_MAN_BITS = 23
 F32_MAN_MASK = 0x007FFFFF
-F32_IMPLICIT_BIT = 0x00800000
 F32_INF_BITS = 0x7F800000
 F32_QNAN_BITS = 0x7FC00000
 F32_BIAS = 127
 
-# lowbias32 (C. Wellons' integer hash: two multiply-xorshift rounds, low bias, a bijection).
+# lowbias32 (C. Wellons' integer hash: xorshift-multiply twice then xorshift, a bijection).
 # Multipliers above 2^31 are written as their wrapped int32 value: int32 products wrap the same
 # way on every back-end (two's complement), which is what the hash relies on.
 _HASH_M1 = 0x7FEB352D

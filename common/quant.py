@@ -15,18 +15,25 @@ because a fake-quantized tensor must never hide a divergence; -0.0 stays -0.0 (a
 whose single zero it equals); posits never round to 0 nor beyond maxpos, and ±inf gives NaR
 (NaN) for posits whatever ``saturate`` says (the posit standard has no infinity to saturate).
 
-How a call runs (users never choose; ``QUANT_PATH=eager|compiled|auto`` overrides for debugging):
+How a call runs (users never choose; ``QUANT_PATH=eager|compiled|auto`` overrides for debugging;
+every path gives the same bits, and the tests check each against the references):
 
 - fp32/none: ``x`` itself is returned.
-- Tensors below ``_MIN_COMPILE_NUMEL`` elements, calls made while ``torch.compile`` traces a
-  model, and platforms where compiling fails: eager PyTorch ops. bf16 and fp16 (both overflow
-  modes) and e4m3/e5m2 in saturating nearest mode use torch's native RNE casts after a clamp;
-  everything else uses integer arithmetic on the float32 bit pattern (``_quant_kernels``).
-- Everything else: the same bit arithmetic fused into one kernel by ``torch.compile`` (dynamic
-  shapes, compiled once per kernel and device, cached in memory and by inductor on disk). Format
-  parameters are runtime inputs, so the four kernels (float/posit x nearest/stochastic) serve
-  every format. If compiling raises, the failure is remembered and the eager ops are used from
-  then on, silently and with the same bits.
+- Method "cast", where torch's native cast is exactly the contract: bf16 and fp16 (both overflow
+  modes: IEEE overflow to inf is theirs), e4m3 and e5m2 in saturating nearest mode (after a
+  clamp to ±max, so the cast never overflows: torch's CPU e4m3 cast saturates, its e5m2 cast
+  does not, Triton's float8 casts saturate).
+- Method "bits", everything else: integer arithmetic on the float32 bit pattern
+  (``_quant_kernels``): posits, the MX and other eXmY formats, non-saturating float8,
+  stochastic rounding.
+- Eager or compiled: small tensors (below ``_EAGER_CAST_BELOW`` elements for a cast,
+  ``_EAGER_BITS_BELOW`` for the bit arithmetic), calls made while ``torch.compile`` traces a
+  user's model, and platforms where compiling fails run eager PyTorch ops. Larger tensors run one
+  fused kernel made by ``torch.compile`` (dynamic shapes; compiled once per kernel and device,
+  cached in memory and by inductor on disk): the bf16/fp16 casts, or the bit arithmetic, whose
+  format parameters are runtime inputs so that four kernels (float/posit x nearest/stochastic)
+  serve every format. If compiling raises, the failure is remembered and the eager ops are used
+  from then on, silently and with the same bits.
 
 Stochastic rounding draws two 32-bit seed words per call from ``generator`` (default: the
 global generator of x's device, so ``torch.manual_seed`` makes runs reproducible) and derives
@@ -59,10 +66,13 @@ SCALINGS = ("none", "tensor", "channel")
 
 _log = logging.getLogger(__name__)
 
-# Below this many elements the eager ops beat a compiled kernel's call overhead (measured with
-# benchmarks/quant_speed.py --sizes on the 2-core development machine); it also keeps the compiled
-# kernels away from the size-0/1 specialisation of dynamic shapes.
-_MIN_COMPILE_NUMEL = 1 << 14
+# Where the plain call switches from eager ops to the compiled kernel (measured with
+# benchmarks/quant_speed.py --sizes on the 2-core development machine): an eager native cast
+# (one to three passes) beats the compiled kernel's call overhead below ~256k elements, the eager
+# bit arithmetic (~30 passes) loses to it from ~4k elements on. Both keep the compiled kernels
+# away from the size-0/1 specialisation of dynamic shapes.
+_EAGER_CAST_BELOW = 1 << 18
+_EAGER_BITS_BELOW = 1 << 12
 
 _PATHS = ("auto", "eager", "compiled")
 
@@ -232,7 +242,7 @@ def _compiled_kernel(flat, fmt, rounding, saturate, seed, method, strict):
         args = (bits, _param_tensor(fmt, saturate, flat.device, "bits"))
         if rounding == "stochastic":
             args += (seed,)
-            if flat.device.type == "cpu" and bits.numel() % _LANES == 0:
+            if flat.device.type == "cpu" and bits.numel() % _LANES == 0 and bits.numel() > _LANES:
                 # a (rows, 16) view lets the CPU kernel form element indices in two vector ops
                 args = (bits.view(-1, _LANES),) + args[1:] + (_lane_tensor(flat.device),)
     fn = _COMPILED.get(key, False)
@@ -291,7 +301,9 @@ def _run(x, fmt, rounding, saturate, generator, path, method=None, seed=None):
         if path not in _PATHS:
             raise ValueError(f"QUANT_PATH={path!r}; accepted: {', '.join(_PATHS)}")
     if path == "auto":
-        compiled = flat.numel() >= _MIN_COMPILE_NUMEL and not torch.compiler.is_compiling()
+        eager_cast = method in (None, "cast") and _methods(fmt, rounding, saturate)[0] == "cast"
+        below = _EAGER_CAST_BELOW if eager_cast else _EAGER_BITS_BELOW
+        compiled = flat.numel() >= below and not torch.compiler.is_compiling()
     else:
         compiled = path == "compiled"
     y = None

@@ -75,7 +75,8 @@ def float_oracle(x, fmt, saturate):
     numpy rint (half to even) of |x|/q in float64 (exact here), then the overflow rule of
     NUMERICS.md. Ties go to the even bit pattern: for man_bits >= 1 that is rint's even multiple
     of q; with no mantissa bits (eXm0) the pattern's last bit is the exponent field's."""
-    x64 = np.asarray(x, dtype=np.float32).astype(np.float64)
+    with np.errstate(invalid="ignore"):  # signalling-NaN bit patterns raise the flag
+        x64 = np.asarray(x, dtype=np.float32).astype(np.float64)
     a = np.abs(x64)
     emin = 1 - fmt.bias
     with np.errstate(all="ignore"):
@@ -160,7 +161,8 @@ def float_inputs(spec, n_random=None):
     rng = np.random.default_rng(RNG_SEED + fmt.bits)
     lo, hi = math.log2(fmt.min_subnormal) - 2, math.log2(min(fmt.max, 2.0**127)) + 1
     spread = rng.standard_normal(n_random // 4) * np.exp2(rng.uniform(lo, hi, n_random // 4))
-    parts += [random_bits(n_random, RNG_SEED), spread.astype(np.float32)]
+    with np.errstate(over="ignore"):  # spread values beyond float32 become inf: wanted
+        parts += [random_bits(n_random, RNG_SEED), spread.astype(np.float32)]
     x = np.concatenate(parts).astype(np.float32)
     return np.concatenate([x, -x])
 
@@ -359,7 +361,8 @@ def posit_oracle(x, n, es):
     """Round float32 x to posit(n, es) from the table: saturate to [minpos, maxpos], never 0 for
     x != 0, round at the decision points, ties to the even pattern; inf/NaN -> NaN (NaR)."""
     vals, dps = posit_table(n, es)
-    x64 = np.asarray(x, dtype=np.float32).astype(np.float64)
+    with np.errstate(invalid="ignore"):  # signalling-NaN bit patterns raise the flag
+        x64 = np.asarray(x, dtype=np.float32).astype(np.float64)
     a = np.abs(x64)
     p = np.clip(np.searchsorted(vals, a, side="right") - 1, 0, len(vals) - 1)  # vals[p] <= a
     out = vals[p].copy()
@@ -636,8 +639,10 @@ def test_stochastic_same_seed_same_bits(spec):
                                   "posit16es1"])
 def test_stochastic_eager_and_compiled_agree(spec):
     x = torch.from_numpy(float_inputs("e4m3", n_random=1 << 16)) * 3
+    n16 = x.numel() // 16 * 16
     seed = torch.tensor([123456789, -987654321], dtype=torch.int32)
-    for saturate in (True, False):
+    # a multiple of 16 elements takes the compiled CPU kernel's (rows, 16) index form
+    for saturate, x in ((True, x[:n16]), (False, x[:n16 - 3]), (True, x[:n16 - 5])):
         a = run_path("eager-bits", x, spec, "stochastic", saturate, seed=seed)
         b = run_path("compiled-bits", x, spec, "stochastic", saturate, seed=seed)
         assert_same_bits(b, a.numpy(), x.numpy(), f"{spec} compiled vs eager")
@@ -746,12 +751,12 @@ def test_compile_failure_falls_back_silently(monkeypatch):
     monkeypatch.setattr(quant, "_COMPILED", {})
     monkeypatch.setattr(quant, "_compile", broken)
     x = torch.randn(1 << 16) * 100
-    want = run_path("eager-bits", x, "e4m3")
-    assert torch.equal(quantize(x, "e4m3"), want)
+    want = run_path("eager-bits", x, "e3m2")
+    assert torch.equal(quantize(x, "e3m2"), want)
     assert quant._COMPILED[("float", "nearest", "cpu")] is None  # remembered, not retried
-    assert torch.equal(quantize(x, "e4m3"), want)
+    assert torch.equal(quantize(x, "e3m2"), want)
     with pytest.raises(RuntimeError):
-        _quantize_compiled(x, "e4m3")
+        _quantize_compiled(x, "e3m2")
 
 
 @pytest.mark.slow

@@ -1,0 +1,120 @@
+"""common/quant.py on CUDA: the same bits as on the CPU, and the same independent references.
+
+Skipped where torch sees no CUDA device. Every nearest-mode path on the device (eager and
+compiled, bit arithmetic and native cast) is compared bit for bit with the CPU's eager bit
+arithmetic on the exhaustive and random input sets of test_quant.py, and with the definition
+oracles and ml_dtypes; stochastic rounding with fixed seed words gives the same bits on both.
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from common.formats import parse_format
+from common.quant import _quantize_eager, quantize, quantize_scaled, representable_values
+from test_quant import (ML_DTYPES, OTHER_FLOATS, POSIT_SPECS, _n_es, assert_same_bits,
+                        float_inputs, float_oracle, paths_for, posit_inputs, posit_oracle,
+                        run_path)
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+CUDA_FLOATS = list(ML_DTYPES) + OTHER_FLOATS
+SR_SPECS = ["e4m3", "e5m2", "e2m1", "e3m2", "bf16", "fp16", "e6m9", "posit8es0", "posit8es1",
+            "posit6es2", "posit16es1", "posit16es3"]
+
+
+def _cases(specs, rounding="nearest"):
+    return [pytest.param(spec, sat, path, id=f"{spec}-{'sat' if sat else 'nonsat'}-{path}")
+            for spec in specs for sat in (True, False)
+            for path in paths_for(spec, rounding, sat)]
+
+
+@pytest.mark.parametrize("spec,saturate,path", _cases(CUDA_FLOATS))
+def test_cuda_float_nearest_matches_cpu_and_references(spec, saturate, path):
+    fmt = parse_format(spec)
+    x = float_inputs(spec)
+    xt = torch.from_numpy(x)
+    cpu = _quantize_eager(xt, spec, "nearest", saturate, method="bits")
+    got = run_path(path, xt.cuda(), spec, "nearest", saturate)
+    assert got.is_cuda
+    assert_same_bits(got, cpu.numpy(), x, f"{spec} cuda {path} vs cpu")
+    assert_same_bits(got, float_oracle(x, fmt, saturate), x, f"{spec} cuda {path} vs oracle")
+    if spec in ML_DTYPES:
+        src = np.clip(x, -fmt.max, fmt.max) if saturate else x
+        with np.errstate(all="ignore"):
+            want = src.astype(ML_DTYPES[spec]).astype(np.float32)
+        keep = ~np.isnan(x)
+        assert_same_bits(got.cpu().numpy()[keep], want[keep], x[keep], f"{spec} vs ml_dtypes")
+
+
+@pytest.mark.parametrize("path", ["eager-bits", "compiled-bits"])
+@pytest.mark.parametrize("spec", POSIT_SPECS)
+def test_cuda_posit_nearest_matches_cpu_and_oracle(spec, path):
+    n, es = _n_es(spec)
+    x = posit_inputs(n, es)
+    xt = torch.from_numpy(x)
+    got = run_path(path, xt.cuda(), spec)
+    assert_same_bits(got, _quantize_eager(xt, spec, method="bits").numpy(), x, f"{spec} cuda")
+    assert_same_bits(got, posit_oracle(x, n, es), x, f"{spec} cuda {path} vs oracle")
+
+
+@pytest.mark.parametrize("path", ["eager-bits", "compiled-bits"])
+@pytest.mark.parametrize("spec", SR_SPECS)
+def test_cuda_stochastic_same_bits_as_cpu(spec, path):
+    """Counter-based random bits: fixed seed words give the same result on both devices (the
+    compiled CPU kernel uses a (rows, 16) index form, CUDA a flat one: same indices)."""
+    x = torch.from_numpy(float_inputs("e4m3", n_random=1 << 18)) * 7
+    n16 = x.numel() // 16 * 16
+    seed = torch.tensor([20240611, -1234567], dtype=torch.int32)
+    for saturate, x in ((True, x[:n16]), (False, x[:n16 - 3])):  # both CPU index forms
+        cpu = run_path("compiled-bits", x, spec, "stochastic", saturate, seed=seed)
+        assert_same_bits(cpu, _quantize_eager(x, spec, "stochastic", saturate,
+                                              seed=seed).numpy(), x.numpy(), f"{spec} cpu")
+        got = run_path(path, x.cuda(), spec, "stochastic", saturate, seed=seed.cuda())
+        assert_same_bits(got, cpu.numpy(), x.numpy(), f"{spec} {path} cuda vs cpu")
+
+
+@pytest.mark.parametrize("spec,x", [("e4m3", 1.0375), ("bf16", 3e-39), ("posit6es2", 3000.0),
+                                    ("posit8es1", -0.013), ("e2m1", 0.2)])
+def test_cuda_stochastic_is_unbiased(spec, x):
+    n = 1 << 20
+    x32 = float(np.float32(x))
+    vals = representable_values(spec).double().numpy()
+    i = np.searchsorted(vals, x32, side="right") - 1
+    lo, hi = vals[i], vals[i + 1]
+    torch.manual_seed(3)
+    got = quantize(torch.full((n,), x32, device="cuda"), spec, "stochastic").double().cpu()
+    assert torch.isin(got, torch.tensor([lo, hi], dtype=torch.float64)).all()
+    p = (x32 - lo) / (hi - lo)
+    sigma = (hi - lo) * math.sqrt(p * (1 - p) / n)
+    assert abs(got.mean().item() - x32) <= 6 * sigma
+
+
+def test_cuda_reproducible_under_manual_seed_and_generator():
+    x = torch.randn(1 << 16, device="cuda") * 100
+    for spec in ("e4m3", "posit8es1"):
+        torch.manual_seed(5)
+        a = quantize(x, spec, "stochastic")
+        torch.manual_seed(5)
+        assert torch.equal(quantize(x, spec, "stochastic"), a)
+        g1 = torch.Generator(device="cuda").manual_seed(9)
+        g2 = torch.Generator(device="cuda").manual_seed(9)
+        assert torch.equal(quantize(x, spec, "stochastic", generator=g1),
+                           quantize(x, spec, "stochastic", generator=g2))
+        g3 = torch.Generator().manual_seed(9)  # a CPU generator for a CUDA tensor works too
+        assert quantize(x, spec, "stochastic", generator=g3).is_cuda
+
+
+def test_cuda_layouts_dtypes_and_scaling():
+    x = torch.randn(8, 16, 12, 12) * 30
+    xc = x.cuda().contiguous(memory_format=torch.channels_last)
+    for spec in ("e4m3", "bf16", "posit8es1", "e2m1"):
+        y = quantize(xc, spec)
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(y.cpu(), quantize(x, spec))
+        assert torch.equal(quantize(xc.bfloat16(), spec).cpu(), quantize(x.bfloat16(), spec))
+        for scaling in ("tensor", "channel"):
+            assert torch.equal(quantize_scaled(xc, spec, scaling).cpu(),
+                               quantize_scaled(x, spec, scaling))
