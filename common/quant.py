@@ -248,9 +248,9 @@ def _compiled_kernel(flat, fmt, rounding, saturate, seed, method, strict):
     fn = _COMPILED.get(key, False)
     if fn is None and not strict:
         return None
-    if not fn:
-        fn = _COMPILED[key] = _compile(kernel, "_".join(key))
     try:
+        if not fn:
+            fn = _COMPILED[key] = _compile(kernel, "_".join(key))
         y = fn(*args)
     except Exception as err:  # no compiler, unsupported platform, ...: eager is exact too
         if strict:
