@@ -66,13 +66,16 @@ SCALINGS = ("none", "tensor", "channel")
 
 _log = logging.getLogger(__name__)
 
-# Where the plain call switches from eager ops to the compiled kernel (measured with
-# benchmarks/quant_speed.py --sizes on the 2-core development machine): an eager native cast
-# (one to three passes) beats the compiled kernel's call overhead below ~256k elements, the eager
-# bit arithmetic (~30 passes) loses to it from ~4k elements on. Both keep the compiled kernels
-# away from the size-0/1 specialisation of dynamic shapes.
-_EAGER_CAST_BELOW = 1 << 18
-_EAGER_BITS_BELOW = 1 << 12
+# Where the plain call switches from eager ops to the compiled kernel, by device (measured with
+# benchmarks/quant_speed.py --sizes on the 2-core development machine and on an H100 with torch
+# 2.11). A compiled call costs a fixed ~30 us of Python and guard overhead on that CPU (~150 us
+# on the H100's host); an eager native cast is one to three passes, the eager bit arithmetic ~30.
+# CPU: the eager cast wins below ~256k elements, the eager bit arithmetic loses from ~4k on.
+# CUDA: the eager cast still wins at 4M elements (launch-bound) and loses at 64M (three passes
+# over memory against one); the eager bit arithmetic loses at every size. The thresholds also
+# keep the compiled kernels away from the size-0/1 specialisation of dynamic shapes.
+_EAGER_CAST_BELOW = {"cpu": 1 << 18, "cuda": 1 << 24}
+_EAGER_BITS_BELOW = {"cpu": 1 << 12, "cuda": 1 << 12}
 
 _PATHS = ("auto", "eager", "compiled")
 
@@ -106,10 +109,11 @@ def _check_tensor(x) -> None:
 def _methods(fmt: Format, rounding: str, saturate: bool, compiled: bool = False) -> tuple:
     """Exact methods for this case, the faster first (measured, benchmarks/quant_speed.py):
     "cast" (torch's native RNE cast, after a clamp when saturating) where it is exact, and
-    "bits" (integer arithmetic on the float32 pattern) always. Eager, a native cast is one pass
-    against ~30 for the bit arithmetic. Compiled, fused bf16/fp16 casts beat the fused bit
-    arithmetic by ~2x, while inductor converts float8 one element at a time on CPU, so fp8 uses
-    the bits kernel there (one kernel for every float format: fewer compiles)."""
+    "bits" (integer arithmetic on the float32 pattern) always; each runs eager or compiled.
+    Eager, a native cast is one to three passes against ~30 for the bit arithmetic. Compiled,
+    fused bf16/fp16 casts beat the fused bit arithmetic by ~2x on CPU (when the compiler keeps
+    their rounding: see _compiled_cast_ok), while inductor converts float8 one element at a time
+    on CPU, so fp8 uses the bits kernel there (one kernel for every float format)."""
     casts = _COMPILED_CASTS if compiled else _CAST_DTYPES
     if fmt.is_float and rounding == "nearest" and fmt.name in casts and (
             saturate or fmt.name in _CAST_NONSAT_OK):
@@ -118,6 +122,32 @@ def _methods(fmt: Format, rounding: str, saturate: bool, compiled: bool = False)
 
 
 _COMPILED_CASTS = ("bf16", "fp16")
+_CAST_PROBE_OK: dict = {}  # (format name, device type) -> does the compiled cast round?
+
+
+def _compiled_cast_ok(fmt: Format, device: torch.device) -> bool:
+    """Whether the compiled cast kernel of `fmt` rounds exactly on this device, probed once.
+
+    inductor may compile x.to(bfloat16).to(float32) to nothing (it keeps the float32 value):
+    torch 2.11 does so even with emulate_precision_casts, 2.14 honours that option. The probe
+    (random bit patterns: ties, subnormals, overflow) against the eager cast catches that; where
+    it fails, the compiled bit-arithmetic kernel serves the format instead, with the same bits.
+    """
+    key = (fmt.name, device.type)
+    ok = _CAST_PROBE_OK.get(key)
+    if ok is None:
+        gen = torch.Generator().manual_seed(0)
+        probe = torch.randint(-2**31, 2**31, (4096,), dtype=torch.int32, generator=gen)
+        probe = probe.view(torch.float32).to(device)
+        want = K.cast_nearest(probe, _CAST_DTYPES[fmt.name], None)
+        try:
+            got = _compiled_kernel(probe, fmt, "nearest", False, None, "cast", strict=True)
+            ok = bool(((got.view(torch.int32) == want.view(torch.int32))
+                       | (torch.isnan(got) & torch.isnan(want))).all())
+        except Exception:
+            ok = False
+        _CAST_PROBE_OK[key] = ok
+    return ok
 
 
 def _params(fmt: Format, saturate: bool) -> tuple:
@@ -302,13 +332,16 @@ def _run(x, fmt, rounding, saturate, generator, path, method=None, seed=None):
             raise ValueError(f"QUANT_PATH={path!r}; accepted: {', '.join(_PATHS)}")
     if path == "auto":
         eager_cast = method in (None, "cast") and _methods(fmt, rounding, saturate)[0] == "cast"
-        below = _EAGER_CAST_BELOW if eager_cast else _EAGER_BITS_BELOW
+        table = _EAGER_CAST_BELOW if eager_cast else _EAGER_BITS_BELOW
+        below = table.get(flat.device.type, table["cpu"])
         compiled = flat.numel() >= below and not torch.compiler.is_compiling()
     else:
         compiled = path == "compiled"
     y = None
     if compiled:
         m = method or _methods(fmt, rounding, saturate, compiled=True)[0]
+        if method is None and m == "cast" and not _compiled_cast_ok(fmt, flat.device):
+            m = "bits"
         y = _compiled_kernel(flat, fmt, rounding, saturate, seed, m, strict=path == "compiled")
     if y is None:
         m = method or _methods(fmt, rounding, saturate)[0]

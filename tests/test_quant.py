@@ -45,10 +45,14 @@ def run_path(path, x, fmt, rounding="nearest", saturate=True, seed=None):
 
 
 def paths_for(spec, rounding="nearest", saturate=True):
-    """Every (mode, method) path quantize has for this case."""
+    """Every path quantize has for this case: each eager method, the compiled bit arithmetic,
+    and the compiled default where that may be a cast (it is one where the compiler keeps the
+    cast's rounding, else the bit arithmetic: quant._compiled_cast_ok)."""
     fmt = parse_format(spec)
-    return [f"{mode}-{m}" for mode in ("eager", "compiled")
-            for m in quant._methods(fmt, rounding, saturate, compiled=mode == "compiled")]
+    paths = [f"eager-{m}" for m in quant._methods(fmt, rounding, saturate)] + ["compiled-bits"]
+    if "cast" in quant._methods(fmt, rounding, saturate, compiled=True):
+        paths.append("compiled")
+    return paths
 
 
 # =============================================================================================
@@ -757,6 +761,19 @@ def test_compile_failure_falls_back_silently(monkeypatch):
     assert torch.equal(quantize(x, "e3m2"), want)
     with pytest.raises(RuntimeError):
         _quantize_compiled(x, "e3m2")
+
+
+def test_compiled_cast_that_drops_its_rounding_is_not_used(monkeypatch):
+    """torch 2.11's inductor compiles x.to(bfloat16).to(float32) to a no-op: the probe must
+    catch such a kernel and the compiled bit arithmetic must take over."""
+    monkeypatch.setattr(quant, "_COMPILED", {})
+    monkeypatch.setattr(quant, "_CAST_PROBE_OK", {})
+    monkeypatch.setitem(quant._CAST_KERNELS, "bf16", lambda x, bound: torch.clamp(x, -bound, bound))
+    x = torch.randn(1 << 19) * 3
+    want = run_path("eager-cast", x, "bf16")
+    assert torch.equal(quantize(x, "bf16"), want)
+    assert quant._CAST_PROBE_OK[("bf16", "cpu")] is False
+    assert ("float", "nearest", "cpu") in quant._COMPILED  # served by the bits kernel
 
 
 @pytest.mark.slow
