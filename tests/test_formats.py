@@ -1,4 +1,4 @@
-"""common/formats.py: spec strings -> Format, checked against ml_dtypes / torch.finfo / softposit."""
+"""common/formats.py: spec strings to Format, checked against ml_dtypes, torch.finfo, softposit."""
 import dataclasses
 
 import numpy as np

@@ -14,8 +14,8 @@ import torch
 from common.formats import parse_format
 from common.quant import _quantize_eager, quantize, quantize_scaled, representable_values
 from test_quant import (ML_DTYPES, OTHER_FLOATS, POSIT_SPECS, _n_es, assert_same_bits,
-                        float_inputs, float_oracle, paths_for, posit_inputs, posit_oracle,
-                        run_path)
+                        float_inputs, float_oracle, ml_dtypes_reference, paths_for, posit_inputs,
+                        posit_oracle, run_path)
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -42,11 +42,9 @@ def test_cuda_float_nearest_matches_cpu_and_references(spec, saturate, path):
     assert_same_bits(got, cpu.numpy(), x, f"{spec} cuda {path} vs cpu")
     assert_same_bits(got, float_oracle(x, fmt, saturate), x, f"{spec} cuda {path} vs oracle")
     if spec in ML_DTYPES:
-        src = np.clip(x, -fmt.max, fmt.max) if saturate else x
-        with np.errstate(all="ignore"):
-            want = src.astype(ML_DTYPES[spec]).astype(np.float32)
         keep = ~np.isnan(x)
-        assert_same_bits(got.cpu().numpy()[keep], want[keep], x[keep], f"{spec} vs ml_dtypes")
+        assert_same_bits(got.cpu().numpy()[keep], ml_dtypes_reference(x, spec, saturate)[keep],
+                         x[keep], f"{spec} cuda {path} vs ml_dtypes")
 
 
 @pytest.mark.parametrize("path", ["eager-bits", "compiled-bits"])
