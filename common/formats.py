@@ -26,6 +26,7 @@ names and cached kernels never differ for the same set of values.
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -216,6 +217,12 @@ def parse_format(spec: Union[str, Format]) -> Format:
         return spec
     if not isinstance(spec, str):
         raise TypeError(f"number format must be a spec string or Format, got {type(spec).__name__}")
+    return _parse_str(spec)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_str(spec: str) -> Format:
+    """parse_format for strings, cached: quantize parses its spec on every call."""
     s = spec.strip().lower()
     s = _ALIASES.get(s, s)
     m = _FLOAT_RE.fullmatch(s)
