@@ -176,8 +176,9 @@ def build_parser(description: str, defaults: Optional[Mapping[str, Any]] = None,
         type=float)
     add(g, "--schedule", "schedule", "lr schedule: step = divide by 10 at 50%% and 75%% of the epochs "
         "(the paper's); cosine = cosine decay to 0, per step", choices=list(SCHEDULES))
-    add(g, "--warmup-epochs", "warmup_epochs", "linear lr warm-up over this many epochs (He et al. "
-        "warm ResNet-110 up at lr 0.01 for ~1 epoch)", type=float, metavar="E")
+    add(g, "--warmup-epochs", "warmup_epochs", "linear lr warm-up over this many epochs (a smooth "
+        "stand-in for He et al.'s ResNet-110 recipe: lr 0.01 for the first ~400 iterations)",
+        type=float, metavar="E")
 
     g = parser.add_argument_group("run")
     add(g, "--seed", "seed", "seed of the weights' initialisation, shuffling and augmentation",
@@ -191,7 +192,7 @@ def build_parser(description: str, defaults: Optional[Mapping[str, Any]] = None,
     add(g, "--tf32", "tf32", "allow TF32 matmuls/convolutions on CUDA (faster, but no longer FP32 "
         "arithmetic)", action="store_true")
     add(g, "--deterministic", "deterministic", "CUDA: deterministic cuDNN/cuBLAS kernels, no "
-        "autotuning, so GPU runs (and resumes) repeat bit for bit; slower. CPU runs always do",
+        "autotuning, so GPU runs (and resumes) repeat bit for bit; slower. CPU runs always repeat",
         action="store_true")
     add(g, "--runs-dir", "runs_dir", "where run folders go", shown="runs/ in the repo root",
         metavar="DIR")
