@@ -1,0 +1,40 @@
+"""FP8 training of CIFAR ResNets: weights, activations and gradients each in an 8-bit float format.
+
+    cd FP8 && python train_cifar10_fp8.py                                   # e4m3 w/a, e5m2 g
+    cd FP8 && python train_cifar10_fp8.py --w-fmt e5m2 --a-fmt e4m3 --first-last-fp32
+    cd FP8 && python train_cifar10_fp8.py --w-fmt e4m3 --a-fmt e4m3 --first-last-fp32
+
+Formats are exactly OCP FP8 (e4m3: max 448, no inf; e5m2: IEEE-like, max 57344), rounded to
+nearest-even. --w-fmt/--a-fmt/--g-fmt take any format of at most 8 bits (e3m4, posit8es1, ...)
+or fp32 (unquantized); --wg-fmt and --master-fmt take any spec. Run folder:
+runs/fp8_w-<fmt>_a-<fmt>_g-<fmt>[_fl32]_<model>_s<seed>/.
+"""
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from common import cli, qat_cli  # noqa: E402  (after the sys.path line, so it runs from any folder)
+
+DEFAULTS = {"w_fmt": "e4m3", "a_fmt": "e4m3", "g_fmt": "e5m2",
+            "w_scaling": "tensor", "a_scaling": "tensor", "g_scaling": "tensor"}
+MAX_BITS = {"w": 8, "a": 8, "g": 8}  # roles that must stay FP8-sized
+WHY = ("Defaults: e4m3 (more precision) for the forward operands, e5m2 (more range) for the\n"
+       "gradients, as in OCP FP8 training recipes; every cast is scaled per tensor by a power of\n"
+       "two so the tensor's largest value lands in the format's top binade: unscaled, most conv\n"
+       "weights (|w| < 2^-6) fall into e4m3's subnormals and small gradients flush to 0 in e5m2.")
+
+
+def main(argv=None):
+    """Parse the flags, train, return the summary dict."""
+    parser = cli.build_parser(__doc__.split("\n")[0])
+    qat_cli.add_quant_args(parser, DEFAULTS, WHY)
+    args = cli.parse_args(parser, argv)
+    qat_cli.check_widths(parser, args, MAX_BITS, "FP8")
+    return qat_cli.run_quantized(args, "fp8", "FP8", "FP8/train_cifar10_fp8.py")
+
+
+if __name__ == "__main__":
+    cli.run_main(main)

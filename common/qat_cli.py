@@ -1,0 +1,161 @@
+"""Flags of the quantized-training scripts (FP8, FP4, Posit, BF16 emulated): one place for all.
+
+Every format script accepts the same per-role flags; it only changes their defaults:
+
+    --w-fmt/--a-fmt/--g-fmt/--wg-fmt/--master-fmt   formats of weight, activation (layer input),
+                                                    error gradient, weight gradient, master weights
+    --w-rounding ... --master-rounding              nearest | stochastic
+    --w-scaling/--a-scaling/--g-scaling/--wg-scaling none | tensor (| channel for weights)
+    --first-last-fp32                               keep the first conv and the last Linear float32
+    --backend                                       native (this project's casts) | qtorch
+
+A bad value exits 2 with one line naming what is accepted (argparse's own error path).
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Callable, Dict, Optional
+
+from common import cli, train
+from common.formats import Format, parse_format
+from common.qat import BACKENDS, QuantConfig, RoleQuant, master_cast, quantize_model
+from common.quant import ROUNDINGS, SCALINGS
+
+# role key -> (QuantConfig field, what the flag casts)
+ROLE_FLAGS = {
+    "w": ("weight", "weight of each Conv2d/Linear (forward)"),
+    "a": ("act", "input activation of each Conv2d/Linear (forward)"),
+    "g": ("grad", "gradient flowing to each layer's input, the error (backward)"),
+    "wg": ("weight_grad", "weight gradient (backward)"),
+    "master": ("master", "weights kept by the optimizer, cast after every step"),
+}
+
+
+def format_type(spec: str) -> str:
+    """argparse type: a valid format spec, canonicalised ('FP4' -> 'e2m1')."""
+    try:
+        return parse_format(spec).name
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_quant_args(parser: argparse.ArgumentParser, defaults: Dict[str, str],
+                   why: str = "", fmt_defaults_shown: Optional[Dict[str, str]] = None):
+    """Add the 'quantization' group. `defaults` maps '<role>_fmt|_rounding|_scaling' to defaults.
+
+    `why` is printed under the group title: each script says there why its defaults are what
+    they are (NUMERICS.md asks for it). `fmt_defaults_shown` overrides how a default is shown in
+    --help, by the same keys (the Posit script derives its formats from --bits/--es).
+    """
+    shown = fmt_defaults_shown or {}
+    g = parser.add_argument_group("quantization", why or None)
+    for role, (_, what) in ROLE_FLAGS.items():
+        fmt_d = defaults.get(f"{role}_fmt", "fp32")
+        g.add_argument(f"--{role}-fmt", type=format_type, default=fmt_d, metavar="FMT",
+                       help=f"format of the {what}: fp32, bf16, fp16, e4m3, e5m2, e2m1, eXmY, "
+                            f"posit<n>es<k> (default: {shown.get(f'{role}_fmt', fmt_d)})")
+    for role in ROLE_FLAGS:
+        d = defaults.get(f"{role}_rounding", "nearest")
+        g.add_argument(f"--{role}-rounding", choices=ROUNDINGS, default=d,
+                       help=f"rounding of the {role} cast (default: {d})")
+    for role in ("w", "a", "g", "wg"):
+        d = defaults.get(f"{role}_scaling", "none")
+        choices = SCALINGS if role == "w" else tuple(s for s in SCALINGS if s != "channel")
+        g.add_argument(f"--{role}-scaling", choices=choices, default=d,
+                       help=f"power-of-two scaling of the {role} cast: none = the format's own "
+                            f"range, tensor = per tensor"
+                            + (", channel = per output channel" if role == "w" else "")
+                            + f" (default: {shown.get(f'{role}_scaling', d)})")
+    d = defaults.get("first_last_fp32", False)
+    g.add_argument("--first-last-fp32", action=argparse.BooleanOptionalAction, default=d,
+                   help=f"keep the first conv and the last Linear in float32 "
+                        f"(default: {'on' if d else 'off'})")
+    g.add_argument("--backend", choices=BACKENDS, default="native",
+                   help="native = this project's exact casts; qtorch = QPyTorch float_quantize and "
+                        "qtorch-plus posit_quantize, for parity with results made with them (their "
+                        "own semantics, e.g. QPyTorch's e4m3 max is 480) (default: native)")
+    return g
+
+
+def check_widths(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                 max_bits: Dict[str, int], family: str) -> None:
+    """Refuse (exit 2, one line) a role format wider than the script's family, e.g. a 14-bit
+    e4m9 given to the FP8 script (most likely a typo of e4m3); fp32 (unquantized) stays allowed."""
+    for role, bits in max_bits.items():
+        fmt = parse_format(getattr(args, f"{role}_fmt"))
+        if not fmt.is_identity and fmt.bits > bits:
+            parser.error(f"--{role}-fmt {fmt.name} is a {fmt.bits}-bit format; the {family} script "
+                         f"takes formats of at most {bits} bits for --{role}-fmt (or fp32 to leave "
+                         f"it unquantized)")
+
+
+def quant_config(args: argparse.Namespace) -> QuantConfig:
+    """The QuantConfig that the parsed flags describe (bad combinations exit 2, one line)."""
+    roles = {}
+    for role, (field, _) in ROLE_FLAGS.items():
+        kw = {"fmt": getattr(args, f"{role}_fmt"), "rounding": getattr(args, f"{role}_rounding")}
+        if role != "master":
+            kw["scaling"] = getattr(args, f"{role}_scaling")
+        roles[field] = RoleQuant(**kw)
+    try:
+        return QuantConfig(first_last_fp32=args.first_last_fp32, backend=args.backend, **roles)
+    except ValueError as e:
+        cli.fail(str(e))
+
+
+def run_tag(q: QuantConfig) -> str:
+    """Run-name part from the config, e.g. 'w-e5m2_a-e4m3_g-e5m2-t_fl32'."""
+    parts = [f"w-{q.weight.short()}", f"a-{q.act.short()}", f"g-{q.grad.short()}"]
+    if q.weight_grad.active:
+        parts.append(f"wg-{q.weight_grad.short()}")
+    if q.master.active:
+        parts.append(f"m-{q.master.short()}")
+    if q.first_last_fp32:
+        parts.append("fl32")
+    if q.backend != "native":
+        parts.append(q.backend)
+    return "_".join(parts)
+
+
+def bits_per_element(q: QuantConfig) -> int:
+    """Storage bits of the forward operands (the wider of weight and activation formats)."""
+    return max(q.weight.fmt.bits, q.act.fmt.bits)
+
+
+def describe(q: QuantConfig) -> str:
+    """Human label for tables, e.g. 'w=e5m2 a=e4m3 g=e5m2(t), first/last fp32'."""
+    def one(key, role):
+        tag = role.fmt.name + ("(sr)" if role.rounding == "stochastic" else "")
+        tag += {"none": "", "tensor": "(t)", "channel": "(c)"}[role.scaling]
+        return f"{key}={tag}"
+    parts = [one("w", q.weight), one("a", q.act), one("g", q.grad)]
+    if q.weight_grad.active:
+        parts.append(one("wg", q.weight_grad))
+    if q.master.active:
+        parts.append(one("master", q.master))
+    text = " ".join(parts)
+    if q.first_last_fp32:
+        text += ", first/last fp32"
+    if q.backend != "native":
+        text += f", {q.backend}"
+    return text
+
+
+def run_quantized(args: argparse.Namespace, family: str, title: str, script: str,
+                  q: Optional[QuantConfig] = None) -> dict:
+    """Resolve the config of a quantized run from its flags and train it with the shared loop.
+
+    family names the run (e.g. 'fp8'), title starts its label (e.g. 'FP8'), script is the path
+    recorded in config.json. The model's layers are swapped by `quantize_model`; with a master
+    format the weights are cast after every optimizer step.
+    """
+    q = q or quant_config(args)
+    if q.backend == "qtorch":
+        from common.qtorch_backend import require_qtorch
+
+        require_qtorch(q)
+    fmt = {"family": family, "bits_per_element": bits_per_element(q), **q.to_dict()}
+    config = cli.make_config(args, name=f"{family}_{run_tag(q)}_{args.model}_s{args.seed}",
+                             label=f"{title} {describe(q)}", format=fmt, script=script)
+    after_step = master_cast if q.master.active else None
+    return train.run(config, model_transform=lambda m: quantize_model(m, q), after_step=after_step)

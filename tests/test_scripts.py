@@ -1,0 +1,89 @@
+"""The four format scripts: a few steps on synthetic data end with the accuracy line; bad flags
+exit 2 with one clear line and no traceback; each run records what it trained."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = ["--synthetic", "--epochs", "1", "--max-steps-per-epoch", "2", "--batch-size", "32",
+         "--model", "resnet8"]
+
+
+def _run(folder, script, *args, tmp_path, cwd=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    path = os.path.join(ROOT, folder, script)
+    return subprocess.run([sys.executable, path, *args, "--runs-dir", str(tmp_path)],
+                          cwd=cwd or os.path.join(ROOT, folder), env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+SCRIPTS = [
+    ("BF16", "bf16_train.py", [], "bf16_autocast_resnet8_s0", None),
+    ("BF16", "bf16_train.py", ["--mode", "emulated"], "bf16_w-bf16_a-bf16_g-bf16_resnet8_s0",
+     {"weight": "bf16", "act": "bf16", "grad": "bf16"}),
+    ("FP8", "train_cifar10_fp8.py", ["--w-fmt", "e5m2", "--a-fmt", "e4m3", "--first-last-fp32"],
+     "fp8_w-e5m2-t_a-e4m3-t_g-e5m2-t_fl32_resnet8_s0",
+     {"weight": "e5m2", "act": "e4m3", "grad": "e5m2"}),
+    ("FP4", "train_cifar10_fp4.py", [], "fp4_w-e2m1-c_a-e2m1-t_g-e2m1-sr-t_resnet8_s0",
+     {"weight": "e2m1", "act": "e2m1", "grad": "e2m1"}),
+    ("Posit", "train_cifar10_posit.py", ["--bits", "4", "--es", "0", "--first-last-fp32"],
+     "posit4es0_w-posit4es0-c_a-posit4es0-t_g-posit4es0-t_fl32_resnet8_s0",
+     {"weight": "posit4es0", "act": "posit4es0", "grad": "posit4es0"}),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("folder,script,args,name,roles", SCRIPTS,
+                         ids=[f"{s[0]}{'-' + s[2][1] if s[2] else ''}" for s in SCRIPTS])
+def test_script_runs_a_few_steps_and_prints_accuracy(folder, script, args, name, roles, tmp_path):
+    r = _run(folder, script, *args, *SMOKE, tmp_path=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "final test accuracy:" in r.stdout.strip().splitlines()[-1]
+    run_dir = tmp_path / (name + "_synthetic_max2")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished"
+    if roles is not None:
+        for role, fmt in roles.items():
+            assert summary["format"][role]["fmt"] == fmt
+    else:
+        assert summary["autocast"]
+
+
+@pytest.mark.slow
+def test_script_runs_from_repo_root(tmp_path):
+    r = _run("Posit", "train_cifar10_posit.py", "--bits", "16", "--es", "1", *SMOKE,
+             tmp_path=tmp_path, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "posit16es1_w-posit16es1_a-posit16es1_g-posit16es1_resnet8_s0_synthetic_max2"
+            / "summary.json").exists()
+
+
+@pytest.mark.parametrize("folder,script,args,needle", [
+    ("FP8", "train_cifar10_fp8.py", ["--w-fmt", "e4m9"], "at most 8 bits"),   # 14 bits: a typo
+    ("FP8", "train_cifar10_fp8.py", ["--w-fmt", "e4m9x"], "accepted"),
+    ("FP8", "train_cifar10_fp8.py", ["--g-fmt", "posit40es2"], "accepted"),
+    ("FP8", "train_cifar10_fp8.py", ["--a-scaling", "channel"], "invalid choice"),
+    ("Posit", "train_cifar10_posit.py", ["--bits", "40"], "accepted"),
+    ("Posit", "train_cifar10_posit.py", ["--bits", "16", "--es", "4"], "accepted"),
+    ("FP4", "train_cifar10_fp4.py", ["--w-rounding", "up"], "invalid choice"),
+    ("BF16", "bf16_train.py", ["--w-fmt", "e4m3"], "--mode emulated"),
+    ("BF16", "bf16_train.py", ["--mode", "fast"], "invalid choice"),
+])
+def test_bad_flags_exit_2_with_one_clear_line(folder, script, args, needle, tmp_path):
+    r = _run(folder, script, *args, tmp_path=tmp_path)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert needle in r.stderr.strip().splitlines()[-1]
+
+
+def test_help_states_every_default():
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "FP4", "train_cifar10_fp4.py"), "--help"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0
+    assert "FP4 cannot train unscaled" in " ".join(r.stdout.split())
+    for flag in ("--w-fmt", "--g-scaling", "--first-last-fp32", "--backend", "--epochs", "--model"):
+        assert flag in r.stdout
+    assert r.stdout.count("(default:") >= 30
