@@ -25,8 +25,8 @@ WHY = "Used by --mode emulated only (autocast decides its own casts)."
 MODES = ("autocast", "emulated")
 
 
-def main(argv=None):
-    """Parse the flags, train with autocast or through the quantized layers."""
+def plan(argv=None):
+    """Parse the flags: autocast, or the quantized layers (emulated); returns train.run's kwargs."""
     parser = cli.build_parser(__doc__.split("\n")[0])
     g = parser.add_argument_group("bf16")
     g.add_argument("--mode", choices=MODES, default="autocast",
@@ -35,7 +35,7 @@ def main(argv=None):
     qat_cli.add_quant_args(parser, DEFAULTS, WHY)
     args = cli.parse_args(parser, argv)
     if args.mode == "emulated":
-        return qat_cli.run_quantized(args, "bf16", "BF16 emulated", "BF16/bf16_train.py")
+        return qat_cli.plan_quantized(args, "bf16", "BF16 emulated", "BF16/bf16_train.py")
     changed = [f for f in ("w", "a", "g", "wg", "master")
                if getattr(args, f"{f}_fmt") != parser.get_default(f"{f}_fmt")]
     if changed or args.first_last_fp32 or args.backend != "native":
@@ -43,7 +43,13 @@ def main(argv=None):
     fmt = {"family": "bf16", "mode": "autocast", "bits_per_element": 16}
     config = cli.make_config(args, name=f"bf16_autocast_{args.model}_s{args.seed}",
                              label="BF16 autocast", format=fmt, script="BF16/bf16_train.py")
-    return train.run(config, autocast_dtype=torch.bfloat16)
+    return {"config": config, "autocast_dtype": torch.bfloat16}
+
+
+
+def main(argv=None):
+    """Train the run the flags describe; returns its summary dict."""
+    return train.run(**plan(argv))
 
 
 if __name__ == "__main__":

@@ -17,16 +17,22 @@ if ROOT not in sys.path:
 
 from common import cli, train  # noqa: E402  (after the sys.path line, so it runs from any folder)
 
-FORMAT = {"name": "fp32", "bits_per_element": 32}
+FORMAT = {"family": "fp32", "bits_per_element": 32}
 
 
-def main(argv=None):
-    """Parse the shared flags, train, return the summary dict."""
+def plan(argv=None):
+    """Parse the shared flags; returns the keyword arguments of train.run."""
     parser = cli.build_parser(__doc__.split("\n")[0])
     args = cli.parse_args(parser, argv)
     config = cli.make_config(args, name=f"fp32_{args.model}_s{args.seed}", label="FP32",
                              format=FORMAT, script="FP32/train_cifar10_fp32.py")
-    return train.run(config)
+    return {"config": config}
+
+
+
+def main(argv=None):
+    """Train the run the flags describe; returns its summary dict."""
+    return train.run(**plan(argv))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from common import cli, qat_cli  # noqa: E402  (after the sys.path line, so it runs from any folder)
+from common import cli, qat_cli, train  # noqa: E402  (after the sys.path line, so it runs from any folder)
 
 DEFAULTS = {"w_fmt": "e2m1", "a_fmt": "e2m1", "g_fmt": "e2m1",
             "w_scaling": "channel", "a_scaling": "tensor", "g_scaling": "tensor",
@@ -27,13 +27,19 @@ WHY = ("Defaults: E2M1 for weights, activations and gradients. Scaling is on bec
        "biases every small update away and training stalls.")
 
 
-def main(argv=None):
-    """Parse the flags, train, return the summary dict."""
+def plan(argv=None):
+    """Parse the flags; returns the keyword arguments of train.run."""
     parser = cli.build_parser(__doc__.split("\n")[0])
     qat_cli.add_quant_args(parser, DEFAULTS, WHY)
     args = cli.parse_args(parser, argv)
     qat_cli.check_widths(parser, args, MAX_BITS, "FP4")
-    return qat_cli.run_quantized(args, "fp4", "FP4", "FP4/train_cifar10_fp4.py")
+    return qat_cli.plan_quantized(args, "fp4", "FP4", "FP4/train_cifar10_fp4.py")
+
+
+
+def main(argv=None):
+    """Train the run the flags describe; returns its summary dict."""
+    return train.run(**plan(argv))
 
 
 if __name__ == "__main__":

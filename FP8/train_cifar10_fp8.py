@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from common import cli, qat_cli  # noqa: E402  (after the sys.path line, so it runs from any folder)
+from common import cli, qat_cli, train  # noqa: E402  (after the sys.path line, so it runs from any folder)
 
 DEFAULTS = {"w_fmt": "e4m3", "a_fmt": "e4m3", "g_fmt": "e5m2",
             "w_scaling": "tensor", "a_scaling": "tensor", "g_scaling": "tensor"}
@@ -27,13 +27,19 @@ WHY = ("Defaults: e4m3 (more precision) for the forward operands, e5m2 (more ran
        "weights (|w| < 2^-6) fall into e4m3's subnormals and small gradients flush to 0 in e5m2.")
 
 
-def main(argv=None):
-    """Parse the flags, train, return the summary dict."""
+def plan(argv=None):
+    """Parse the flags; returns the keyword arguments of train.run."""
     parser = cli.build_parser(__doc__.split("\n")[0])
     qat_cli.add_quant_args(parser, DEFAULTS, WHY)
     args = cli.parse_args(parser, argv)
     qat_cli.check_widths(parser, args, MAX_BITS, "FP8")
-    return qat_cli.run_quantized(args, "fp8", "FP8", "FP8/train_cifar10_fp8.py")
+    return qat_cli.plan_quantized(args, "fp8", "FP8", "FP8/train_cifar10_fp8.py")
+
+
+
+def main(argv=None):
+    """Train the run the flags describe; returns its summary dict."""
+    return train.run(**plan(argv))
 
 
 if __name__ == "__main__":

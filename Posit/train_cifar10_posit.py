@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from common import cli, qat_cli  # noqa: E402  (after the sys.path line, so it runs from any folder)
+from common import cli, qat_cli, train  # noqa: E402  (after the sys.path line, so it runs from any folder)
 from common.formats import parse_format  # noqa: E402
 
 ROLES = ("w", "a", "g")
@@ -36,8 +36,8 @@ def auto_scaling(bits: int) -> dict:
     return {"w": "none", "a": "none", "g": "none"}
 
 
-def main(argv=None):
-    """Parse the flags, resolve the posit format and scaling per role, train."""
+def plan(argv=None):
+    """Parse the flags, resolve the posit format and scaling per role; returns train.run's kwargs."""
     parser = cli.build_parser(__doc__.split("\n")[0])
     g = parser.add_argument_group("posit")
     g.add_argument("--bits", type=int, default=8, help="posit width n, 2..16 (default: 8)")
@@ -60,8 +60,14 @@ def main(argv=None):
             setattr(args, f"{role}_fmt", posit.name)
         if getattr(args, f"{role}_scaling") is None:
             setattr(args, f"{role}_scaling", scaling[role])
-    return qat_cli.run_quantized(args, posit.name, posit.name.replace("posit", "Posit"),
+    return qat_cli.plan_quantized(args, posit.name, posit.name.replace("posit", "Posit"),
                                  "Posit/train_cifar10_posit.py")
+
+
+
+def main(argv=None):
+    """Train the run the flags describe; returns its summary dict."""
+    return train.run(**plan(argv))
 
 
 if __name__ == "__main__":

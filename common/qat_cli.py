@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from typing import Callable, Dict, Optional
 
-from common import cli, train
+from common import cli
 from common.formats import Format, parse_format
 from common.qat import BACKENDS, QuantConfig, RoleQuant, master_cast, quantize_model
 from common.quant import ROUNDINGS, SCALINGS
@@ -141,13 +141,14 @@ def describe(q: QuantConfig) -> str:
     return text
 
 
-def run_quantized(args: argparse.Namespace, family: str, title: str, script: str,
-                  q: Optional[QuantConfig] = None) -> dict:
-    """Resolve the config of a quantized run from its flags and train it with the shared loop.
+def plan_quantized(args: argparse.Namespace, family: str, title: str, script: str,
+                   q: Optional[QuantConfig] = None) -> dict:
+    """Resolve a quantized run from its flags: the keyword arguments of `train.run`.
 
     family names the run (e.g. 'fp8'), title starts its label (e.g. 'FP8'), script is the path
     recorded in config.json. The model's layers are swapped by `quantize_model`; with a master
-    format the weights are cast after every optimizer step.
+    format the weights are cast after every optimizer step. Scripts return this from their
+    `plan(argv)`, so the step-time benchmark builds exactly what a script trains.
     """
     q = q or quant_config(args)
     if q.backend == "qtorch":
@@ -157,5 +158,5 @@ def run_quantized(args: argparse.Namespace, family: str, title: str, script: str
     fmt = {"family": family, "bits_per_element": bits_per_element(q), **q.to_dict()}
     config = cli.make_config(args, name=f"{family}_{run_tag(q)}_{args.model}_s{args.seed}",
                              label=f"{title} {describe(q)}", format=fmt, script=script)
-    after_step = master_cast if q.master.active else None
-    return train.run(config, model_transform=lambda m: quantize_model(m, q), after_step=after_step)
+    return {"config": config, "model_transform": lambda m: quantize_model(m, q),
+            "after_step": master_cast if q.master.active else None}
