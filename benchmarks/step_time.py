@@ -1,0 +1,167 @@
+"""Training-step time of each seed configuration divided by the FP32 step time, from one run.
+
+    python benchmarks/step_time.py                       # CPU, ResNet-20, batch 128
+    python benchmarks/step_time.py --device cuda --steps 50
+
+Each configuration is built by its own script's `plan(argv)` (the exact model, casts, autocast and
+master-weight step a real run trains), then timed on one fixed random CIFAR-sized batch: forward,
+loss, backward, SGD step (+ after_step), channels-last as the loop does. Configurations are timed in
+interleaved rounds (every config once per round) and the median round counts, so a slow spell of a
+shared machine hits all of them alike. The first steps of each config (warm-up) also compile the
+cast kernels; they are not timed. Targets (issue 4, 2-core CPU): FP8 weights+activations <= 1.3x,
+with gradients too <= 1.5x, posit <= 1.5x, BF16 autocast < 1.0x.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import os
+import platform
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from common.resnet import build_model  # noqa: E402
+
+# (key, script, flags, target ratio or None): the seed configurations plus FP8 without gradient casts
+CONFIGS = [
+    ("fp32", "FP32/train_cifar10_fp32.py", [], None),
+    ("bf16-autocast", "BF16/bf16_train.py", [], 1.0),
+    ("bf16-emulated", "BF16/bf16_train.py", ["--mode", "emulated"], None),
+    ("fp8-wa", "FP8/train_cifar10_fp8.py", ["--g-fmt", "fp32"], 1.3),
+    ("fp8-wag", "FP8/train_cifar10_fp8.py", [], 1.5),
+    ("fp8-e5m2w", "FP8/train_cifar10_fp8.py", ["--w-fmt", "e5m2", "--a-fmt", "e4m3",
+                                              "--first-last-fp32"], 1.5),
+    ("fp8-e4m3w", "FP8/train_cifar10_fp8.py", ["--w-fmt", "e4m3", "--a-fmt", "e4m3",
+                                              "--first-last-fp32"], 1.5),
+    ("fp4", "FP4/train_cifar10_fp4.py", [], None),
+    ("posit4", "Posit/train_cifar10_posit.py", ["--bits", "4", "--es", "0", "--first-last-fp32"],
+     1.5),
+    ("posit8", "Posit/train_cifar10_posit.py", ["--bits", "8", "--es", "1"], 1.5),
+    ("posit16", "Posit/train_cifar10_posit.py", ["--bits", "16", "--es", "1"], 1.5),
+]
+
+
+def load_plan(script: str):
+    """The `plan` function of a format script, imported by path (scripts are not a package)."""
+    path = os.path.join(ROOT, script)
+    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.plan
+
+
+class Stepper:
+    """One configuration's model, optimizer and fixed batch; `step()` is one training step."""
+
+    def __init__(self, plan_kwargs: dict, device: torch.device, batch: int):
+        cfg = plan_kwargs["config"]
+        self.device = device
+        model = build_model(cfg.model, shortcut=cfg.shortcut)
+        transform = plan_kwargs.get("model_transform")
+        if transform is not None:
+            model = transform(model) or model
+        fmt = torch.channels_last
+        self.model = model.to(device, memory_format=fmt).train()
+        self.after_step = plan_kwargs.get("after_step")
+        dtype = plan_kwargs.get("autocast_dtype")
+        self.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else \
+            contextlib.nullcontext
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                   weight_decay=cfg.weight_decay)
+        gen = torch.Generator().manual_seed(0)
+        self.x = torch.randn(batch, 3, 32, 32, generator=gen).to(device, memory_format=fmt)
+        self.y = torch.randint(0, 10, (batch,), generator=gen).to(device)
+
+    def step(self):
+        with self.autocast():
+            loss = F.cross_entropy(self.model(self.x), self.y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        if self.after_step is not None:
+            self.after_step(self.model)
+
+    def time(self, steps: int) -> float:
+        """Seconds per step over `steps` steps."""
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        sync()
+        return (time.perf_counter() - t0) / steps
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   choices=("cpu", "cuda"), help="(default: cuda if available, else cpu)")
+    p.add_argument("--model", default="resnet20", help="(default: resnet20)")
+    p.add_argument("--batch-size", type=int, default=128, help="(default: 128)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per round (default: 5)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: 3)")
+    p.add_argument("--configs", default=",".join(c[0] for c in CONFIGS),
+                   help="comma-separated keys (default: all: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    keys = args.configs.split(",")
+    unknown = [k for k in keys if k not in {c[0] for c in CONFIGS}]
+    if unknown or "fp32" not in keys:
+        p.error(f"--configs: unknown {unknown}; accepted: {', '.join(c[0] for c in CONFIGS)} "
+                f"(fp32 is needed as the reference)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    steppers, targets = {}, {}
+    for key, script, flags, target in CONFIGS:
+        if key not in keys:
+            continue
+        kw = load_plan(script)(flags + ["--model", args.model, "--device", args.device,
+                                        "--batch-size", str(args.batch_size), "--synthetic"])
+        steppers[key] = Stepper(kw, device, args.batch_size)
+        targets[key] = target
+        t0 = time.perf_counter()
+        for _ in range(args.warmup):
+            steppers[key].step()
+        print(f"# {key}: warm-up {time.perf_counter() - t0:.1f} s", flush=True)
+
+    times = {k: [] for k in steppers}
+    for _ in range(args.rounds):
+        for key, stepper in steppers.items():
+            times[key].append(stepper.time(args.steps))
+    med = {k: statistics.median(v) for k, v in times.items()}
+
+    print(f"\nstep time, {args.model}, batch {args.batch_size}, {machine(device)}, torch "
+          f"{torch.__version__}; median of {args.rounds} interleaved rounds x {args.steps} steps")
+    print(f"| config | ms/step | x FP32 | target | met |")
+    print(f"| --- | ---: | ---: | ---: | --- |")
+    for key, t in med.items():
+        ratio = t / med["fp32"]
+        target = targets[key]
+        met = "" if target is None else ("yes" if ratio <= target else "NO")
+        tgt = "" if target is None else (f"< {target:.1f}" if key == "bf16-autocast"
+                                         else f"<= {target:.1f}")
+        print(f"| {key} | {t * 1e3:.1f} | {ratio:.2f} | {tgt} | {met} |")
+
+
+if __name__ == "__main__":
+    main()
