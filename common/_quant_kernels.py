@@ -100,11 +100,12 @@ def random_bits(idx: torch.Tensor, seed: torch.Tensor, words: int = 1):
 # below the smallest subnormal Q (rounds to 0 or Q), s > 24 rounds to 0. Formats with 8 exponent
 # bits share float32's emin, so s == s0 throughout and float32 subnormals round natively.
 #
-# Parameters (see float_params): s0, emin = 1 - bias, clamp_pat = bits(max + ulp(max)) (the first
-# pattern that always overflows), max_pat = bits(max), ovf_pat = what an overflow becomes,
-# q_pat / half_q_pat = bits of the smallest subnormal and of half of it.
+# Parameters (see float_params): s0, s_top = s0 + (float32 exponent field of the smallest normal),
+# so that s = max(s_top - field, s0); clamp_pat = bits(max + ulp(max)) (the first pattern that
+# always overflows), max_pat = bits(max), ovf_pat = what an overflow becomes, q_pat /
+# half_q_pat = bits of the smallest subnormal and of half of it.
 # ----------------------------------------------------------------------------------------------
-FLOAT_PARAM_NAMES = ("s0", "emin", "clamp_pat", "max_pat", "ovf_pat", "q_pat", "half_q_pat")
+FLOAT_PARAM_NAMES = ("s0", "s_top", "clamp_pat", "max_pat", "ovf_pat", "q_pat", "half_q_pat")
 
 
 def float_params(fmt, saturate: bool) -> tuple:
@@ -125,18 +126,20 @@ def float_params(fmt, saturate: bool) -> tuple:
         q_pat, half_q_pat = f32_bits(fmt.min_subnormal), f32_bits(fmt.min_subnormal / 2)
     else:  # unused: s never exceeds 23 (and half of 2^-149 is no float32)
         q_pat = half_q_pat = 0
-    return (F32_MAN_BITS - m, 1 - fmt.bias, clamp_pat, max_pat, ovf_pat, q_pat, half_q_pat)
+    s0 = F32_MAN_BITS - m
+    return (s0, s0 + (1 - fmt.bias) + F32_BIAS, clamp_pat, max_pat, ovf_pat, q_pat, half_q_pat)
 
 
-def _float_split(bits: torch.Tensor, s0, emin, clamp_pat):
+def _float_split(bits: torch.Tensor, s0, s_top, clamp_pat):
     mag = bits & F32_ABS_MASK
     sign = bits ^ mag
     # inf and NaN clamp to the first always-overflowing pattern (NaN is restored at the end), so
     # no later step sees an exponent beyond the format's range.
     magc = torch.clamp(mag, max=clamp_pat)
     ef = magc >> F32_MAN_BITS
-    e = torch.clamp(ef, min=1) - F32_BIAS  # unbiased exponent (float32 subnormals: -126)
-    s = s0 + torch.clamp(emin - e, min=0, max=64)  # pattern bits below the format's quantum
+    # pattern bits below the format's quantum: s0, plus one per binade below the smallest normal
+    # (float32 subnormals, field 0, sit in the binade of field 1)
+    s = torch.clamp(s_top - torch.clamp(ef, min=1), min=s0)
     sc = torch.clamp(s, max=F32_MAN_BITS)
     return mag, sign, magc, ef, s, sc
 
@@ -149,8 +152,8 @@ def _float_finish(bits, mag, sign, r, max_pat, ovf_pat):
 def float_nearest(bits: torch.Tensor, p) -> torch.Tensor:
     """Round float32 patterns to the float format of parameters p, to nearest, ties to even
     (the even pattern: for formats without mantissa bits, the even exponent field)."""
-    s0, emin, clamp_pat, max_pat, ovf_pat, q_pat, half_q_pat = p
-    mag, sign, magc, ef, s, sc = _float_split(bits, s0, emin, clamp_pat)
+    s0, s_top, clamp_pat, max_pat, ovf_pat, q_pat, half_q_pat = p
+    mag, sign, magc, ef, s, sc = _float_split(bits, s0, s_top, clamp_pat)
     nz = (sc > 0).to(torch.int32)  # sc == 0 (23 mantissa bits, normal range): nothing dropped
     half_m1 = ((1 << sc) >> 1) - nz
     # the kept pattern's last bit decides ties; in the binade [Q, 2Q) (s == 23 below the normal
@@ -170,14 +173,26 @@ def float_stochastic(bits: torch.Tensor, p, rand: torch.Tensor) -> torch.Tensor:
     the gap). Below the smallest subnormal Q, x becomes Q with probability x / Q resolved to
     2^-30 of Q (a value more than 2^30 times smaller than Q rounds to 0).
     """
-    s0, emin, clamp_pat, max_pat, ovf_pat, q_pat, half_q_pat = p
-    mag, sign, magc, ef, s, sc = _float_split(bits, s0, emin, clamp_pat)
+    s0, s_top, clamp_pat, max_pat, ovf_pat, q_pat, half_q_pat = p
+    mag, sign, magc, ef, s, sc = _float_split(bits, s0, s_top, clamp_pat)
     r = ((magc + (rand & ((1 << sc) - 1))) >> sc) << sc
     # below Q: the significand (implicit bit included) against 2^s, s > 23
     sig = (magc & F32_MAN_MASK) | (torch.clamp(ef, max=1) << F32_MAN_BITS)
     s30 = torch.clamp(s, max=30)
     up = ((sig >> torch.clamp(s - s30, max=31)) + (rand & ((1 << s30) - 1))) >> s30
     r = torch.where(s >= 24, up * q_pat, r)
+    return _float_finish(bits, mag, sign, r, max_pat, ovf_pat)
+
+
+def float_stochastic_e8(bits: torch.Tensor, p, rand: torch.Tensor) -> torch.Tensor:
+    """float_stochastic for formats with 8 exponent bits (bf16, e8mY): their quantum below the
+    normal range is float32's own, so adding random bits below the kept mantissa and truncating
+    the pattern is the whole rounding (float32 subnormals included); a third of the work."""
+    s0, s_top, clamp_pat, max_pat, ovf_pat, q_pat, half_q_pat = p
+    mag = bits & F32_ABS_MASK
+    sign = bits ^ mag
+    magc = torch.clamp(mag, max=clamp_pat)
+    r = (magc + (rand & ((1 << s0) - 1))) & -(1 << s0)
     return _float_finish(bits, mag, sign, r, max_pat, ovf_pat)
 
 

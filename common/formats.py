@@ -26,7 +26,6 @@ names and cached kernels never differ for the same set of values.
 """
 from __future__ import annotations
 
-import functools
 import math
 import re
 from dataclasses import dataclass
@@ -217,12 +216,20 @@ def parse_format(spec: Union[str, Format]) -> Format:
         return spec
     if not isinstance(spec, str):
         raise TypeError(f"number format must be a spec string or Format, got {type(spec).__name__}")
-    return _parse_str(spec)
+    fmt = _PARSED.get(spec)
+    if fmt is None:
+        fmt = _parse_str(spec)
+        if len(_PARSED) < 4096:
+            _PARSED[spec] = fmt
+    return fmt
 
 
-@functools.lru_cache(maxsize=1024)
+# Parsed spec strings: quantize parses its spec on every call. (A plain dict, not lru_cache:
+# torch.compile warns about tracing through lru_cache wrappers.)
+_PARSED: dict = {}
+
+
 def _parse_str(spec: str) -> Format:
-    """parse_format for strings, cached: quantize parses its spec on every call."""
     s = spec.strip().lower()
     s = _ALIASES.get(s, s)
     m = _FLOAT_RE.fullmatch(s)

@@ -217,8 +217,21 @@ def _k_cast_fp16(x, bound):
     return K.cast_nearest(x, torch.float16, bound)
 
 
+def _k_float_stochastic_e8(bits, p, seed, lane=None):
+    return K.float_stochastic_e8(bits, _unpack(p),
+                                 K.random_bits(K.element_index(bits, lane), seed))
+
+
+def _kind(fmt: Format, rounding: str) -> str:
+    """Kernel family: posits, floats, and stochastic floats with float32's exponent range."""
+    if fmt.is_posit:
+        return "posit"
+    return "float_e8" if rounding == "stochastic" and fmt.exp_bits == 8 else "float"
+
+
 _BITS_KERNELS = {("float", "nearest"): _k_float_nearest,
                  ("float", "stochastic"): _k_float_stochastic,
+                 ("float_e8", "stochastic"): _k_float_stochastic_e8,
                  ("posit", "nearest"): _k_posit_nearest,
                  ("posit", "stochastic"): _k_posit_stochastic}
 _CAST_KERNELS = {"bf16": _k_cast_bf16, "fp16": _k_cast_fp16}
@@ -237,7 +250,7 @@ def _lane_tensor(device: torch.device) -> torch.Tensor:
 def _eager_kernel(flat, fmt, rounding, saturate, seed, method):
     if method == "cast":
         return K.cast_nearest(flat, _CAST_DTYPES[fmt.name], fmt.max if saturate else None)
-    fn = _BITS_KERNELS[("posit" if fmt.is_posit else "float", rounding)]
+    fn = _BITS_KERNELS[(_kind(fmt, rounding), rounding)]
     args = (flat.view(torch.int32), _params(fmt, saturate))
     if rounding == "stochastic":
         args += (seed,)
@@ -266,7 +279,7 @@ def _compiled_kernel(flat, fmt, rounding, saturate, seed, method, strict):
         kernel = _CAST_KERNELS[fmt.name]
         args = (flat, _param_tensor(fmt, saturate, flat.device, "cast"))
     else:
-        key = ("posit" if fmt.is_posit else "float", rounding, flat.device.type)
+        key = (_kind(fmt, rounding), rounding, flat.device.type)
         kernel = _BITS_KERNELS[key[:2]]
         bits = flat.view(torch.int32)
         args = (bits, _param_tensor(fmt, saturate, flat.device, "bits"))
