@@ -14,6 +14,12 @@ NaN stays NaN in every format and mode, also in formats without a NaN code (e2m1
 because a fake-quantized tensor must never hide a divergence; -0.0 stays -0.0 (also for posits,
 whose single zero it equals); posits never round to 0 nor beyond maxpos, and ±inf gives NaR
 (NaN) for posits whatever ``saturate`` says (the posit standard has no infinity to saturate).
+Ties go to the even bit pattern; for formats without mantissa bits (eXm0) that is the even
+exponent field (ml_dtypes' float8_e8m0fnu rounds such ties up instead). Stochastic rounding is
+exact in expectation where the dropped bits are the probability (floats, posits while no
+exponent bit is cut); elsewhere the probability is resolved to 2^-30 (floats below their
+smallest subnormal) or 2^-31 (posits across cut exponent bits; es >= 5 posits, whose gaps
+exceed 2^31, keep only the coarse part).
 
 How a call runs (users never choose; ``QUANT_PATH=eager|compiled|auto`` overrides for debugging;
 every path gives the same bits, and the tests check each against the references):
@@ -30,10 +36,12 @@ every path gives the same bits, and the tests check each against the references)
   ``_EAGER_BITS_BELOW`` for the bit arithmetic), calls made while ``torch.compile`` traces a
   user's model, and platforms where compiling fails run eager PyTorch ops. Larger tensors run one
   fused kernel made by ``torch.compile`` (dynamic shapes; compiled once per kernel and device,
-  cached in memory and by inductor on disk): the bf16/fp16 casts, or the bit arithmetic, whose
-  format parameters are runtime inputs so that four kernels (float/posit x nearest/stochastic)
-  serve every format. If compiling raises, the failure is remembered and the eager ops are used
-  from then on, silently and with the same bits.
+  cached in memory and by inductor on disk): the bf16/fp16 casts where a probe shows that the
+  compiler keeps their rounding (torch 2.14 does, 2.11 does not), else the bit arithmetic, whose
+  format parameters are runtime inputs so that five kernels (float and posit, nearest and
+  stochastic, and a lighter stochastic one for 8-exponent-bit floats) serve every format. If
+  compiling raises, the failure is remembered and the eager ops are used from then on, silently
+  and with the same bits.
 
 Stochastic rounding draws two 32-bit seed words per call from ``generator`` (default: the
 global generator of x's device, so ``torch.manual_seed`` makes runs reproducible) and derives
