@@ -32,6 +32,7 @@ import torch  # noqa: E402
 
 from common.formats import parse_format  # noqa: E402
 from common.quant import _quantize_compiled, _quantize_eager, quantize  # noqa: E402
+from common.qtorch_backend import import_isolated  # noqa: E402
 
 DEFAULT_FORMATS = ("bf16", "fp16", "e4m3", "e5m2", "e2m1", "e2m3", "e3m2", "posit8es0",
                    "posit8es1", "posit8es2", "posit16es1", "posit16es2")
@@ -106,19 +107,11 @@ def time_call(fn, device: str, min_time: float) -> float:
 def import_reference(pkg: str):
     """qtorch / qtorch_plus quant module, each JIT-built in its own extension folder (both name
     their extension "quant_cpu": sharing a folder rebuilds one whenever the other was imported)."""
-    old = os.environ.get("TORCH_EXTENSIONS_DIR")
-    os.environ["TORCH_EXTENSIONS_DIR"] = os.path.join(os.path.expanduser("~"), ".cache",
-                                                      f"torch_extensions_{pkg}")
     try:
-        return __import__(f"{pkg}.quant", fromlist=["quant"])
+        return import_isolated(pkg)
     except Exception as err:  # not installed, or no compiler for its extension
         print(f"# {pkg}: not available ({type(err).__name__}: {str(err).splitlines()[0]})")
         return None
-    finally:
-        if old is None:
-            os.environ.pop("TORCH_EXTENSIONS_DIR", None)
-        else:
-            os.environ["TORCH_EXTENSIONS_DIR"] = old
 
 
 def machine_line(device: str) -> str:

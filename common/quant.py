@@ -423,7 +423,7 @@ def _pow2_scale(amax: torch.Tensor, fmt: Format) -> torch.Tensor:
 def quantize_scaled(x: torch.Tensor, fmt: Union[str, Format], scaling: str = "none",
                     rounding: str = "nearest", saturate: bool = True,
                     generator: Optional[torch.Generator] = None,
-                    channel_dim: int = 0) -> torch.Tensor:
+                    channel_dim: int = 0, cast: Optional[Callable] = None) -> torch.Tensor:
     """quantize(x * s) / s with a power-of-two scale s chosen from x's absolute maximum.
 
     scaling "none": s = 1 (the format's own range). "tensor": one s for the whole tensor.
@@ -432,26 +432,28 @@ def quantize_scaled(x: torch.Tensor, fmt: Union[str, Format], scaling: str = "no
     the top binade and nothing overflows; a power of two keeps x*s and the division exact. A
     slice whose amax is 0 (all zeros) or not finite (it holds inf or NaN) uses s = 1, so zeros
     stay zeros and NaN/inf behave as in plain quantize (NaN stays NaN).
+    `cast(x, fmt, rounding, saturate, generator)` replaces `quantize` (the qtorch backend).
     """
     if scaling not in SCALINGS:
         raise ValueError(f"unknown scaling {scaling!r}; accepted: {', '.join(SCALINGS)}")
     fmt = parse_format(fmt)
     _check_tensor(x)
+    cast = cast or quantize
     if scaling == "none" or fmt.is_identity or x.numel() == 0:
-        return quantize(x, fmt, rounding, saturate, generator)
+        return cast(x, fmt, rounding, saturate, generator)
     xd = x.detach()
-    ax = xd.abs()
     if scaling == "tensor":
-        amax = ax.amax()
+        amax = torch.linalg.vector_norm(xd, ord=math.inf)   # max |x| in one pass, no temporary
     else:
         if xd.dim() == 0:
             raise ValueError("channel scaling needs a tensor with at least one dimension")
         dim = channel_dim % xd.dim()
         others = [d for d in range(xd.dim()) if d != dim]
-        amax = ax.amax(dim=others, keepdim=True) if others else ax
+        amax = (torch.linalg.vector_norm(xd, ord=math.inf, dim=others, keepdim=True) if others
+                else xd.abs())
     s = _pow2_scale(amax, fmt)
     xs = (xd.to(torch.float32) * s)
-    y = quantize(xs, fmt, rounding, saturate, generator) / s
+    y = cast(xs, fmt, rounding, saturate, generator) / s
     return y.to(x.dtype)
 
 

@@ -166,3 +166,46 @@ def test_master_cast_puts_weights_on_the_master_grid():
 def test_bad_role_settings_raise_value_error(bad):
     with pytest.raises(ValueError, match="accepted"):
         RoleQuant(**{"fmt": "e4m3", **bad})
+
+
+# --- --backend qtorch: the layer casts through QPyTorch / qtorch-plus --------------------------
+
+def _qtorch_or_skip(pkg):
+    from common.qtorch_backend import import_isolated
+
+    try:
+        return import_isolated(pkg)
+    except Exception as err:  # not installed or no compiler
+        pytest.skip(f"{pkg} unavailable ({type(err).__name__})")
+
+
+def test_qtorch_backend_casts_with_the_libraries():
+    qfloat = _qtorch_or_skip("qtorch")
+    qposit = _qtorch_or_skip("qtorch_plus")
+    _, lin = _layers(4)
+    x = torch.randn(5, 32)
+    qlin = quantize_model(nn.Sequential(lin), QuantConfig(weight=RoleQuant("e4m3"),
+                                                          act=RoleQuant("posit8es1"),
+                                                          backend="qtorch"))[0]
+    ref = F.linear(qposit.posit_quantize(x, nsize=8, es=1, rounding="nearest"),
+                   qfloat.float_quantize(lin.weight.detach(), exp=4, man=3, rounding="nearest"),
+                   lin.bias)
+    assert torch.equal(_bits(qlin(x)), _bits(ref))
+
+
+def test_qtorch_backend_refuses_stochastic_posits_and_reports_missing_libraries(monkeypatch):
+    from common import qtorch_backend
+    from common.errors import UserError
+
+    _qtorch_or_skip("qtorch")
+    _qtorch_or_skip("qtorch_plus")
+    sr = QuantConfig(grad=RoleQuant("posit8es1", rounding="stochastic"), backend="qtorch")
+    with pytest.raises(UserError, match="no stochastic posit rounding"):
+        qtorch_backend.require_qtorch(sr)
+
+    def broken(pkg):
+        raise ImportError(f"No module named '{pkg}'")
+
+    monkeypatch.setattr(qtorch_backend, "import_isolated", broken)
+    with pytest.raises(UserError, match="pip install qtorch"):
+        qtorch_backend.require_qtorch(QuantConfig(weight=RoleQuant("e4m3"), backend="qtorch"))

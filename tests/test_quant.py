@@ -10,7 +10,6 @@ arithmetic, the eager native cast (where quantize uses one) and the compiled ker
 """
 import functools
 import math
-import os
 
 import numpy as np
 import pytest
@@ -18,6 +17,7 @@ import torch
 
 from common import quant
 from common.formats import parse_format
+from common.qtorch_backend import import_isolated
 from common.quant import (ROUNDINGS, SCALINGS, _quantize_compiled, _quantize_eager, quantize,
                           quantize_scaled, representable_values)
 
@@ -244,20 +244,12 @@ def _import_isolated(pkg):
     """Import qtorch / qtorch_plus, each with its own torch_extensions folder: both JIT-build a C++
     extension named "quant_cpu" in the same default folder, so importing one invalidates the
     other's cached build (a ~20 s rebuild on every test run). Skip when absent or unbuildable."""
-    root = os.environ.get("TORCH_EXTENSIONS_DIR")
-    base = os.path.join(os.path.expanduser("~"), ".cache", f"torch_extensions_{pkg}")
-    os.environ["TORCH_EXTENSIONS_DIR"] = base
     try:
-        return __import__(f"{pkg}.quant", fromlist=["quant"])
+        return import_isolated(pkg)
     except ImportError as err:
         pytest.skip(f"{pkg} not installed ({err})")
     except Exception as err:  # the JIT build failed: no compiler, ...
         pytest.skip(f"{pkg} failed to build its extension ({type(err).__name__})")
-    finally:
-        if root is None:
-            os.environ.pop("TORCH_EXTENSIONS_DIR", None)
-        else:
-            os.environ["TORCH_EXTENSIONS_DIR"] = root
 
 
 @pytest.fixture(scope="module")
