@@ -1,0 +1,517 @@
+"""Sweeps: a named set of configurations x N seeds, each run exactly as a user would run it by hand.
+
+    python sweep.py                                    # the seed set, 3 seeds, the paper's schedule
+    python sweep.py --set smoke --seeds 1 --synthetic --epochs 1 --max-steps-per-epoch 2
+    python sweep.py --configs fp32,posit8 --epochs 30 --data-dir ../shared/cifar10
+    python sweep.py --list
+
+Every (configuration, seed) is a subprocess of its format script::
+
+    python <script> <config flags> <training flags> --seed S --runs-dir DIR --name NAME --resume
+
+so a sweep's run is bit for bit the run a user gets from that command. Training flags (the
+shared-loop flags of ``common.cli``: ``--epochs``, ``--model``, ``--data-dir`` ...) pass through
+to every run; they are checked with the shared parser before anything starts, so a typo fails at
+once instead of after hours of runs.
+
+Run names are ``<key>_<model>_e<epochs>_s<seed>`` (plus ``_synthetic``, ``_max<N>`` for smoke runs
+and ``_<tag>`` with ``--tag``), so sweeps of different lengths never share a folder. Before
+launching, a run's ``summary.json`` decides:
+
+* ``finished``: skipped without starting a process (a second sweep does no work at all);
+* ``diverged``: skipped too: a divergence is a result (the report lists it); delete the folder to
+  try again;
+* anything else (no folder, ``running``/``interrupted``/``failed``): launched with ``--resume``,
+  which continues ``last.pt`` exactly or starts fresh when there is none.
+
+An existing run whose recorded training flags differ from this sweep's (say ``--lr``) is refused
+before anything starts (exit 2): reusing it would mix two experiments under one name.
+
+Several GPUs (``torch.cuda.device_count() > 1``, or ``--gpus 0,1,...``): one run per GPU at a time,
+in parallel, each subprocess seeing only its GPU (``CUDA_VISIBLE_DEVICES``). Otherwise the runs go
+one after another. Each run's output is appended to ``runs/<name>/stdout.log`` (and streamed to the
+terminal when the runs are sequential).
+
+Outcomes per run: finished, skipped, diverged (the script's exit 1; the sweep goes on), failed
+(any other exit code; the sweep goes on), interrupted (Ctrl-C: the sweep stops). Exit code of the
+sweep: 0 when nothing failed, 1 when some run failed, 2 for bad flags or conflicting runs, 130 on
+Ctrl-C.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+
+from . import cli, runs
+from .errors import UserError
+
+REPO_ROOT = cli.REPO_ROOT
+
+
+class SweepConfig(NamedTuple):
+    """One configuration of a sweep: a format script (path from the repo root) and its flags."""
+
+    script: str
+    flags: Tuple[str, ...] = ()
+    about: str = ""
+
+
+# The configurations a sweep can run, by key (the key starts the run's name). Adding one is one line.
+CONFIGS: Dict[str, SweepConfig] = {
+    "fp32": SweepConfig("FP32/train_cifar10_fp32.py", (), "FP32 baseline"),
+    "bf16": SweepConfig("BF16/bf16_train.py", (), "BF16 mixed precision (torch.autocast)"),
+    "bf16-emu": SweepConfig("BF16/bf16_train.py", ("--mode", "emulated"),
+                            "BF16 emulated: w/a/g cast to bf16"),
+    "fp8-e5m2w": SweepConfig("FP8/train_cifar10_fp8.py",
+                             ("--w-fmt", "e5m2", "--a-fmt", "e4m3", "--first-last-fp32"),
+                             "FP8: e5m2 weights, e4m3 activations, e5m2 gradients, first/last fp32"),
+    "fp8-e4m3w": SweepConfig("FP8/train_cifar10_fp8.py",
+                             ("--w-fmt", "e4m3", "--a-fmt", "e4m3", "--first-last-fp32"),
+                             "FP8: e4m3 weights and activations, e5m2 gradients, first/last fp32"),
+    "fp4": SweepConfig("FP4/train_cifar10_fp4.py", (), "FP4 E2M1, scaled (the script's defaults)"),
+    "posit4": SweepConfig("Posit/train_cifar10_posit.py",
+                          ("--bits", "4", "--es", "0", "--first-last-fp32"),
+                          "posit(4,0), scaled, first/last fp32"),
+    "posit8": SweepConfig("Posit/train_cifar10_posit.py", ("--bits", "8", "--es", "1"),
+                          "posit(8,1), gradients scaled"),
+    "posit16": SweepConfig("Posit/train_cifar10_posit.py", ("--bits", "16", "--es", "1"),
+                           "posit(16,1), unscaled"),
+}
+
+# Named sets of configuration keys. "seed" is the README's seed set: every format once.
+SETS: Dict[str, Tuple[str, ...]] = {
+    "seed": ("fp32", "bf16", "fp8-e5m2w", "fp8-e4m3w", "fp4", "posit4", "posit8", "posit16"),
+    "smoke": ("fp32", "fp8-e4m3w"),
+    "all": tuple(CONFIGS),
+}
+
+DEFAULT_SET = "seed"
+DEFAULT_SEEDS = 3
+LOG_NAME = "stdout.log"
+
+# Training flags the sweep sets itself (per run), so they may not be passed through.
+OWN_FLAGS = {"seed": "--seeds", "name": "--tag", "runs_dir": "--runs-dir", "resume": None,
+             "overwrite": None}
+# RunConfig fields that define what is trained; an existing run must agree on them to be reused.
+# (The others: the run's identity, where it lives, or how fast it runs.)
+COMPARED_EXCLUDE = cli.RESUME_FREE_FIELDS | {"seed", "label", "format", "channels_last",
+                                             "deterministic"}
+
+# Exit codes of the scripts (common.cli.run_main).
+EXIT_DIVERGED = 1
+EXIT_INTERRUPTED = 130
+
+
+# ----------------------------------------------------------------------------------------------
+# Planning
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Job:
+    """One (configuration, seed) of a sweep and what became of it."""
+
+    key: str
+    seed: int
+    name: str
+    cmd: List[str]
+    run_dir: Path
+    action: str = "run"          # run | skip
+    reason: str = ""             # why skipped / how a launched run started
+    result: str = ""             # finished | skipped | diverged | failed | interrupted
+    returncode: Optional[int] = None
+    seconds: float = 0.0
+    final_test_acc: Optional[float] = None
+    message: str = ""
+
+    @property
+    def log_path(self) -> Path:
+        return self.run_dir / LOG_NAME
+
+
+def run_name(key: str, model: str, epochs: int, seed: int, synthetic: bool = False,
+             max_steps: Optional[int] = None, tag: Optional[str] = None) -> str:
+    """``<key>_<model>_e<epochs>_s<seed>[_synthetic][_max<N>][_<tag>]``: what makes a run distinct."""
+    name = f"{key}_{model}_e{epochs}_s{seed}"
+    if synthetic:
+        name += "_synthetic"
+    if max_steps:
+        name += f"_max{max_steps}"
+    if tag:
+        name += f"_{tag}"
+    return name
+
+
+def resolve_configs(set_name: Optional[str], config_keys: Optional[str]) -> List[str]:
+    """The configuration keys to run: ``--configs a,b`` if given, else the keys of ``--set``."""
+    if config_keys:
+        keys = [k.strip() for k in config_keys.split(",") if k.strip()]
+        bad = [k for k in keys if k not in CONFIGS]
+        if bad or not keys:
+            raise UserError(f"--configs: unknown configuration {', '.join(bad) or repr(config_keys)}; "
+                            f"accepted: {', '.join(CONFIGS)} (see --list)")
+        return list(dict.fromkeys(keys))
+    name = set_name or DEFAULT_SET
+    if name not in SETS:
+        raise UserError(f"--set {name!r}: unknown set; accepted: {', '.join(SETS)} (see --list)")
+    return list(SETS[name])
+
+
+def training_parser() -> argparse.ArgumentParser:
+    """The shared training parser of the scripts, with errors raised as UserError (one line)."""
+    parser = cli.build_parser("training flags passed through by the sweep", prog="sweep.py")
+
+    def error(message):
+        if message.startswith("unrecognized arguments"):
+            message += (" (a format flag belongs in a configuration: pick one with --configs, or add "
+                        "one to CONFIGS in common/sweep.py)")
+        raise UserError(f"training flags: {message}")
+
+    parser.error = error            # argparse and cli.parse_args report through parser.error
+    return parser
+
+
+def parse_training_flags(flags: Sequence[str]) -> argparse.Namespace:
+    """Check the pass-through flags with the scripts' own shared parser (bad ones: UserError)."""
+    flags = list(flags)
+    if flags and flags[0] == "--":
+        flags = flags[1:]
+    parser = training_parser()
+    option_dest = {}
+    for action in parser._actions:
+        for opt in action.option_strings:
+            option_dest[opt] = action.dest
+    for flag in flags:
+        dest = option_dest.get(flag.split("=", 1)[0])
+        if dest in OWN_FLAGS:
+            own = OWN_FLAGS[dest]
+            raise UserError(f"{flag.split('=', 1)[0]} is set by the sweep for each run"
+                            + (f"; use the sweep's {own}" if own else "")
+                            + " (finished runs are skipped, others resumed; delete a run's folder to "
+                              "redo it)")
+    args = cli.parse_args(parser, flags)
+    # an abbreviation (--see 3) gets past the loop above; the values show it
+    changed = [own for dest, own in OWN_FLAGS.items()
+               if getattr(args, dest) != parser.get_default(dest)]
+    if changed:
+        raise UserError("training flags: --seed, --name, --runs-dir, --resume and --overwrite are "
+                        "set by the sweep for each run; use the sweep's --seeds, --tag, --runs-dir")
+    return args
+
+
+def compared_values(config: Mapping) -> Dict[str, object]:
+    """The fields of a RunConfig dict that must agree for an existing run to be reused."""
+    return {k: v for k, v in config.items() if k not in COMPARED_EXCLUDE}
+
+
+def expected_config(args: argparse.Namespace, seed: int) -> Dict[str, object]:
+    """What the shared flags resolve to for one seed, in the JSON form runs store."""
+    config = cli.make_config(args, name="x", script="-")
+    return runs.jsonable(compared_values(config.to_dict() | {"seed": seed}))
+
+
+def config_differences(stored: Mapping, expected: Mapping) -> List[str]:
+    """``--flag new (run: old)`` for each compared field that differs."""
+    stored = compared_values(stored)
+    out = []
+    for k in sorted(set(stored) | set(expected)):
+        if k in expected and stored.get(k) != expected.get(k):
+            out.append(f"--{k.replace('_', '-')} {expected.get(k)!r} (run: {stored.get(k)!r})")
+    return out
+
+
+def plan(keys: Sequence[str], seeds: Sequence[int], training_flags: Sequence[str],
+         runs_dir: Path, tag: Optional[str] = None) -> List[Job]:
+    """The jobs of a sweep, seed-major (every configuration of seed 0 first, then seed 1 ...), each
+    marked run or skip from its ``summary.json``. Existing runs made with other training flags
+    raise UserError (all of them named in one line)."""
+    flags = list(training_flags)
+    if flags and flags[0] == "--":
+        flags = flags[1:]
+    args = parse_training_flags(flags)
+    runs_dir = Path(runs_dir).expanduser().resolve()
+    jobs, conflicts = [], []
+    for seed in seeds:
+        expected = expected_config(args, seed)
+        for key in keys:
+            cfg = CONFIGS[key]
+            name = run_name(key, args.model, args.epochs, seed, args.synthetic,
+                            args.max_steps_per_epoch, tag)
+            cmd = [sys.executable, str(REPO_ROOT / cfg.script), *cfg.flags, *flags,
+                   "--seed", str(seed), "--runs-dir", str(runs_dir), "--name", name, "--resume"]
+            job = Job(key, seed, name, cmd, runs_dir / name)
+            summary = runs.read_json(job.run_dir / runs.SUMMARY)
+            if summary is not None:
+                diffs = config_differences(summary.get("config") or {}, expected)
+                if diffs:
+                    conflicts.append(f"{job.run_dir} was made with other flags: {'; '.join(diffs)}")
+                status = summary.get("status")
+                done = f"{summary.get('epochs_done', '?')}/{summary.get('epochs', '?')} epochs"
+                if status == "finished":
+                    job.action, job.reason = "skip", "finished"
+                    job.final_test_acc = summary.get("final_test_acc")
+                elif status == "diverged":
+                    job.action = "skip"
+                    job.reason = f"diverged after {done}; delete {job.run_dir} to retry"
+                else:
+                    job.reason = f"resume ({status}, {done})"
+            else:
+                job.reason = "resume" if (job.run_dir / runs.CHECKPOINT).is_file() else "new"
+            jobs.append(job)
+    if conflicts:
+        more = f" (and {len(conflicts) - 1} more)" if len(conflicts) > 1 else ""
+        raise UserError(f"{conflicts[0]}{more}. Pass the same flags, a --tag for a separate sweep, "
+                        f"or another --runs-dir")
+    return jobs
+
+
+# ----------------------------------------------------------------------------------------------
+# Running
+# ----------------------------------------------------------------------------------------------
+def _launch(job: Job, gpu: Optional[str], stream: bool) -> int:
+    """Run ``job.cmd`` to its end; append its output to the run's stdout.log (and to our stdout
+    when ``stream``). ``gpu`` restricts the subprocess to that CUDA device. Returns the exit code.
+
+    On Ctrl-C the child gets the SIGINT too (same process group) and saves its files; we wait for
+    it, record its exit code in ``job.returncode`` and re-raise KeyboardInterrupt.
+    """
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    job.run_dir.mkdir(parents=True, exist_ok=True)
+    with open(job.log_path, "a", encoding="utf-8") as log:
+        log.write(f"=== {time.strftime('%Y-%m-%dT%H:%M:%S%z')} sweep: "
+                  f"{'CUDA_VISIBLE_DEVICES=' + gpu + ' ' if gpu is not None else ''}"
+                  f"{shlex.join(job.cmd)}\n")
+        log.flush()
+        proc = subprocess.Popen(job.cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, bufsize=1)
+        interrupted = False
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()
+                if stream:
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+        except KeyboardInterrupt:
+            interrupted = True
+        rc = job.returncode = _wait(proc)
+        if interrupted:                  # the rest of the child's output (its last words)
+            rest = proc.stdout.read()
+            log.write(rest)
+            if stream:
+                sys.stdout.write(rest)
+        log.write(f"=== exit code {rc}\n")
+    if interrupted:
+        raise KeyboardInterrupt
+    return rc
+
+
+def _wait(proc: subprocess.Popen) -> int:
+    """Wait for ``proc``, also through repeated Ctrl-C (the child saves its files on the first)."""
+    while True:
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            continue
+
+
+def _outcome(job: Job, rc: int) -> None:
+    """Fill ``job``'s result from the exit code and the run's summary.json."""
+    job.returncode = rc
+    summary = runs.read_json(job.run_dir / runs.SUMMARY) or {}
+    if rc == 0:
+        job.result = "finished"
+        job.final_test_acc = summary.get("final_test_acc")
+    elif rc == EXIT_DIVERGED:
+        job.result = "diverged"
+        job.message = summary.get("message", "")
+    elif rc in (EXIT_INTERRUPTED, -2):
+        job.result = "interrupted"
+    else:
+        job.result = "failed"
+        job.message = f"exit code {rc}: see {job.log_path}"
+        if rc == 2:
+            last = _last_error_line(job.log_path)
+            if last:
+                job.message = f"{last} (exit 2)"
+
+
+def _last_error_line(path: Path) -> str:
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return ""
+    for line in reversed(lines):
+        if line.startswith("error:"):
+            return line
+    return ""
+
+
+def resolve_gpus(spec: str, training: argparse.Namespace) -> Optional[List[str]]:
+    """GPU ids to run on in parallel, or None for one run after another.
+
+    ``auto``: every visible GPU when there are more than one (and the runs may use CUDA);
+    ``none``: sequential; ``0,1,...``: those devices.
+    """
+    if spec == "none":
+        return None
+    if spec == "auto":
+        if training.device == "cpu":
+            return None
+        try:
+            import torch
+            n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        except Exception:                # a broken CUDA set-up: run sequentially, as on a CPU
+            n = 0
+        return [str(i) for i in range(n)] if n > 1 else None
+    ids = [g.strip() for g in spec.split(",") if g.strip()]
+    if not ids or not all(g.isdigit() for g in ids) or len(set(ids)) != len(ids):
+        raise UserError(f"--gpus {spec!r}: give auto, none, or distinct device numbers like 0,1,2")
+    if training.device == "cpu":
+        raise UserError("--gpus with --device cpu: the runs would not use the GPUs; drop one of them")
+    return ids
+
+
+@dataclass
+class SweepResult:
+    jobs: List[Job]
+    interrupted: bool = False
+    seconds: float = 0.0
+    counts: Dict[str, int] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> List[Job]:
+        return [j for j in self.jobs if j.result == "failed"]
+
+
+def execute(jobs: List[Job], gpus: Optional[List[str]] = None,
+            out: Callable[[str], None] = print) -> SweepResult:
+    """Run the jobs marked "run" (sequentially, or one per GPU in parallel); mark skipped ones."""
+    t0 = time.perf_counter()
+    todo = [j for j in jobs if j.action == "run"]
+    for j in jobs:
+        if j.action == "skip":
+            j.result = "skipped"
+            out(f"skip ({j.reason}): {j.name}")
+    interrupted = False
+    if todo:
+        where = f"in parallel on GPUs {','.join(gpus)}" if gpus else "one after another"
+        out(f"sweep: {len(todo)} run{'s' if len(todo) != 1 else ''} to do ({len(jobs) - len(todo)} "
+            f"skipped), {where}")
+    if gpus:
+        interrupted = _execute_parallel(todo, gpus, out)
+    else:
+        for i, job in enumerate(todo, 1):
+            out(f"[{i}/{len(todo)}] {job.name} ({job.reason}): {shlex.join(job.cmd)}")
+            t = time.perf_counter()
+            try:
+                rc = _launch(job, None, stream=True)
+            except KeyboardInterrupt:
+                interrupted = True
+                rc = job.returncode if job.returncode is not None else EXIT_INTERRUPTED
+            job.seconds = time.perf_counter() - t
+            _outcome(job, rc)
+            if interrupted or job.result == "interrupted":
+                interrupted = True
+                if job.result != "finished":
+                    job.result = "interrupted"
+                break
+    for j in jobs:
+        if not j.result:
+            j.result = "not started"
+    res = SweepResult(jobs, interrupted, time.perf_counter() - t0)
+    for j in jobs:
+        res.counts[j.result] = res.counts.get(j.result, 0) + 1
+    return res
+
+
+def _execute_parallel(todo: List[Job], gpus: List[str], out: Callable[[str], None]) -> bool:
+    """One worker thread per GPU takes the next job; returns True if interrupted."""
+    jobs: "queue.Queue[Job]" = queue.Queue()
+    for j in todo:
+        jobs.put(j)
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def say(msg):
+        with lock:
+            out(msg)
+
+    def worker(gpu):
+        while not stop.is_set():
+            try:
+                job = jobs.get_nowait()
+            except queue.Empty:
+                return
+            say(f"[GPU {gpu}] start {job.name} ({job.reason}); log: {job.log_path}")
+            t = time.perf_counter()
+            try:
+                rc = _launch(job, gpu, stream=False)
+            except KeyboardInterrupt:        # only the main thread gets it; kept for safety
+                rc = job.returncode if job.returncode is not None else EXIT_INTERRUPTED
+                stop.set()
+            job.seconds = time.perf_counter() - t
+            _outcome(job, rc)
+            acc = f", test acc {job.final_test_acc:.2f}%" if job.final_test_acc is not None else ""
+            say(f"[GPU {gpu}] {job.result} {job.name} ({_hms(job.seconds)}{acc})")
+            if job.result == "interrupted":
+                stop.set()
+
+    threads = [threading.Thread(target=worker, args=(g,), daemon=True) for g in gpus]
+    for t in threads:
+        t.start()
+    try:
+        while any(t.is_alive() for t in threads):
+            for t in threads:
+                t.join(timeout=0.5)
+    except KeyboardInterrupt:
+        stop.set()                     # children got the SIGINT too; wait for them to save
+        for t in threads:
+            while t.is_alive():
+                try:
+                    t.join()
+                except KeyboardInterrupt:
+                    pass
+    return stop.is_set()
+
+
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def summary_lines(res: SweepResult) -> List[str]:
+    """The one-screen summary printed at the end of a sweep."""
+    order = ("finished", "skipped", "diverged", "failed", "interrupted", "not started")
+    counts = ", ".join(f"{res.counts[k]} {k}" for k in order if res.counts.get(k))
+    lines = [f"sweep summary: {len(res.jobs)} runs: {counts} ({_hms(res.seconds)})"]
+    width = max(len(j.name) for j in res.jobs)
+    for j in res.jobs:
+        acc = f"{j.final_test_acc:6.2f}%" if j.final_test_acc is not None else "      -"
+        t = _hms(j.seconds) if j.result not in ("skipped", "not started") else ""
+        note = j.reason if j.result == "skipped" else j.message
+        lines.append(f"  {j.name:<{width}}  {j.result:<11} {acc}  {t:>8}  {note}".rstrip())
+    return lines
+
+
+def list_lines() -> List[str]:
+    """``--list``: the sets and the configurations with their commands."""
+    lines = ["sets:"]
+    for name, keys in SETS.items():
+        lines.append(f"  {name:<6} {', '.join(keys)}")
+    lines.append("configurations:")
+    width = max(map(len, CONFIGS))
+    cmds = {k: f"{c.script} {shlex.join(c.flags)}".rstrip() for k, c in CONFIGS.items()}
+    cmd_width = max(map(len, cmds.values()))
+    for key, c in CONFIGS.items():
+        lines.append(f"  {key:<{width}}  {cmds[key]:<{cmd_width}}  # {c.about}".rstrip(" #"))
+    return lines

@@ -1,0 +1,235 @@
+"""sweep.py: runs every (configuration, seed) through its script, skips finished runs without
+starting a process, resumes a half-finished run, one run per GPU in parallel, refuses bad flags
+and runs made with other flags before starting anything."""
+import functools
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from common import cli, runs, sweep, train
+from common.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = ["--synthetic", "--epochs", "1", "--max-steps-per-epoch", "2", "--model", "resnet8",
+         "--batch-size", "32"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """One OpenMP thread in this process and in the runs it starts (shared cores stall)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def load_entry(name):
+    spec = importlib.util.spec_from_file_location(f"{name}_entry", ROOT / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def no_launch(*args, **kwargs):
+    raise AssertionError("the sweep started a run")
+
+
+def test_sweep_runs_then_does_no_work(tmp_path, capsys, monkeypatch):
+    argv = ["--configs", "fp32,fp8-e4m3w", "--seeds", "1", "--runs-dir", str(tmp_path), *SMOKE]
+    proc = subprocess.run([sys.executable, str(ROOT / "sweep.py"), *argv], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    names = [sweep.run_name(k, "resnet8", 1, 0, True, 2) for k in ("fp32", "fp8-e4m3w")]
+    assert names == ["fp32_resnet8_e1_s0_synthetic_max2", "fp8-e4m3w_resnet8_e1_s0_synthetic_max2"]
+    assert "sweep summary: 2 runs: 2 finished" in proc.stdout
+    logs = {}
+    for name in names:
+        s = json.loads((tmp_path / name / "summary.json").read_text())
+        assert s["status"] == "finished" and s["config"]["seed"] == 0
+        logs[name] = (tmp_path / name / "stdout.log").read_text()
+        assert "final test accuracy:" in logs[name]               # the run's output is logged
+    fp8 = json.loads((tmp_path / names[1] / "summary.json").read_text())["format"]
+    assert (fp8["weight"]["fmt"], fp8["act"]["fmt"], fp8["first_last_fp32"]) == ("e4m3", "e4m3", True)
+
+    # again: every run is skipped from its summary.json; no process is started
+    monkeypatch.setattr(sweep, "_launch", no_launch)
+    entry = load_entry("sweep")
+    assert entry.main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("skip (finished)") == 2 and "2 skipped" in out
+    for name in names:
+        assert (tmp_path / name / "stdout.log").read_text() == logs[name]
+
+
+class StopAt:
+    """after_step hook raising KeyboardInterrupt (a Ctrl-C) at the n-th optimizer step."""
+
+    def __init__(self, n):
+        self.n, self.count = n, 0
+
+    def __call__(self, model):
+        self.count += 1
+        if self.count == self.n:
+            raise KeyboardInterrupt
+
+
+def test_half_finished_run_is_resumed_not_restarted(tmp_path, capsys, monkeypatch):
+    flags = ["--synthetic", "--epochs", "2", "--max-steps-per-epoch", "2", "--model", "resnet8",
+             "--batch-size", "32"]
+    name = sweep.run_name("fp32", "resnet8", 2, 0, True, 2)
+    # the run a sweep would make, stopped by Ctrl-C at the first step of epoch 2
+    spec = importlib.util.spec_from_file_location("fp32_script", ROOT / "FP32" / "train_cifar10_fp32.py")
+    fp32 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fp32)
+    monkeypatch.setattr(train, "run", functools.partial(train.run, after_step=StopAt(3)))
+    with pytest.raises(KeyboardInterrupt):
+        fp32.main([*flags, "--seed", "0", "--runs-dir", str(tmp_path), "--name", name])
+    monkeypatch.undo()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    run_dir = tmp_path / name
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
+    first_epoch = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert len(first_epoch) == 1
+    capsys.readouterr()
+
+    entry = load_entry("sweep")
+    assert entry.main(["--configs", "fp32", "--seeds", "1", "--runs-dir", str(tmp_path), *flags]) == 0
+    out = capsys.readouterr().out
+    assert "(resume (interrupted, 1/2 epochs))" in out
+    assert "resuming after epoch 1" in out and "epoch 1/2" not in out   # epoch 1 was not redone
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and lines[0] == first_epoch[0]
+    assert runs.load_checkpoint(run_dir / "last.pt")["epoch"] == 2
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert s["status"] == "finished" and s["epochs_done"] == 2
+
+
+def test_plan_names_skips_and_refuses_runs_made_with_other_flags(tmp_path):
+    flags = ["--epochs", "3", "--model", "resnet8"]
+    jobs = sweep.plan(["fp32", "posit4"], range(2), flags, tmp_path)
+    assert [j.name for j in jobs] == ["fp32_resnet8_e3_s0", "posit4_resnet8_e3_s0",
+                                      "fp32_resnet8_e3_s1", "posit4_resnet8_e3_s1"]   # seed-major
+    cmd = jobs[1].cmd
+    assert cmd[1] == str(ROOT / "Posit" / "train_cifar10_posit.py")
+    assert cmd[2:] == ["--bits", "4", "--es", "0", "--first-last-fp32", *flags, "--seed", "0",
+                       "--runs-dir", str(tmp_path.resolve()), "--name", "posit4_resnet8_e3_s0",
+                       "--resume"]
+    assert all(j.action == "run" and j.reason == "new" for j in jobs)
+
+    def fake_run(name, status, **changes):
+        args = cli.parse_args(cli.build_parser("t"), [*flags, "--seed", name[-1]])
+        config = cli.make_config(args, name=name).to_dict() | changes
+        runs.write_json(tmp_path / name / "summary.json",
+                        {"status": status, "epochs_done": 1, "epochs": 3, "config": config,
+                         "final_test_acc": 50.0 if status == "finished" else None})
+
+    fake_run("fp32_resnet8_e3_s0", "finished", device="cuda", data_dir="/elsewhere")  # free fields
+    fake_run("posit4_resnet8_e3_s0", "diverged")
+    fake_run("fp32_resnet8_e3_s1", "interrupted")
+    jobs = sweep.plan(["fp32", "posit4"], range(2), flags, tmp_path)
+    assert [(j.action, j.reason.split(";")[0]) for j in jobs] == [
+        ("skip", "finished"), ("skip", "diverged after 1/3 epochs"),
+        ("run", "resume (interrupted, 1/3 epochs)"), ("run", "new")]
+
+    fake_run("posit4_resnet8_e3_s1", "finished", lr=0.05)
+    with pytest.raises(UserError, match=r"posit4_resnet8_e3_s1 was made with other flags: "
+                                        r"--lr 0.1 \(run: 0.05\)"):
+        sweep.plan(["fp32", "posit4"], range(2), flags, tmp_path)
+    # a tag keeps a variant apart
+    assert sweep.plan(["posit4"], [1], flags, tmp_path, tag="v2")[0].name == "posit4_resnet8_e3_s1_v2"
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--lr", "-1"], "--lr must be > 0"),
+    (["--modle", "resnet8"], "unrecognized arguments: --modle"),
+    (["--w-fmt", "e4m3"], "a format flag belongs in a configuration"),
+    (["--seed", "3"], "--seed is set by the sweep"),
+    (["--see", "3"], "set by the sweep"),                          # an abbreviation of --seed
+    (["--name", "x"], "use the sweep's --tag"),
+    (["--configs", "fp32,fp64"], "unknown configuration fp64"),
+    (["--set", "big"], "--set 'big': unknown set"),
+    (["--seeds", "0"], "--seeds must be >= 1"),
+    (["--gpus", "0,x"], "--gpus '0,x'"),
+    (["--gpus", "0", "--device", "cpu"], "--gpus with --device cpu"),
+    (["--tag", "a/b"], "--tag 'a/b'"),
+])
+def test_bad_flags_exit_2_before_any_run(argv, needle, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sweep, "_launch", no_launch)
+    entry = load_entry("sweep")
+    with pytest.raises(SystemExit) as e:
+        entry._entry([*argv, "--runs-dir", str(tmp_path)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+
+
+def test_list_and_sets_are_data(capsys):
+    entry = load_entry("sweep")
+    assert entry.main(["--list"]) == 0
+    out = capsys.readouterr().out
+    for key, cfg in sweep.CONFIGS.items():
+        assert key in out and cfg.script in out
+        assert (ROOT / cfg.script).is_file()
+    assert set(sweep.SETS["seed"]) == {"fp32", "bf16", "fp8-e5m2w", "fp8-e4m3w", "fp4", "posit4",
+                                       "posit8", "posit16"}
+    assert all(k in sweep.CONFIGS for keys in sweep.SETS.values() for k in keys)
+
+
+def test_one_run_per_gpu_in_parallel_and_outcomes(tmp_path):
+    """With --gpus 0,1 each run sees one GPU, no GPU runs two at once, both are used; a diverged
+    run is recorded and the others go on; a failed run fails the sweep."""
+    jobs = sweep.plan(["fp32", "bf16", "fp4", "posit8"], range(2), ["--epochs", "2"], tmp_path)
+    lock = threading.Lock()
+    busy, seen, peak = set(), [], [0]
+    codes = {"fp4_resnet20_e2_s0": 1, "posit8_resnet20_e2_s1": 2}
+
+    def fake_launch(job, gpu, stream):
+        assert not stream                                # parallel output goes to the logs only
+        with lock:
+            assert gpu not in busy
+            busy.add(gpu)
+            seen.append((job.name, gpu))
+            peak[0] = max(peak[0], len(busy))
+        time.sleep(0.05)
+        rc = codes.get(job.name, 0)
+        if rc == 0:
+            runs.write_json(job.run_dir / "summary.json", {"status": "finished", "final_test_acc": 42.0})
+        with lock:
+            busy.discard(gpu)
+        return rc
+
+    orig = sweep._launch
+    sweep._launch = fake_launch
+    try:
+        res = sweep.execute(jobs, gpus=["0", "1"], out=lambda msg: None)
+    finally:
+        sweep._launch = orig
+    assert sorted(n for n, _ in seen) == sorted(j.name for j in jobs)      # each run exactly once
+    assert {g for _, g in seen} == {"0", "1"} and peak[0] == 2
+    result = {j.name: j.result for j in jobs}
+    assert result["fp4_resnet20_e2_s0"] == "diverged" and result["posit8_resnet20_e2_s1"] == "failed"
+    assert res.counts == {"finished": 6, "diverged": 1, "failed": 1}
+    assert [j.name for j in res.failed] == ["posit8_resnet20_e2_s1"]
+    text = "\n".join(sweep.summary_lines(res))
+    assert "6 finished, 1 diverged, 1 failed" in text and "42.00%" in text
+
+
+def test_gpu_resolution():
+    class A:
+        device = "auto"
+    assert sweep.resolve_gpus("none", A) is None
+    assert sweep.resolve_gpus("2,3", A) == ["2", "3"]
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    assert sweep.resolve_gpus("auto", A) == ([str(i) for i in range(n)] if n > 1 else None)
+    A.device = "cpu"
+    assert sweep.resolve_gpus("auto", A) is None
