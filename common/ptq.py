@@ -1,0 +1,192 @@
+"""Post-training quantization: a trained checkpoint evaluated with its weights and activations cast
+to other formats, without retraining.
+
+    python ptq_eval.py fp32_resnet20_e164_s0                  # a run name in runs/
+    python ptq_eval.py runs/fp32_resnet20_e164_s*             # several seeds (folders)
+    python ptq_eval.py path/to/last.pt --formats e4m3,posit8es1 --scalings scaled
+
+For each checkpoint: the model is rebuilt from the run's saved config (model name, shortcut), its
+weights loaded, and the test set evaluated
+
+* in float32 (the reference row: the same function the training loop evaluates with,
+  ``common.train.evaluate``, on the same data, layout and batch size, so for a float32 run it
+  repeats the loop's last evaluation bit for bit on the same machine);
+* for each format and each scaling mode, with every Conv2d/Linear's weight and input activation
+  cast to the format through ``common.qat.quantize_model`` (the training layers; in evaluation
+  nothing flows backwards, so only the forward casts act). Scaling ``none`` uses the format's own
+  range; ``scaled`` multiplies by a power of two from the absolute maximum so it lands in the
+  format's top binade: weights per output channel (``--weight-scaling``), activations per tensor,
+  which in evaluation means per test batch (so ``--eval-batch-size`` matters for scaled rows).
+  BatchNorm, residual adds and the head's pooling stay float32, as in training.
+
+The result goes to ``ptq.json`` in the run's folder (next to ``last.pt``); ``report.py`` puts it
+beside the trained results. A BF16-autocast run's own evaluation ran under autocast: its
+float32 row here is the same weights evaluated in plain float32.
+"""
+from __future__ import annotations
+
+import copy
+import platform
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from . import data as data_mod
+from . import runs
+from .cli import CHANNELS_LAST_DEFAULT, DEFAULT_RUNS_DIR, RunConfig
+from .errors import UserError
+from .formats import parse_format
+from .qat import QuantConfig, RoleQuant, quantize_model
+from .resnet import build_model
+from .train import _device_name, evaluate, resolve_device
+
+__all__ = ["DEFAULT_FORMATS", "SCALING_MODES", "WEIGHT_SCALINGS", "PTQ_FILE", "resolve_checkpoint",
+           "load_model", "ptq_qconfig", "evaluate_formats", "run_ptq", "parse_formats"]
+
+# The formats of the seed set, widest first: bf16, the two OCP FP8s, OCP MX FP4, posits 16/8/4.
+DEFAULT_FORMATS = ("bf16", "e5m2", "e4m3", "e2m1", "posit16es1", "posit8es1", "posit4es0")
+SCALING_MODES = ("none", "scaled")
+WEIGHT_SCALINGS = ("channel", "tensor")
+PTQ_FILE = "ptq.json"
+
+
+def parse_formats(spec: str) -> List[str]:
+    """``"bf16,e4m3"`` -> canonical names; fp32 is dropped (it is always the reference row)."""
+    out = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        try:
+            fmt = parse_format(part)
+        except ValueError as e:
+            raise UserError(f"--formats {part!r}: {e}") from None
+        if not fmt.is_identity and fmt.name not in out:
+            out.append(fmt.name)
+    if not out:
+        raise UserError(f"--formats {spec!r}: name at least one format other than fp32")
+    return out
+
+
+def resolve_checkpoint(source: str, runs_dir: Optional[str] = None) -> Path:
+    """A run name (in ``runs_dir``), a run folder, or a checkpoint file -> the checkpoint's path."""
+    p = Path(source).expanduser()
+    candidates = [p] if p.suffix == ".pt" else [p / runs.CHECKPOINT,
+                                                Path(runs_dir or DEFAULT_RUNS_DIR) / source / runs.CHECKPOINT]
+    for c in candidates:
+        if c.is_file():
+            return c.resolve()
+    raise UserError(f"{source}: no checkpoint found (looked for {' and '.join(map(str, candidates))}); "
+                    f"give a run name in --runs-dir, a run folder or a .pt file")
+
+
+def load_checkpoint(path: Path) -> Dict[str, Any]:
+    """The checkpoint at ``path`` (UserError, one line, when it is not one of this project's)."""
+    try:
+        ckpt = runs.load_checkpoint(path)
+    except Exception as e:
+        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise UserError(f"{path} is not a checkpoint of this project's training loop (no model/config)")
+    return ckpt
+
+
+def load_model(config: RunConfig, state_dict: Dict[str, torch.Tensor], device: torch.device,
+               channels_last: bool) -> nn.Module:
+    """Rebuild the float model of ``config``, on ``device`` in the loop's layout, with the weights
+    of ``state_dict`` (a quantized run's state_dict loads too: its layers keep the same keys)."""
+    try:
+        model = build_model(config.model, num_classes=data_mod.NUM_CLASSES, shortcut=config.shortcut)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model.load_state_dict(state_dict)
+    return model.eval()
+
+
+def ptq_qconfig(fmt: str, scaling: str, weight_scaling: str = "channel",
+                first_last_fp32: bool = False) -> QuantConfig:
+    """Weights and activations in ``fmt`` (round to nearest), gradients untouched (none flow)."""
+    if scaling not in SCALING_MODES:
+        raise UserError(f"scaling {scaling!r}: accepted: {', '.join(SCALING_MODES)}")
+    w_scaling, a_scaling = ("none", "none") if scaling == "none" else (weight_scaling, "tensor")
+    return QuantConfig(weight=RoleQuant(fmt, scaling=w_scaling), act=RoleQuant(fmt, scaling=a_scaling),
+                       first_last_fp32=first_last_fp32)
+
+
+def evaluate_formats(model: nn.Module, data: data_mod.DeviceData, normalizer: data_mod.Normalizer,
+                     batch_size: int, formats: Sequence[str], scalings: Sequence[str] = SCALING_MODES,
+                     weight_scaling: str = "channel", first_last_fp32: bool = False,
+                     log=None) -> List[Dict[str, Any]]:
+    """The float32 row, then one row per (format, scaling): a quantized copy of ``model`` evaluated
+    with ``common.train.evaluate``. ``model`` itself is left unchanged."""
+    rows = []
+    t0 = time.perf_counter()
+    ev = evaluate(model, data, normalizer, batch_size)
+    rows.append({"format": "fp32", "bits": 32, "scaling": "none", "weight_scaling": "none",
+                 "act_scaling": "none", **ev, "seconds": round(time.perf_counter() - t0, 3)})
+    if log:
+        log(rows[-1])
+    for fmt in formats:
+        f = parse_format(fmt)
+        for scaling in scalings:
+            q = ptq_qconfig(f.name, scaling, weight_scaling, first_last_fp32)
+            qmodel = quantize_model(copy.deepcopy(model), q)
+            t0 = time.perf_counter()
+            ev = evaluate(qmodel, data, normalizer, batch_size)
+            rows.append({"format": f.name, "bits": f.bits, "scaling": scaling,
+                         "weight_scaling": q.weight.scaling, "act_scaling": q.act.scaling,
+                         **ev, "seconds": round(time.perf_counter() - t0, 3)})
+            if log:
+                log(rows[-1])
+            del qmodel
+    return rows
+
+
+def run_ptq(checkpoint: Path, formats: Sequence[str] = DEFAULT_FORMATS,
+            scalings: Sequence[str] = SCALING_MODES, weight_scaling: str = "channel",
+            first_last_fp32: bool = False, device: str = "auto", data_dir: Optional[str] = None,
+            eval_batch_size: Optional[int] = None, out: Optional[Path] = None,
+            log=None) -> Dict[str, Any]:
+    """Evaluate one checkpoint in every format; write and return the ptq.json dict."""
+    checkpoint = Path(checkpoint)
+    ckpt = load_checkpoint(checkpoint)
+    config = RunConfig.from_dict(ckpt["config"])
+    dev = resolve_device(device)
+    channels_last = CHANNELS_LAST_DEFAULT[dev.type] if config.channels_last is None else config.channels_last
+    batch = eval_batch_size or config.eval_batch_size
+    data = data_mod.load_device_data(dev, data_dir or config.data_dir, config.synthetic)
+    normalizer = data_mod.Normalizer(dev, channels_last=channels_last)
+    model = load_model(config, ckpt["model"], dev, channels_last)
+    metrics = ckpt.get("metrics") or []
+    last = metrics[-1] if metrics else {}
+    summary = runs.read_json(checkpoint.parent / runs.SUMMARY) or {}
+    rows = evaluate_formats(model, data, normalizer, batch, formats, scalings, weight_scaling,
+                            first_last_fp32, log)
+    result = {
+        "source": {
+            "name": config.name, "checkpoint": str(checkpoint), "label": config.label,
+            "format": config.format, "model": config.model, "epoch": ckpt.get("epoch"),
+            "epochs": config.epochs, "status": summary.get("status"),
+            "autocast": ckpt.get("autocast"), "trained_test_acc": last.get("test_acc"),
+            "trained_test_loss": last.get("test_loss"), "config": config.to_dict(),
+        },
+        "device": str(dev), "device_name": _device_name(dev), "channels_last": channels_last,
+        "eval_batch_size": batch, "data_source": data.source, "test_images": rows[0]["test_images"],
+        "weight_scaling": weight_scaling, "first_last_fp32": first_last_fp32,
+        "casts": "weights and input activations of every Conv2d/Linear"
+                 + (" except the first conv and the last Linear" if first_last_fp32 else "")
+                 + ", round to nearest even; BatchNorm, residual adds and pooling in float32",
+        "torch_version": torch.__version__, "python_version": platform.python_version(),
+        "git": runs.git_info(Path(__file__).resolve().parent.parent),
+        "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "results": rows,
+    }
+    path = Path(out) if out else checkpoint.parent / PTQ_FILE
+    runs.write_json(path, result)
+    result["path"] = str(path)
+    return result
