@@ -1,0 +1,673 @@
+"""The comparison table: runs/ -> results.md + plots (accuracy per epoch, accuracy against bits).
+
+    python report.py                         # runs/ -> results/results.md, results/*.png
+    python report.py --model resnet20 --epochs 164 --data real
+
+What it reads: every ``runs/*/summary.json`` (with the run's ``metrics.jsonl`` for the curves) and
+every ``runs/*/ptq.json`` written by ``ptq_eval.py``.
+
+How runs are grouped: runs whose configs agree on everything that defines the experiment (model,
+epochs, batch, learning-rate schedule, data ..., see ``common.sweep.compared_values``) form a
+section; inside it, runs with the same format (the config's ``format`` dict and ``label``) form a
+row, whatever their seed, device or run name.
+
+Each row: final test accuracy (the last epoch's, never the best epoch's) as mean and sample
+standard deviation over the finished seeds (n-1 in the denominator; "-" for one seed), the
+difference of the mean to the section's FP32 row, mean wall time per run and per epoch, mean
+training throughput, hardware and test-set size. Runs that did not finish (diverged, interrupted,
+still running or killed, failed) are not averaged in; the row notes them and a section of the
+report names each one with its status, epochs done and last accuracy.
+
+Plots (PNG, next to results.md): ``acc_per_epoch.png``, test accuracy after every epoch, mean over
+the finished seeds with the min-max band; ``acc_vs_bits.png``, final accuracy (mean, error bar 1
+std) against bits per element on a log2 axis, with post-training quantization results as open
+markers.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from . import runs
+from .errors import UserError
+from .sweep import compared_values
+
+RESULTS_MD = "results.md"
+PLOT_EPOCHS = "acc_per_epoch.png"
+PLOT_BITS = "acc_vs_bits.png"
+DATA_CHOICES = ("all", "real", "synthetic")
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading runs
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """One run folder: its summary, config and per-epoch metrics."""
+
+    name: str
+    path: Path
+    summary: Dict[str, Any]
+    config: Dict[str, Any]
+    metrics: List[Dict[str, Any]]
+
+    @property
+    def status(self) -> str:
+        return self.summary.get("status") or "no summary"
+
+    @property
+    def finished(self) -> bool:
+        return self.status == "finished" and self.summary.get("final_test_acc") is not None
+
+    @property
+    def label(self) -> str:
+        return self.config.get("label") or self.summary.get("label") or self.name
+
+    @property
+    def format(self) -> Dict[str, Any]:
+        return self.config.get("format") or self.summary.get("format") or {}
+
+    @property
+    def section_key(self) -> str:
+        return _key(compared_values(self.config))
+
+    @property
+    def group_key(self) -> str:
+        return _key({"section": self.section_key, "format": self.format, "label": self.label})
+
+
+def _key(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, default=str)
+
+
+def is_fp32(fmt: Dict[str, Any]) -> bool:
+    """The FP32 baseline's format dict (FP32/train_cifar10_fp32.py: name fp32)."""
+    return fmt.get("name") == "fp32" or fmt.get("family") == "fp32"
+
+
+def load_runs(runs_dir: Path) -> Tuple[List[Run], List[Path]]:
+    """Every run folder of ``runs_dir`` with a summary.json, and folders that look like runs
+    (a config.json, last.pt or stdout.log) but have none: they are named in the report too."""
+    found, broken = [], []
+    for d in sorted(p for p in Path(runs_dir).iterdir() if p.is_dir()):
+        summary = runs.read_json(d / runs.SUMMARY)
+        if not isinstance(summary, dict):
+            if any((d / f).exists() for f in (runs.CONFIG, runs.CHECKPOINT, "stdout.log")):
+                broken.append(d)
+            continue
+        cfg_file = runs.read_json(d / runs.CONFIG) or {}
+        config = summary.get("config") or cfg_file.get("config") or {}
+        found.append(Run(summary.get("name") or d.name, d, summary, config,
+                         runs.read_jsonl(d / runs.METRICS)))
+    return found, broken
+
+
+def load_ptq(runs_dir: Path) -> List[Dict[str, Any]]:
+    """Every ``ptq.json`` under ``runs_dir`` (one level down), with its path."""
+    out = []
+    for p in sorted(Path(runs_dir).glob("*/ptq.json")):
+        d = runs.read_json(p)
+        if isinstance(d, dict) and d.get("results") and d.get("source"):
+            d["path"] = str(p)
+            out.append(d)
+    return out
+
+
+def keep(config: Dict[str, Any], model: Optional[str], epochs: Optional[int], data: str) -> bool:
+    """The report's filters (--model, --epochs, --data)."""
+    if model and config.get("model") != model:
+        return False
+    if epochs and config.get("epochs") != epochs:
+        return False
+    if data == "real" and config.get("synthetic"):
+        return False
+    if data == "synthetic" and not config.get("synthetic"):
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics
+# ----------------------------------------------------------------------------------------------
+def mean_std(values: Sequence[float]) -> Tuple[Optional[float], Optional[float]]:
+    """Mean and sample standard deviation (n-1); std None for fewer than two values."""
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def _mean(values: Iterable[Optional[float]]) -> Optional[float]:
+    vals = [v for v in values if v is not None]
+    return statistics.fmean(vals) if vals else None
+
+
+@dataclass
+class Group:
+    """The runs of one format in one section (one table row)."""
+
+    key: str
+    label: str
+    format: Dict[str, Any]
+    runs: List[Run] = field(default_factory=list)
+
+    @property
+    def finished(self) -> List[Run]:
+        return [r for r in self.runs if r.finished]
+
+    @property
+    def bits(self) -> Optional[float]:
+        return self.format.get("bits_per_element")
+
+    @property
+    def acc(self) -> Tuple[Optional[float], Optional[float]]:
+        return mean_std([r.summary["final_test_acc"] for r in self.finished])
+
+    def mean_of(self, field_name: str) -> Optional[float]:
+        return _mean(r.summary.get(field_name) for r in self.finished)
+
+    @property
+    def seconds_per_epoch(self) -> Optional[float]:
+        """Mean time of one epoch (training + evaluation, from metrics.jsonl: start-up and data
+        loading excluded), over the finished runs' epochs; wall time / epochs where not logged."""
+        per_run = []
+        for r in self.finished:
+            times = [m["epoch_seconds"] for m in r.metrics if m.get("epoch_seconds") is not None]
+            if times:
+                per_run.append(statistics.fmean(times))
+            elif r.summary.get("wall_seconds") and r.summary.get("epochs_done"):
+                per_run.append(r.summary["wall_seconds"] / r.summary["epochs_done"])
+        return _mean(per_run)
+
+    @property
+    def hardware(self) -> List[str]:
+        return sorted({str(r.summary.get("device_name")) for r in self.finished or self.runs
+                       if r.summary.get("device_name")})
+
+    @property
+    def test_images(self) -> List[int]:
+        return sorted({r.summary.get("test_images") for r in self.finished
+                       if r.summary.get("test_images")})
+
+    @property
+    def notes(self) -> str:
+        counts: Dict[str, int] = {}
+        for r in self.runs:
+            if not r.finished:
+                counts[r.status] = counts.get(r.status, 0) + 1
+        return ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+
+    def curve(self) -> Tuple[List[int], List[float], List[float], List[float], bool]:
+        """Epochs and mean/min/max test accuracy over the finished runs (or, when none finished,
+        over every run, up to where each got: the bool says which)."""
+        use = self.finished or self.runs
+        per_epoch: Dict[int, List[float]] = {}
+        for r in use:
+            for m in r.metrics:
+                if m.get("test_acc") is not None and math.isfinite(m["test_acc"]):
+                    per_epoch.setdefault(int(m["epoch"]), []).append(m["test_acc"])
+        epochs = sorted(per_epoch)
+        return (epochs, [statistics.fmean(per_epoch[e]) for e in epochs],
+                [min(per_epoch[e]) for e in epochs], [max(per_epoch[e]) for e in epochs],
+                bool(self.finished))
+
+
+@dataclass
+class Section:
+    """Runs of one experiment (same model, epochs, schedule, data ...): one table."""
+
+    key: str
+    config: Dict[str, Any]
+    groups: List[Group] = field(default_factory=list)
+
+    @property
+    def baseline(self) -> Optional[Group]:
+        for g in self.groups:
+            if is_fp32(g.format) and g.finished:
+                return g
+        return None
+
+    def title(self) -> str:
+        c = self.config
+        parts = [f"{c.get('model')}", f"{c.get('epochs')} epochs", f"batch {c.get('batch_size')}",
+                 f"{c.get('schedule')} schedule from lr {c.get('lr'):g}" if c.get("lr") is not None
+                 else f"{c.get('schedule')} schedule",
+                 f"momentum {c.get('momentum'):g}" if c.get("momentum") is not None else None,
+                 f"weight decay {c.get('weight_decay'):g}" if c.get("weight_decay") is not None else None]
+        if c.get("nesterov"):
+            parts.append("Nesterov")
+        if c.get("warmup_epochs"):
+            parts.append(f"{c['warmup_epochs']:g} warm-up epochs")
+        if c.get("shortcut"):
+            parts.append(f"shortcut {c['shortcut']}")
+        if c.get("tf32"):
+            parts.append("TF32")
+        if c.get("max_steps_per_epoch"):
+            parts.append(f"at most {c['max_steps_per_epoch']} steps per epoch")
+        parts.append("synthetic data" if c.get("synthetic") else "CIFAR-10")
+        return ", ".join(p for p in parts if p)
+
+    def short_title(self, differing: Iterable[str] = ()) -> str:
+        """Model and epochs, plus the fields in ``differing`` (those that tell sections apart)."""
+        c = self.config
+        s = f"{c.get('model')}, {c.get('epochs')} epochs"
+        for k in sorted(set(differing) - {"model", "epochs"}):
+            v = c.get(k)
+            if k == "synthetic":
+                s += ", synthetic data" if v else ", CIFAR-10"
+            else:
+                s += f", {k.replace('_', ' ')} {v if not isinstance(v, float) else f'{v:g}'}"
+        return s
+
+
+def differing_fields(sections: Sequence[Section]) -> List[str]:
+    """Config fields whose values differ between sections (for telling their plots apart)."""
+    keys = set().union(*(s.config for s in sections)) if sections else set()
+    return [k for k in sorted(keys)
+            if len({json.dumps(s.config.get(k), default=str) for s in sections}) > 1]
+
+
+def _sort_key(g: Group):
+    return (not is_fp32(g.format), -(g.bits or 0), g.label)
+
+
+def build_sections(all_runs: Sequence[Run]) -> List[Section]:
+    """Group runs into sections (experiments) and rows (formats)."""
+    sections: Dict[str, Section] = {}
+    for r in all_runs:
+        sec = sections.setdefault(r.section_key, Section(r.section_key, compared_values(r.config)))
+        group = next((g for g in sec.groups if g.key == r.group_key), None)
+        if group is None:
+            group = Group(r.group_key, r.label, r.format)
+            sec.groups.append(group)
+        group.runs.append(r)
+    out = list(sections.values())
+    for s in out:
+        s.groups.sort(key=_sort_key)
+    out.sort(key=lambda s: (bool(s.config.get("synthetic")), str(s.config.get("model")),
+                            -(s.config.get("epochs") or 0), -sum(len(g.runs) for g in s.groups),
+                            s.key))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Formatting
+# ----------------------------------------------------------------------------------------------
+def fmt_num(v: Optional[float], digits: int = 2, signed: bool = False) -> str:
+    if v is None:
+        return "-"
+    return f"{v:+.{digits}f}" if signed else f"{v:.{digits}f}"
+
+
+def fmt_duration(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "-"
+    s = int(round(seconds))
+    if s < 60:
+        return f"{seconds:.1f} s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s // 60 % 60:02d}m"
+
+
+def fmt_bits(bits: Optional[float]) -> str:
+    if bits is None:
+        return "-"
+    return f"{bits:g}"
+
+
+def md_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str = "") -> List[str]:
+    """A GitHub markdown table; ``align`` has one l/r per column (default: first left, rest right)."""
+    align = align or "l" + "r" * (len(header) - 1)
+    sep = ["---" if a == "l" else "--:" for a in align]
+    esc = lambda s: str(s).replace("|", "\\|")
+    lines = ["| " + " | ".join(map(esc, header)) + " |", "| " + " | ".join(sep) + " |"]
+    lines += ["| " + " | ".join(map(esc, r)) + " |" for r in rows]
+    return lines
+
+
+RESULT_HEADER = ("configuration", "bits", "n", "test acc (%)", "std", "vs FP32", "wall/run",
+                 "time/epoch", "img/s", "hardware", "test images", "not finished")
+
+
+def section_rows(sec: Section) -> List[List[str]]:
+    """The table rows of one section (see RESULT_HEADER)."""
+    base = sec.baseline
+    base_acc = base.acc[0] if base else None
+    rows = []
+    for g in sec.groups:
+        acc, std = g.acc
+        if g is base:
+            diff = "baseline"
+        elif acc is None or base_acc is None:
+            diff = "-"
+        else:
+            diff = fmt_num(acc - base_acc, signed=True)
+        ips = g.mean_of("mean_images_per_s")
+        rows.append([g.label, fmt_bits(g.bits), f"{len(g.finished)}", fmt_num(acc), fmt_num(std),
+                     diff, fmt_duration(g.mean_of("wall_seconds")),
+                     fmt_duration(g.seconds_per_epoch), f"{ips:,.0f}" if ips else "-",
+                     "; ".join(g.hardware) or "-",
+                     ", ".join(map(str, g.test_images)) or "-", g.notes or ""])
+    return rows
+
+
+def unfinished_rows(all_runs: Sequence[Run], broken: Sequence[Path]) -> List[List[str]]:
+    order = {"diverged": 0, "failed": 1, "interrupted": 2, "running": 3}
+    rows = []
+    for r in sorted((r for r in all_runs if not r.finished),
+                    key=lambda r: (order.get(r.status, 9), r.name)):
+        s = r.summary
+        status = r.status
+        if status == "running":
+            status = "running (or killed)"
+        rows.append([r.name, r.label, status, f"{s.get('epochs_done', '?')}/{s.get('epochs', '?')}",
+                     fmt_num(s.get("last_test_acc")), str(s.get("updated_at") or "-"),
+                     (s.get("message") or "").replace("\n", " ")])
+    for d in broken:
+        rows.append([d.name, "-", "no summary.json", "-", "-", "-",
+                     "the script stopped before its first summary; see stdout.log"
+                     if (d / "stdout.log").exists() else "no summary.json"])
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Post-training quantization
+# ----------------------------------------------------------------------------------------------
+def trained_weight_format(fmt: Dict[str, Any]) -> Optional[str]:
+    """The format a trained configuration keeps its weights in (for 'trained in this format')."""
+    w = fmt.get("weight")
+    if isinstance(w, dict) and w.get("fmt"):
+        return w["fmt"]
+    if fmt.get("family") == "bf16" or fmt.get("name") == "bf16":
+        return "bf16"
+    if is_fp32(fmt):
+        return "fp32"
+    return None
+
+
+@dataclass
+class PtqGroup:
+    """The ptq.json files of the checkpoints of one trained configuration (its seeds)."""
+
+    key: str
+    section_key: str
+    label: str
+    config: Dict[str, Any]
+    files: List[Dict[str, Any]] = field(default_factory=list)
+
+    def settings(self) -> str:
+        f = self.files[0]
+        ws = {d.get("weight_scaling") for d in self.files}
+        fl = {bool(d.get("first_last_fp32")) for d in self.files}
+        eb = {d.get("eval_batch_size") for d in self.files}
+        text = (f"weights and input activations of every conv/linear layer"
+                + (" except the first and last" if fl == {True} else "")
+                + ", round to nearest even; scaled = power-of-two scale from the absolute maximum, "
+                f"weights per {'/'.join(sorted(map(str, ws)))}, activations per tensor (per test "
+                f"batch of {'/'.join(sorted(map(str, eb)))})")
+        if len(fl) > 1:
+            text += "; mixed --first-last-fp32 settings"
+        return text
+
+    def rows_by_format(self) -> List[Tuple[str, float, Dict[str, List[float]]]]:
+        """(format, bits, {scaling: [acc per checkpoint]}) in the files' order of formats."""
+        table: Dict[str, Dict[str, List[float]]] = {}
+        bits: Dict[str, float] = {}
+        for d in self.files:
+            for row in d["results"]:
+                table.setdefault(row["format"], {}).setdefault(row["scaling"], []).append(row["test_acc"])
+                bits[row["format"]] = row.get("bits")
+        return [(f, bits[f], table[f]) for f in table]
+
+
+def group_ptq(ptq_files: Sequence[Dict[str, Any]]) -> List[PtqGroup]:
+    groups: Dict[str, PtqGroup] = {}
+    for d in ptq_files:
+        cfg = d["source"].get("config") or {}
+        sec = _key(compared_values(cfg))
+        label = d["source"].get("label") or cfg.get("label") or d["source"].get("name")
+        k = _key({"section": sec, "format": cfg.get("format"), "label": label,
+                  "fl": bool(d.get("first_last_fp32")), "ws": d.get("weight_scaling"),
+                  "eb": d.get("eval_batch_size")})
+        groups.setdefault(k, PtqGroup(k, sec, label, cfg)).files.append(d)
+    return list(groups.values())
+
+
+def ptq_lines(pg: PtqGroup, sections: Sequence[Section]) -> List[str]:
+    """The markdown of one PTQ group: per format, PTQ accuracy unscaled/scaled beside training."""
+    sec = next((s for s in sections if s.key == pg.section_key), None)
+    trained: Dict[str, List[Group]] = {}
+    if sec is not None:
+        for g in sec.groups:
+            wf = trained_weight_format(g.format)
+            if wf:
+                trained.setdefault(wf, []).append(g)
+    n = len(pg.files)
+    epochs = {(d["source"].get("epoch"), d["source"].get("epochs")) for d in pg.files}
+    unfinished = [f"{e}/{t}" for e, t in epochs if e != t]
+    hw = sorted({d.get("device_name", "-") for d in pg.files})
+    imgs = sorted({d.get("test_images") for d in pg.files})
+    c = pg.config
+    names = [d["source"].get("name", "?") for d in pg.files]
+    lines = [f"### Post-training quantization of {pg.label} ({c.get('model')}, {c.get('epochs')} "
+             f"epochs{', synthetic data' if c.get('synthetic') else ''})", "",
+             f"{n} checkpoint{'s' if n != 1 else ''} ({', '.join(names)})"
+             f"{'; NOT finished: epoch ' + ', '.join(unfinished) if unfinished else ''}; "
+             f"{', '.join(map(str, imgs))} test images on {'; '.join(hw)}. Cast: {pg.settings()}. "
+             f"Accuracy in %, mean over the checkpoints (± sample std when there are several).", ""]
+    rows = []
+
+    def cell(vals):
+        if not vals:
+            return "-"
+        m, s = mean_std(vals)
+        return fmt_num(m) + (f" ± {fmt_num(s)}" if s is not None else "")
+
+    for fmt, bits, by_scaling in pg.rows_by_format():
+        t = "; ".join(f"{cell([r.summary['final_test_acc'] for r in g.finished])} ({g.label})"
+                      for g in trained.get(fmt, []) if g.finished) or "-"
+        rows.append([fmt if fmt != "fp32" else "fp32 (no cast)", fmt_bits(bits),
+                     cell(by_scaling.get("none", [])),
+                     cell(by_scaling.get("scaled", [])) if fmt != "fp32" else "-", t])
+    lines += md_table(("format", "bits", "PTQ, unscaled", "PTQ, scaled",
+                       "trained in this format (weights)"), rows, "lrrrl")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------
+# Plots
+# ----------------------------------------------------------------------------------------------
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _colors(n: int):
+    plt = _pyplot()
+    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def _legend_below(ax) -> None:
+    """Legend under the panel, two columns: the labels are long, the panel keeps its width."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(handles, labels, fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.16),
+                  ncol=2, frameon=False)
+
+
+def plot_epochs(sections: Sequence[Section], path: Path) -> None:
+    """Test accuracy per epoch per configuration, one panel per section."""
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+    n = max(1, len(sections))
+    fig, axes = plt.subplots(n, 1, figsize=(10, 6.2 * n), squeeze=False)
+    differing = differing_fields(sections)
+    for ax, sec in zip(axes[:, 0], sections):
+        for g, color in zip(sec.groups, _colors(len(sec.groups))):
+            ep, mean, lo, hi, finished = g.curve()
+            if not ep:
+                continue
+            k = len(g.finished) if finished else len(g.runs)
+            label = f"{g.label} (n={k}{'' if finished else ', not finished'})"
+            ax.plot(ep, mean, color=color, lw=1.6, ls="-" if finished else "--", label=label,
+                    marker="o" if len(ep) <= 12 else None, ms=3)
+            if k > 1:
+                ax.fill_between(ep, lo, hi, color=color, alpha=0.15, lw=0)
+        ax.set_title(sec.short_title(differing), fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(True, alpha=0.3)
+        _legend_below(ax)
+    fig.suptitle("Test accuracy per epoch (mean over seeds, band: min-max)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130, bbox_inches="tight")    # "tight" keeps the outside legend
+    plt.close(fig)
+
+
+def plot_bits(sections: Sequence[Section], ptq_groups: Sequence[PtqGroup], path: Path) -> None:
+    """Final accuracy against bits per element (log2 axis), trained (filled) and PTQ (open)."""
+    plt = _pyplot()
+    n = max(1, len(sections))
+    fig, axes = plt.subplots(n, 1, figsize=(10, 6.8 * n), squeeze=False)
+    differing = differing_fields(sections)
+    for ax, sec in zip(axes[:, 0], sections):
+        groups = [g for g in sec.groups if g.finished and g.bits]
+        colors = dict(zip((g.key for g in sec.groups), _colors(len(sec.groups))))
+        # several configurations share a width (three 8-bit rows): spread them a little
+        by_bits: Dict[float, List[Group]] = {}
+        for g in groups:
+            by_bits.setdefault(g.bits, []).append(g)
+        xs = [4.0, 32.0]
+        for bits, gs in by_bits.items():
+            for i, g in enumerate(gs):
+                x = bits * 2 ** (0.06 * (i - (len(gs) - 1) / 2))
+                xs.append(x)
+                acc, std = g.acc
+                ax.errorbar([x], [acc], yerr=[std] if std is not None else None, fmt="o", ms=7,
+                            color=colors[g.key], capsize=3, label=f"{g.label} (n={len(g.finished)})")
+        base = sec.baseline
+        if base is not None:
+            ax.axhline(base.acc[0], color="gray", ls=":", lw=1, label="FP32 mean")
+        for pg in (p for p in ptq_groups if p.section_key == sec.key):
+            fmts = [(f, b, v) for f, b, v in pg.rows_by_format() if f != "fp32" and b]
+            rank = {}                      # index of each format among those of the same width
+            for f, b, _ in fmts:
+                rank[f] = sum(1 for g, c, _ in fmts if c == b and g < f)
+            for scaling, marker, side in (("none", "^", -1), ("scaled", "s", 1)):
+                px, py, names = [], [], []
+                for fmt, bits, by_scaling in fmts:
+                    vals = by_scaling.get(scaling)
+                    if not vals:
+                        continue
+                    px.append(bits * 2 ** (side * (0.16 + 0.09 * rank[fmt])))
+                    py.append(statistics.fmean(vals))
+                    names.append(fmt)
+                if not px:
+                    continue
+                ax.scatter(px, py, marker=marker, facecolors="none", edgecolors="black", s=40,
+                           lw=1, label=f"PTQ of {pg.label}, {'unscaled' if scaling == 'none' else 'scaled'}")
+                for x, y, name in zip(px, py, names):
+                    ax.annotate(name, (x, y), textcoords="offset points", xytext=(0, -9),
+                                ha="center", fontsize=5.5, color="dimgray", rotation=90, va="top")
+                xs += px
+        ax.set_xscale("log", base=2)
+        ticks = [b for b in (2, 4, 8, 16, 32) if min(xs) / 1.3 <= b <= max(xs) * 1.3]
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([str(t) for t in ticks])
+        ax.set_xlim(min(xs) / 1.35, max(xs) * 1.35)
+        ax.set_xlabel("bits per element (forward operands)")
+        ax.set_ylabel("final test accuracy (%)")
+        ax.set_title(sec.short_title(differing), fontsize=10)
+        ax.grid(True, alpha=0.3)
+        _legend_below(ax)
+    fig.suptitle("Final test accuracy against bits per element (error bar: 1 std over seeds)",
+                 fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130, bbox_inches="tight")    # "tight" keeps the outside legend
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# The report
+# ----------------------------------------------------------------------------------------------
+def make_report(runs_dir: Path, out_dir: Path, model: Optional[str] = None,
+                epochs: Optional[int] = None, data: str = "all", plots: bool = True,
+                command: str = "python report.py") -> Dict[str, Any]:
+    """Write ``out_dir``/results.md (and the two PNGs); return what went where."""
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        raise UserError(f"--runs-dir {runs_dir}: no such folder (run sweep.py or a format script first)")
+    if data not in DATA_CHOICES:
+        raise UserError(f"--data {data!r}: accepted: {', '.join(DATA_CHOICES)}")
+    all_runs, broken = load_runs(runs_dir)
+    all_runs = [r for r in all_runs if keep(r.config, model, epochs, data)]
+    filtered = bool(model or epochs or data != "all")
+    if filtered:        # a folder without summary: its config.json, if any, decides
+        broken = [d for d in broken
+                  if keep((runs.read_json(d / runs.CONFIG) or {}).get("config") or {}, model, epochs,
+                          data) and (d / runs.CONFIG).is_file()]
+    ptq_files = [d for d in load_ptq(runs_dir)
+                 if keep(d["source"].get("config") or {}, model, epochs, data)]
+    if not all_runs and not broken:
+        filt = " matching the filters" if filtered else ""
+        raise UserError(f"no runs{filt} in {runs_dir} (run sweep.py or a format script first)")
+    sections = build_sections(all_runs)
+    ptq_groups = group_ptq(ptq_files)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    n_fin = sum(r.finished for r in all_runs)
+    lines = ["# Results", "",
+             f"Written by `{command}` from {len(all_runs)} runs in `{runs_dir}` "
+             f"({n_fin} finished) on {time.strftime('%Y-%m-%d')}.", "",
+             "Test accuracy is the final epoch's (never the best epoch's), as mean and sample standard "
+             "deviation (n-1) over the n finished seeds; \"vs FP32\" is the difference of the means "
+             "to the FP32 row of the same table, in points. wall/run is a run's wall time (start-up "
+             "and evaluations included); time/epoch is one epoch's training and evaluation; img/s "
+             "is the training throughput. Runs that did not finish are not in the means: the last "
+             "column counts them and the section \"Runs not in the means\" names "
+             "them.", ""]
+    for sec in sections:
+        lines += [f"## {sec.title()}", ""]
+        lines += md_table(RESULT_HEADER, section_rows(sec), "lrrrrrrrrlrl")
+        per_epoch = [g.seconds_per_epoch for g in sec.groups if g.seconds_per_epoch]
+        if per_epoch:
+            hw = sorted({h for g in sec.groups for h in g.hardware})
+            lines += ["", f"One epoch of every configuration above, one seed each: "
+                          f"{fmt_duration(sum(per_epoch))} ({len(per_epoch)} "
+                          f"configuration{'s' if len(per_epoch) != 1 else ''}; hardware: {'; '.join(hw)})."]
+        lines.append("")
+    if plots and sections:
+        plot_epochs(sections, out_dir / PLOT_EPOCHS)
+        plot_bits(sections, ptq_groups, out_dir / PLOT_BITS)
+        lines += ["## Plots", "", f"![test accuracy per epoch]({PLOT_EPOCHS})", "",
+                  f"![final accuracy against bits per element]({PLOT_BITS})", ""]
+    if ptq_groups:
+        lines += ["## Post-training quantization", "",
+                  "Trained weights evaluated with weights and activations cast to each format, "
+                  "without retraining (`ptq_eval.py`), beside the runs trained in that format "
+                  "(matched by the format of their weights; their other operands may differ, see "
+                  "the label).", ""]
+        for pg in ptq_groups:
+            lines += ptq_lines(pg, sections) + [""]
+    lost = unfinished_rows(all_runs, broken)
+    if lost:
+        lines += ["## Runs not in the means", ""]
+        lines += md_table(("run", "configuration", "status", "epochs", "last test acc (%)",
+                           "updated", "message"), lost, "lllrrll")
+        lines.append("")
+    text = "\n".join(lines)
+    (out_dir / RESULTS_MD).write_text(text, encoding="utf-8")
+    return {"results": out_dir / RESULTS_MD,
+            "plots": [out_dir / PLOT_EPOCHS, out_dir / PLOT_BITS] if plots and sections else [],
+            "runs": len(all_runs), "finished": n_fin, "sections": len(sections),
+            "not_finished": len(lost), "ptq": len(ptq_files)}

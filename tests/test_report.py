@@ -1,0 +1,184 @@
+"""report.py on a hand-written runs/ folder: the table's numbers (recomputed here from the fixture's
+values), the FP32 differences, the runs that did not finish, the PTQ table, valid PNGs, filters
+and one-line errors."""
+import json
+import math
+import sys
+
+import pytest
+
+from common import cli, report
+from common.cli import RunConfig
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+FP32 = {"name": "fp32", "bits_per_element": 32}
+FP8 = {"family": "fp8", "bits_per_element": 8,
+       "weight": {"fmt": "e4m3", "rounding": "nearest", "scaling": "tensor"},
+       "act": {"fmt": "e4m3", "rounding": "nearest", "scaling": "tensor"}}
+P4 = {"family": "posit4es0", "bits_per_element": 4,
+      "weight": {"fmt": "posit4es0", "rounding": "nearest", "scaling": "channel"}}
+
+# name, label, format, seed, status, per-epoch test accuracies, wall seconds, device name
+EPOCHS = 3
+RUNS = [
+    ("fp32_s0", "FP32", FP32, 0, "finished", [60.0, 80.0, 91.3], 300.0, "GPU A"),
+    ("fp32_s1", "FP32", FP32, 1, "finished", [58.0, 79.0, 90.7], 330.0, "GPU A"),
+    ("fp8_s0", "FP8 e4m3", FP8, 0, "finished", [55.0, 77.0, 89.9], 600.0, "GPU A"),
+    ("fp8_s1", "FP8 e4m3", FP8, 1, "finished", [57.0, 78.0, 90.4], 640.0, "GPU A"),
+    ("fp8_s2", "FP8 e4m3", FP8, 2, "interrupted", [56.0, 76.5], 400.0, "GPU A"),
+    ("posit4_s0", "Posit4", P4, 0, "diverged", [12.0], 90.0, "GPU A"),
+]
+
+
+def write_run(runs_dir, name, label, fmt, seed, status, accs, wall, device_name, epochs=EPOCHS,
+              lr=0.1):
+    config = RunConfig(name=name, model="resnet20", epochs=epochs, seed=seed, lr=lr, label=label,
+                       format=fmt, runs_dir=str(runs_dir), device="cuda").to_dict()
+    d = runs_dir / name
+    d.mkdir(parents=True)
+    metrics = [{"epoch": i + 1, "test_acc": a, "test_loss": 1.0 / (i + 1), "test_images": 1000,
+                "train_images": 49920, "epoch_seconds": wall / len(accs) - 10 + i}
+               for i, a in enumerate(accs)]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    finished = status == "finished"
+    summary = {
+        "name": name, "status": status, "message": "diverged: loss NaN" if status == "diverged" else "",
+        "label": label, "format": fmt, "model": "resnet20", "epochs": epochs,
+        "epochs_done": len(accs), "final_test_acc": accs[-1] if finished else None,
+        "last_test_acc": accs[-1], "test_images": 1000, "wall_seconds": wall,
+        "mean_images_per_s": 49920 * len(accs) / wall, "device": "cuda:0",
+        "device_name": device_name, "updated_at": "2025-01-01T00:00:00", "config": config,
+    }
+    (d / "summary.json").write_text(json.dumps(summary))
+    return summary
+
+
+def write_ptq(runs_dir, name, rows, config):
+    d = {"source": {"name": name, "label": config["label"], "format": config["format"],
+                    "epoch": config["epochs"], "epochs": config["epochs"], "config": config},
+         "device_name": "GPU A", "test_images": 1000, "eval_batch_size": 1000,
+         "weight_scaling": "channel", "first_last_fp32": False,
+         "results": [{"format": f, "bits": b, "scaling": s, "test_acc": a, "test_loss": 1.0}
+                     for f, b, s, a in rows]}
+    (runs_dir / name / "ptq.json").write_text(json.dumps(d))
+
+
+@pytest.fixture
+def runs_dir(tmp_path):
+    rd = tmp_path / "runs"
+    rd.mkdir()
+    summaries = {r[0]: write_run(rd, *r) for r in RUNS}
+    # another experiment (other lr): its own table, and not compared with the FP32 above
+    write_run(rd, "fp32_lr05", "FP32", FP32, 0, "finished", [50.0, 70.0, 85.0], 300.0, "GPU A",
+              lr=0.05)
+    # a run folder whose script died before writing its first summary
+    (rd / "broken").mkdir()
+    (rd / "broken" / "stdout.log").write_text("Traceback ...\n")
+    write_ptq(rd, "fp32_s0", [("fp32", 32, "none", 91.3), ("e4m3", 8, "none", 91.0),
+                              ("e4m3", 8, "scaled", 91.2), ("posit4es0", 4, "none", 10.0),
+                              ("posit4es0", 4, "scaled", 40.5)], summaries["fp32_s0"]["config"])
+    write_ptq(rd, "fp32_s1", [("fp32", 32, "none", 90.7), ("e4m3", 8, "none", 90.1),
+                              ("e4m3", 8, "scaled", 90.6), ("posit4es0", 4, "none", 11.0),
+                              ("posit4es0", 4, "scaled", 38.5)], summaries["fp32_s1"]["config"])
+    return rd
+
+
+def mean_std(xs):
+    """Independent of the report's own statistics: sum/n and the n-1 sample deviation."""
+    m = sum(xs) / len(xs)
+    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def table_rows(text, heading_start):
+    """The cells of the markdown table under the first heading starting with heading_start."""
+    lines = text.splitlines()
+    i = next(k for k, line in enumerate(lines) if line.startswith(heading_start))
+    rows = []
+    for line in lines[i + 1:]:
+        if line.startswith("#"):
+            break
+        if line.startswith("| ") and not line.startswith("| ---") and not line.startswith("| --"):
+            rows.append([c.strip() for c in line.strip().strip("|").split(" | ")])
+    return rows[0], {r[0]: dict(zip(rows[0], r)) for r in rows[1:]}
+
+
+def test_table_numbers_fp32_difference_and_runs_not_finished(runs_dir, tmp_path):
+    out = tmp_path / "results"
+    res = report.make_report(runs_dir, out)
+    text = (out / "results.md").read_text()
+    header, rows = table_rows(text, "## resnet20, 3 epochs, batch 128, step schedule from lr 0.1,")
+    assert header[:6] == ["configuration", "bits", "n", "test acc (%)", "std", "vs FP32"]
+    assert list(rows) == ["FP32", "FP8 e4m3", "Posit4"]            # FP32 first, then by width
+
+    fp32_m, fp32_s = mean_std([91.3, 90.7])
+    fp8_m, fp8_s = mean_std([89.9, 90.4])
+    fp32, fp8, p4 = rows["FP32"], rows["FP8 e4m3"], rows["Posit4"]
+    assert (fp32["bits"], fp32["n"], fp32["test acc (%)"], fp32["std"]) == \
+        ("32", "2", f"{fp32_m:.2f}", f"{fp32_s:.2f}")
+    assert fp32["vs FP32"] == "baseline"
+    assert (fp8["bits"], fp8["n"], fp8["test acc (%)"], fp8["std"]) == \
+        ("8", "2", f"{fp8_m:.2f}", f"{fp8_s:.2f}")
+    assert fp8["vs FP32"] == f"{fp8_m - fp32_m:+.2f}"
+    assert fp8["not finished"] == "1 interrupted"                  # seed 2 is not in the mean
+    assert fp8["wall/run"] == "10m20s"                             # (600 + 640) / 2 = 620 s
+    assert fp8["time/epoch"] == "3m18s"    # epochs of wall/3 - 10 + i s: mean (191 + 204.33) / 2
+    assert fp8["hardware"] == "GPU A" and fp8["test images"] == "1000"
+    assert (p4["n"], p4["test acc (%)"], p4["vs FP32"], p4["not finished"]) == ("0", "-", "-", "1 diverged")
+
+    # the other experiment is a table of its own, with its own baseline
+    _, other = table_rows(text, "## resnet20, 3 epochs, batch 128, step schedule from lr 0.05,")
+    assert list(other) == ["FP32"] and other["FP32"]["test acc (%)"] == "85.00"
+    assert other["FP32"]["std"] == "-" and other["FP32"]["n"] == "1"
+
+    # every run that is not in the means is named, with status, epochs and last accuracy
+    _, lost = table_rows(text, "## Runs not in the means")
+    assert lost["posit4_s0"]["status"] == "diverged" and lost["posit4_s0"]["epochs"] == "1/3"
+    assert lost["posit4_s0"]["last test acc (%)"] == "12.00"
+    assert "NaN" in lost["posit4_s0"]["message"]
+    assert lost["fp8_s2"]["status"] == "interrupted" and lost["fp8_s2"]["epochs"] == "2/3"
+    assert lost["broken"]["status"] == "no summary.json"
+    assert res["runs"] == 7 and res["finished"] == 5 and res["not_finished"] == 3
+
+    # post-training quantization: mean over the two checkpoints, beside the trained FP8 row
+    _, ptq = table_rows(text, "### Post-training quantization of FP32")
+    e4 = ptq["e4m3"]
+    m, s = mean_std([91.0, 90.1])
+    assert e4["PTQ, unscaled"] == f"{m:.2f} ± {s:.2f}"
+    m, s = mean_std([91.2, 90.6])
+    assert e4["PTQ, scaled"] == f"{m:.2f} ± {s:.2f}"
+    assert e4["trained in this format (weights)"] == f"{fp8_m:.2f} ± {fp8_s:.2f} (FP8 e4m3)"
+    assert ptq["posit4es0"]["trained in this format (weights)"] == "-"   # it diverged
+    assert ptq["fp32 (no cast)"]["PTQ, unscaled"] == f"{fp32_m:.2f} ± {fp32_s:.2f}"
+
+    for name in ("acc_per_epoch.png", "acc_vs_bits.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 10_000
+        assert f"]({name})" in text
+        import matplotlib.image
+        img = matplotlib.image.imread(out / name)
+        assert img.ndim == 3 and img.shape[0] > 300 and img.shape[1] > 500
+
+
+def test_filters_and_no_plots(runs_dir, tmp_path):
+    out = tmp_path / "r"
+    res = report.make_report(runs_dir, out, model="resnet20", epochs=3, plots=False)
+    assert res["plots"] == [] and not list(out.glob("*.png"))
+    with pytest.raises(cli.UserError, match="no runs matching the filters"):
+        report.make_report(runs_dir, out, epochs=164)
+    with pytest.raises(cli.UserError, match="no runs matching the filters"):
+        report.make_report(runs_dir, out, data="synthetic")
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    sys.path.insert(0, str(report.runs.Path(report.__file__).resolve().parent.parent))
+    import report as report_cli                      # the entry point at the repo root
+
+    for argv, needle in ([["--runs-dir", str(tmp_path / "missing")], "no such folder"],
+                         [["--runs-dir", str(tmp_path)], "no runs in"],
+                         [["--runs-dir", str(tmp_path), "--epochs", "0"], "--epochs must be >= 1"]):
+        with pytest.raises(SystemExit) as e:
+            cli.run_main(report_cli.main, argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0]
