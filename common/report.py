@@ -233,7 +233,7 @@ class Section:
 
     def title(self) -> str:
         c = self.config
-        parts = [f"{c.get('model')}", f"{c.get('epochs')} epochs", f"batch {c.get('batch_size')}",
+        parts = [f"{c.get('model')}", _epochs(c.get("epochs")), f"batch {c.get('batch_size')}",
                  f"{c.get('schedule')} schedule from lr {c.get('lr'):g}" if c.get("lr") is not None
                  else f"{c.get('schedule')} schedule",
                  f"momentum {c.get('momentum'):g}" if c.get("momentum") is not None else None,
@@ -254,7 +254,7 @@ class Section:
     def short_title(self, differing: Iterable[str] = ()) -> str:
         """Model and epochs, plus the fields in ``differing`` (those that tell sections apart)."""
         c = self.config
-        s = f"{c.get('model')}, {c.get('epochs')} epochs"
+        s = f"{c.get('model')}, {_epochs(c.get('epochs'))}"
         for k in sorted(set(differing) - {"model", "epochs"}):
             v = c.get(k)
             if k == "synthetic":
@@ -269,6 +269,10 @@ def differing_fields(sections: Sequence[Section]) -> List[str]:
     keys = set().union(*(s.config for s in sections)) if sections else set()
     return [k for k in sorted(keys)
             if len({json.dumps(s.config.get(k), default=str) for s in sections}) > 1]
+
+
+def _epochs(n: Any) -> str:
+    return f"{n} epoch{'' if n == 1 else 's'}"
 
 
 def _sort_key(g: Group):
@@ -454,8 +458,8 @@ def ptq_lines(pg: PtqGroup, sections: Sequence[Section]) -> List[str]:
     imgs = sorted({d.get("test_images") for d in pg.files})
     c = pg.config
     names = [d["source"].get("name", "?") for d in pg.files]
-    lines = [f"### Post-training quantization of {pg.label} ({c.get('model')}, {c.get('epochs')} "
-             f"epochs{', synthetic data' if c.get('synthetic') else ''})", "",
+    lines = [f"### Post-training quantization of {pg.label} ({c.get('model')}, "
+             f"{_epochs(c.get('epochs'))}{', synthetic data' if c.get('synthetic') else ''})", "",
              f"{n} checkpoint{'s' if n != 1 else ''} ({', '.join(names)})"
              f"{'; NOT finished: epoch ' + ', '.join(unfinished) if unfinished else ''}; "
              f"{', '.join(map(str, imgs))} test images on {'; '.join(hw)}. Cast: {pg.settings()}. "
@@ -642,8 +646,9 @@ def make_report(runs_dir: Path, out_dir: Path, model: Optional[str] = None,
         per_epoch = [g.seconds_per_epoch for g in sec.groups if g.seconds_per_epoch]
         if per_epoch:
             hw = sorted({h for g in sec.groups for h in g.hardware})
-            lines += ["", f"One epoch of every configuration above, one seed each: "
-                          f"{fmt_duration(sum(per_epoch))} ({len(per_epoch)} "
+            capped = sec.config.get("max_steps_per_epoch")
+            lines += ["", f"One epoch{f' (capped at {capped} steps)' if capped else ''} of every "
+                          f"configuration above, one seed each: {fmt_duration(sum(per_epoch))} ({len(per_epoch)} "
                           f"configuration{'s' if len(per_epoch) != 1 else ''}; hardware: {'; '.join(hw)})."]
         lines.append("")
     if plots and sections:
