@@ -443,14 +443,17 @@ def quantize_scaled(x: torch.Tensor, fmt: Union[str, Format], scaling: str = "no
         return cast(x, fmt, rounding, saturate, generator)
     xd = x.detach()
     if scaling == "tensor":
-        amax = torch.linalg.vector_norm(xd, ord=math.inf)   # max |x| in one pass, no temporary
+        # max |x| as max(max, -min) over a flat view in memory order: one pass, no temporary
+        # (vector_norm(inf) and abs().amax() were 8x and 2x slower on the 2-core CPU); NaN
+        # propagates through both, so a NaN tensor keeps s = 1
+        lo, hi = torch.aminmax(_flatten(xd)[0])
+        amax = torch.maximum(hi, -lo)
     else:
         if xd.dim() == 0:
             raise ValueError("channel scaling needs a tensor with at least one dimension")
         dim = channel_dim % xd.dim()
         others = [d for d in range(xd.dim()) if d != dim]
-        amax = (torch.linalg.vector_norm(xd, ord=math.inf, dim=others, keepdim=True) if others
-                else xd.abs())
+        amax = xd.abs().amax(dim=others, keepdim=True) if others else xd.abs()
     s = _pow2_scale(amax, fmt)
     xs = (xd.to(torch.float32) * s)
     y = cast(xs, fmt, rounding, saturate, generator) / s
