@@ -224,6 +224,14 @@ def posit_params(fmt) -> tuple:
             f32_bits(fmt.min_subnormal))
 
 
+def posit_shift_window(fmt) -> tuple:
+    """(lo, hi): the power-of-two scale exponents k for which posit_nearest/stochastic(shift=k)
+    equal q(x * 2^k) / 2^k exactly (see posit_nearest). With K = log2(maxpos) <= 126 the window
+    [K - 127, 126 - K] is never empty."""
+    big = (fmt.bits - 2) << fmt.es  # log2(maxpos) = -log2(minpos)
+    return big - 127, 126 - big
+
+
 def posit_decode(pat: torch.Tensor, n1, es, two_es):
     """float32 bit pattern of the positive posit with pattern `pat` (1 <= pat <= 2^(n-1)-1).
 
@@ -246,12 +254,14 @@ def posit_decode(pat: torch.Tensor, n1, es, two_es):
     return ((scale + F32_BIAS) << F32_MAN_BITS) | (frac << (F32_MAN_BITS - fb))
 
 
-def _posit_split(bits: torch.Tensor, p):
+def _posit_split(bits: torch.Tensor, p, shift=0):
     n1, es, emask, w, kmax, maxpos_bits, minpos_bits = p
     mag = bits & F32_ABS_MASK
     sign = bits ^ mag
     special = mag >= F32_INF_BITS  # inf and NaN -> NaR
-    scale = (mag >> F32_MAN_BITS) - F32_BIAS  # float32 subnormals: -127, below every minpos
+    # float32 subnormals: -127, below every minpos. `shift` = log2 of a power-of-two scale s:
+    # the rounding sees x*s (same fraction bits, scale + shift), see posit_nearest
+    scale = (mag >> F32_MAN_BITS) - F32_BIAS + shift
     k = scale >> es  # regime (floor division by 2^es)
     sat_hi = k >= kmax  # at or beyond maxpos
     sat_lo = k < -kmax  # below minpos: never rounds to 0
@@ -267,17 +277,26 @@ def _posit_split(bits: torch.Tensor, p):
     return mag, sign, special, sat_hi, sat_lo, scale, kc, a, d, dl, de, lo, step
 
 
-def _posit_finish(val, mag, sign, special, sat_hi, sat_lo, maxpos_bits, minpos_bits):
+def _posit_finish(val, mag, sign, special, sat_hi, sat_lo, maxpos_bits, minpos_bits, shift=0):
     val = torch.where(sat_hi, maxpos_bits, torch.where(sat_lo, minpos_bits, val))
+    val = val - (shift << F32_MAN_BITS)  # q(x*s) / s: minpos..maxpos stay float32 normals
     out = torch.where(mag == 0, 0, val) | sign  # zero keeps its sign (-0.0 == 0)
     return torch.where(special, F32_QNAN_BITS, out)
 
 
-def posit_nearest(bits: torch.Tensor, p) -> torch.Tensor:
+def posit_nearest(bits: torch.Tensor, p, shift=0) -> torch.Tensor:
     """Round float32 patterns to posit(n, es): the bit string rounded to n bits, ties to the even
-    pattern (the decision points are then the posit(n+1, es) values, not arithmetic means)."""
+    pattern (the decision points are then the posit(n+1, es) values, not arithmetic means).
+
+    shift = k returns q(x * 2^k) / 2^k, the power-of-two scaling done on the exponent field
+    instead of two float passes. Exact for k in [log2(maxpos) - 127, 126 + log2(minpos)]
+    (`posit_shift_window`): there every posit value divided by 2^k is a float32 normal, and an
+    x whose x*2^k falls below 2^-126 (a float32 subnormal x included) is below minpos, so it
+    rounds to minpos as it must.
+    """
     n1, es, emask, w, kmax, maxpos_bits, minpos_bits = p
-    mag, sign, special, sat_hi, sat_lo, scale, kc, a, d, dl, de, lo, step = _posit_split(bits, p)
+    mag, sign, special, sat_hi, sat_lo, scale, kc, a, d, dl, de, lo, step = _posit_split(
+        bits, p, shift)
     tail = ((scale & emask) << F32_MAN_BITS) | (mag & F32_MAN_MASK)
     guard = (tail >> (d - 1)) & 1  # first dropped bit
     sticky = ((tail & ((1 << (d - 1)) - 1)) != 0).to(torch.int32)
@@ -285,10 +304,10 @@ def posit_nearest(bits: torch.Tensor, p) -> torch.Tensor:
     lsb = torch.where(a > 0, (tail >> d) & 1, (kc < 0).to(torch.int32))
     up = guard & (sticky | lsb)
     return _posit_finish(lo + up * step, mag, sign, special, sat_hi, sat_lo, maxpos_bits,
-                         minpos_bits)
+                         minpos_bits, shift)
 
 
-def posit_stochastic(bits: torch.Tensor, p, rand: torch.Tensor, rand2: torch.Tensor):
+def posit_stochastic(bits: torch.Tensor, p, rand: torch.Tensor, rand2: torch.Tensor, shift=0):
     """Round float32 patterns to posit(n, es) stochastically, unbiased in value.
 
     Only fraction bits dropped (d <= 23): lo and hi are a fraction ulp apart, so adding d random
@@ -300,9 +319,11 @@ def posit_stochastic(bits: torch.Tensor, p, rand: torch.Tensor, rand2: torch.Ten
     so its 31-bit truncation is (2^m - 1) * "a one every g bits": resolved to 2^-31, exact in
     expectation to that; gaps of g >= 32 (es >= 5) keep only m == g. Never 0, never beyond
     maxpos: |x| < minpos gives minpos and |x| >= maxpos gives maxpos (as in nearest mode).
+    `shift` scales as in posit_nearest.
     """
     n1, es, emask, w, kmax, maxpos_bits, minpos_bits = p
-    mag, sign, special, sat_hi, sat_lo, scale, kc, a, d, dl, de, lo, step = _posit_split(bits, p)
+    mag, sign, special, sat_hi, sat_lo, scale, kc, a, d, dl, de, lo, step = _posit_split(
+        bits, p, shift)
     frac = mag & F32_MAN_MASK
     mask = (1 << dl) - 1
     up_frac = ((frac & mask) + (rand & mask)) >> dl  # d <= 23: the whole answer
@@ -316,7 +337,7 @@ def posit_stochastic(bits: torch.Tensor, p, rand: torch.Tensor, rand2: torch.Ten
     up_exp = ((rand2 & F32_ABS_MASK) < threshold) | (m == g)
     up = torch.where(de > 0, up_exp.to(torch.int32), up_frac)
     return _posit_finish(lo + up * step, mag, sign, special, sat_hi, sat_lo, maxpos_bits,
-                         minpos_bits)
+                         minpos_bits, shift)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -43,6 +43,12 @@ every path gives the same bits, and the tests check each against the references)
   compiling raises, the failure is remembered and the eager ops are used from then on, silently
   and with the same bits.
 
+Scaling (``quantize_scaled``): a power-of-two s = 2^k from the tensor's (or channel's) absolute
+maximum. Floats round x*s and divide by s (exact float32 multiplications); posits pass k to their
+kernel, which adds it to the exponent field on the way in and takes it off on the way out: one
+pass instead of three, and exact also where x*s would underflow float32 (k is kept in the window
+where every posit value / 2^k is a float32 normal, see ``_pow2_exponent``).
+
 Stochastic rounding draws two 32-bit seed words per call from ``generator`` (default: the
 global generator of x's device, so ``torch.manual_seed`` makes runs reproducible) and derives
 each element's random bits from a counter-based hash of (element index, seed): the same seed gives
@@ -208,13 +214,13 @@ def _k_float_stochastic(bits, p, seed, lane=None):
     return K.float_stochastic(bits, _unpack(p), K.random_bits(K.element_index(bits, lane), seed))
 
 
-def _k_posit_nearest(bits, p):
-    return K.posit_nearest(bits, _unpack(p))
+def _k_posit_nearest(bits, p, shift):
+    return K.posit_nearest(bits, _unpack(p), shift)
 
 
-def _k_posit_stochastic(bits, p, seed, lane=None):
+def _k_posit_stochastic(bits, p, shift, seed, lane=None):
     r1, r2 = K.random_bits(K.element_index(bits, lane), seed, words=2)
-    return K.posit_stochastic(bits, _unpack(p), r1, r2)
+    return K.posit_stochastic(bits, _unpack(p), r1, r2, shift)
 
 
 def _k_cast_bf16(x, bound):
@@ -255,11 +261,13 @@ def _lane_tensor(device: torch.device) -> torch.Tensor:
     return t
 
 
-def _eager_kernel(flat, fmt, rounding, saturate, seed, method):
+def _eager_kernel(flat, fmt, rounding, saturate, seed, method, shift=None):
     if method == "cast":
         return K.cast_nearest(flat, _CAST_DTYPES[fmt.name], fmt.max if saturate else None)
     fn = _BITS_KERNELS[(_kind(fmt, rounding), rounding)]
     args = (flat.view(torch.int32), _params(fmt, saturate))
+    if fmt.is_posit:
+        args += (0 if shift is None else shift,)
     if rounding == "stochastic":
         args += (seed,)
     return fn(*args).view(torch.float32)
@@ -280,7 +288,17 @@ def _compile(fn: Callable, tag: str) -> Callable:
     return torch.compile(clone, dynamic=True, fullgraph=True, options=options)
 
 
-def _compiled_kernel(flat, fmt, rounding, saturate, seed, method, strict):
+_ZERO_SHIFTS: dict = {}
+
+
+def _zero_shift(device: torch.device) -> torch.Tensor:
+    t = _ZERO_SHIFTS.get(str(device))
+    if t is None:
+        t = _ZERO_SHIFTS[str(device)] = torch.zeros((), dtype=torch.int32, device=device)
+    return t
+
+
+def _compiled_kernel(flat, fmt, rounding, saturate, seed, method, strict, shift=None):
     """Run the compiled kernel; None (and remember) where compiling is not possible."""
     if method == "cast":
         key = ("cast", fmt.name, flat.device.type)
@@ -291,6 +309,8 @@ def _compiled_kernel(flat, fmt, rounding, saturate, seed, method, strict):
         kernel = _BITS_KERNELS[key[:2]]
         bits = flat.view(torch.int32)
         args = (bits, _param_tensor(fmt, saturate, flat.device, "bits"))
+        if fmt.is_posit:  # a runtime input, so scaled and unscaled calls share one kernel
+            args += (_zero_shift(flat.device) if shift is None else shift,)
         if rounding == "stochastic":
             args += (seed,)
             if flat.device.type == "cpu" and bits.numel() % _LANES == 0 and bits.numel() > _LANES:
@@ -328,7 +348,9 @@ def _flatten(x: torch.Tensor):
     return xc.view(-1), lambda y: y.view(x.shape)
 
 
-def _run(x, fmt, rounding, saturate, generator, path, method=None, seed=None):
+def _run(x, fmt, rounding, saturate, generator, path, method=None, seed=None, shift=None):
+    """quantize(); `shift` (posits only: an int32 0-d tensor k) rounds x * 2^k and divides by
+    2^k on the exponent field (quantize_scaled's tensor scaling, one pass)."""
     fmt = parse_format(fmt)
     _check_rounding(rounding)
     _check_tensor(x)
@@ -343,6 +365,8 @@ def _run(x, fmt, rounding, saturate, generator, path, method=None, seed=None):
     x = x.detach()
     x32 = x if x.dtype == torch.float32 else x.to(torch.float32)
     flat, unflatten = _flatten(x32)
+    if shift is not None and shift.dim() > 0:  # per element: same layout as x, same flat order
+        shift = _flatten(shift)[0]
     if rounding == "nearest":
         seed = None
     elif seed is None:
@@ -363,10 +387,11 @@ def _run(x, fmt, rounding, saturate, generator, path, method=None, seed=None):
         m = method or _methods(fmt, rounding, saturate, compiled=True)[0]
         if method is None and m == "cast" and not _compiled_cast_ok(fmt, flat.device):
             m = "bits"
-        y = _compiled_kernel(flat, fmt, rounding, saturate, seed, m, strict=path == "compiled")
+        y = _compiled_kernel(flat, fmt, rounding, saturate, seed, m, strict=path == "compiled",
+                             shift=shift)
     if y is None:
         m = method or _methods(fmt, rounding, saturate)[0]
-        y = _eager_kernel(flat, fmt, rounding, saturate, seed, m)
+        y = _eager_kernel(flat, fmt, rounding, saturate, seed, m, shift)
     y = unflatten(y)
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
@@ -402,22 +427,30 @@ def _quantize_compiled(x, fmt, rounding="nearest", saturate=True, generator=None
     return _run(x, fmt, rounding, saturate, generator, "compiled", method, seed)
 
 
-def _pow2_scale(amax: torch.Tensor, fmt: Format) -> torch.Tensor:
-    """Power-of-two s with amax*s in (max/2, max]; s = 1 where amax is 0, inf or NaN.
+def _pow2_exponent(amax: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """k (int32) with amax*2^k in (max/2, max]; k = 0 where amax is 0, inf or NaN.
 
-    s = 2^floor(log2(max/amax)), computed from the exact frexp exponents (a float division could
+    k = floor(log2(max/amax)), computed from the exact frexp exponents (a float division could
     round across a power of two): with amax = ma*2^ea, max = mm*2^em (ma, mm in [0.5, 1)),
-    s = 2^(em-ea) if ma <= mm else 2^(em-ea-1). The exponent is kept within float32's normal
-    range, so s and 1/s are exact (for a subnormal amax, amax*s may then stay below max/2).
+    k = em-ea if ma <= mm else em-ea-1. k is clamped so that the rescale is exact for every value:
+    floats to float32's normal exponents [-126, 127] (2^k and 2^-k exact); posits to
+    [log2(maxpos) - 127, 126 - log2(maxpos)], where every posit value divided by 2^k is a float32
+    normal. Only tensors with an extreme amax (a subnormal one; for posit16es1 below 2^-70 or
+    above 2^99) hit a clamp: amax*2^k then stays below max/2 (or above max: it saturates).
     """
     amax = amax.to(torch.float32)
     ma, ea = torch.frexp(amax)
-    mm, em = torch.frexp(torch.tensor(fmt.max, dtype=torch.float32, device=amax.device))
+    mm, em = math.frexp(fmt.max)
     exp = em - ea - (ma > mm).to(ea.dtype)
-    exp = torch.clamp(exp, min=-126, max=127)
-    s = ((exp + 127) << 23).to(torch.int32).view(torch.float32)
+    lo, hi = K.posit_shift_window(fmt) if fmt.is_posit else (-126, 127)
+    exp = torch.clamp(exp, min=lo, max=hi)
     ok = torch.isfinite(amax) & (amax > 0)
-    return torch.where(ok, s, torch.ones_like(s))
+    return torch.where(ok, exp, 0).to(torch.int32)
+
+
+def _pow2(k: torch.Tensor) -> torch.Tensor:
+    """2^k as float32, exactly (k in [-126, 127])."""
+    return ((k + 127) << 23).to(torch.int32).view(torch.float32)
 
 
 def quantize_scaled(x: torch.Tensor, fmt: Union[str, Format], scaling: str = "none",
@@ -454,7 +487,14 @@ def quantize_scaled(x: torch.Tensor, fmt: Union[str, Format], scaling: str = "no
         dim = channel_dim % xd.dim()
         others = [d for d in range(xd.dim()) if d != dim]
         amax = xd.abs().amax(dim=others, keepdim=True) if others else xd.abs()
-    s = _pow2_scale(amax, fmt)
+    k = _pow2_exponent(amax, fmt)
+    if fmt.is_posit and cast is quantize:
+        # one pass: the posit kernel scales on the exponent field. Also exact where x*s would
+        # underflow float32 to 0 (a float rescale would then round a nonzero x to 0)
+        if scaling == "channel":   # one shift per element, in x's memory layout
+            k = torch.empty_like(xd, dtype=torch.int32).copy_(k.expand(xd.shape))
+        return _run(x, fmt, rounding, saturate, generator, "auto", shift=k)
+    s = _pow2(k)
     xs = (xd.to(torch.float32) * s)
     y = cast(xs, fmt, rounding, saturate, generator) / s
     return y.to(x.dtype)

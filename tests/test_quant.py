@@ -795,6 +795,16 @@ def _pow2_reference(amax, fmax):
     return 2.0**k
 
 
+def _scale_window(fmt):
+    """Scales quantize_scaled may use (its docstring): float32 normal powers of two; for posits
+    those with every posit value / s a float32 normal: s in [2^(K-127), 2^(126-K)],
+    K = log2(maxpos) = (n-2) * 2^es (from the posit definition, NUMERICS.md)."""
+    if fmt.is_posit:
+        big = (fmt.bits - 2) * 2**fmt.es
+        return 2.0 ** (big - 127), 2.0 ** (126 - big)
+    return 2.0**-126, 2.0**127
+
+
 @pytest.mark.parametrize("spec", ["e4m3", "e2m1", "e5m2", "posit8es1", "bf16"])
 @pytest.mark.parametrize("amax", [1e-3, 0.75, 448.0, 449.0, 6.0, 7.0, 3e5, 1e-30, 3e38])
 def test_tensor_scaling_uses_power_of_two(spec, amax):
@@ -802,12 +812,64 @@ def test_tensor_scaling_uses_power_of_two(spec, amax):
     amax = float(np.float32(amax))
     x = torch.tensor([amax, -amax / 3, amax / 7, 0.0])
     s = _pow2_reference(amax, fmt.max)
-    if 2.0**-126 <= s <= 2.0**127:
+    lo, hi = _scale_window(fmt)
+    if lo <= s <= hi:
         assert fmt.max / 2 < amax * s <= fmt.max
-    else:  # documented: the scale stays a normal float32 (bf16 with a tiny amax)
-        s = min(max(s, 2.0**-126), 2.0**127)
+    else:  # documented: the scale stays where the rescale is exact (bf16 with a tiny amax, ...)
+        s = min(max(s, lo), hi)
     want = quantize(x * s, spec) / s
     assert torch.equal(quantize_scaled(x, spec, "tensor"), want)
+
+
+def _scaled_inputs(seed):
+    """Tensors whose amax spans the whole float32 range, with zeros, subnormals and ties."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(4096, generator=gen)
+    base[::7] = 0.0
+    base[1::97] = torch.tensor(2.0**-130)  # float32 subnormals
+    out = []
+    for amax_exp in (-140, -120, -100, -60, -20, -3, 0, 5, 30, 60, 100, 126):
+        x = base * 2.0 ** max(amax_exp, -126) * (2.0 ** min(amax_exp + 126, 0))
+        out.append(x)
+    bits = torch.randint(-2**31, 2**31, (1 << 16,), dtype=torch.int32, generator=gen)
+    out.append(bits.view(torch.float32).nan_to_num(0.0, 0.0, 0.0))  # every binade at once
+    return out
+
+
+@pytest.mark.parametrize("spec", ["posit4es0", "posit8es1", "posit16es1", "posit12es3",
+                                  "posit6es4", "posit16es3"])
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+@pytest.mark.parametrize("path", ["eager", "compiled"])
+def test_posit_tensor_scaling_on_exponent_field_equals_float_rescale(spec, rounding, path,
+                                                                     monkeypatch):
+    """Posit tensor scaling runs in the kernel (exponent-field shift): same bits as rounding
+    x * s with the plain cast and dividing by s, for amax anywhere in float32's range."""
+    fmt = parse_format(spec)
+    lo, hi = _scale_window(fmt)
+    monkeypatch.setenv("QUANT_PATH", path)
+    for i, x in enumerate(_scaled_inputs(1)):
+        amax = float(x.abs().max())
+        s = min(max(_pow2_reference(amax, fmt.max), lo), hi) if amax > 0 else 1.0
+        g1, g2 = torch.Generator().manual_seed(i), torch.Generator().manual_seed(i)
+        got = quantize_scaled(x, fmt, "tensor", rounding, generator=g1)
+        want = quantize(x * s, fmt, rounding, generator=g2) / s
+        # where x*s underflows float32 to 0, the float rescale loses x != 0: a posit never
+        # rounds a nonzero x to 0, so the answer there is +-minpos / s (NUMERICS.md)
+        lost = (x * s == 0) & (x != 0)
+        want[lost] = torch.copysign(torch.tensor(fmt.min_subnormal / s), x[lost])
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (spec, i, s)
+
+
+@pytest.mark.parametrize("spec", ["posit8es1", "posit4es0"])
+def test_posit_channel_scaling_per_slice_in_any_layout(spec):
+    """Per-channel posit scaling shifts each element by its own channel's exponent, whatever the
+    memory layout (contiguous, channels-last, a transposed view)."""
+    torch.manual_seed(0)
+    w = torch.randn(8, 4, 3, 3) * torch.logspace(-30, 20, 8).view(8, 1, 1, 1)
+    want = torch.stack([quantize_scaled(w[c], spec, "tensor") for c in range(8)])
+    for layout in (w, w.contiguous(memory_format=torch.channels_last),
+                   w.transpose(2, 3).contiguous().transpose(2, 3)):
+        assert torch.equal(quantize_scaled(layout, spec, "channel"), want)
 
 
 def test_channel_scaling_per_slice_along_dim():
