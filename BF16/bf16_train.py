@@ -46,7 +46,6 @@ def plan(argv=None):
     return {"config": config, "autocast_dtype": torch.bfloat16}
 
 
-
 def main(argv=None):
     """Train the run the flags describe; returns its summary dict."""
     return train.run(**plan(argv))

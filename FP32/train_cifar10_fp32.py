@@ -29,7 +29,6 @@ def plan(argv=None):
     return {"config": config}
 
 
-
 def main(argv=None):
     """Train the run the flags describe; returns its summary dict."""
     return train.run(**plan(argv))

@@ -36,7 +36,6 @@ def plan(argv=None):
     return qat_cli.plan_quantized(args, "fp4", "FP4", "FP4/train_cifar10_fp4.py")
 
 
-
 def main(argv=None):
     """Train the run the flags describe; returns its summary dict."""
     return train.run(**plan(argv))

@@ -38,7 +38,6 @@ def plan(argv=None):
     return qat_cli.plan_quantized(args, "fp8", "FP8", "FP8/train_cifar10_fp8.py")
 
 
-
 def main(argv=None):
     """Train the run the flags describe; returns its summary dict."""
     return train.run(**plan(argv))

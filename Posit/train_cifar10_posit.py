@@ -64,7 +64,6 @@ def plan(argv=None):
                                  "Posit/train_cifar10_posit.py")
 
 
-
 def main(argv=None):
     """Train the run the flags describe; returns its summary dict."""
     return train.run(**plan(argv))
