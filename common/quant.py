@@ -285,6 +285,10 @@ def _compile(fn: Callable, tag: str) -> Callable:
     clone = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__,
                                fn.__closure__)
     options = {"emulate_precision_casts": True} if tag.startswith("cast") else None
+    if not torch.cuda.is_available():
+        # a CUDA build of torch on a machine without CUDA warns "No CUDA runtime is found" each
+        # time inductor builds a CPU kernel: noise in every training log, nothing to act on
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     return torch.compile(clone, dynamic=True, fullgraph=True, options=options)
 
 
