@@ -146,6 +146,17 @@ def _mean(values: Iterable[Optional[float]]) -> Optional[float]:
     return statistics.fmean(vals) if vals else None
 
 
+
+def _shown(path) -> str:
+    """A path as results.md shows it: relative to the repo root when inside it (the file is
+    committed and read elsewhere), else as given."""
+    from .cli import REPO_ROOT
+    p = Path(path).resolve()
+    try:
+        return str(p.relative_to(REPO_ROOT)) + "/"
+    except ValueError:
+        return str(path)
+
 @dataclass
 class Group:
     """The runs of one format in one section (one table row)."""
@@ -631,7 +642,7 @@ def make_report(runs_dir: Path, out_dir: Path, model: Optional[str] = None,
 
     n_fin = sum(r.finished for r in all_runs)
     lines = ["# Results", "",
-             f"Written by `{command}` from {len(all_runs)} runs in `{runs_dir}` "
+             f"Written by `{command}` from {len(all_runs)} runs in `{_shown(runs_dir)}` "
              f"({n_fin} finished) on {time.strftime('%Y-%m-%d')}.", "",
              "Test accuracy is the final epoch's (never the best epoch's), as mean and sample standard "
              "deviation (n-1) over the n finished seeds; \"vs FP32\" is the difference of the means "
