@@ -208,11 +208,21 @@ def run(config: RunConfig, model_transform: Optional[Callable[[nn.Module], Optio
     """Train ``config`` to the end (or resume it) and return its summary dict (see module doc)."""
     ctx = _setup_distributed(config.device)
     saved = _global_flags()
+    all_ranks_done = False
     try:
-        return _Trainer(config, ctx, model_transform, autocast_dtype, after_step).execute()
+        summary = _Trainer(config, ctx, model_transform, autocast_dtype, after_step).execute()
+        all_ranks_done = True
+        return summary
+    except Diverged:
+        all_ranks_done = True            # every rank saw it (the check is all-reduced)
+        raise
     finally:
         _restore_global_flags(saved)     # a later run in the same process starts from the defaults
         if ctx.initialized_here and dist.is_initialized():
+            if all_ranks_done:
+                # no rank tears its process group down while a peer still writes its files or
+                # uses the group: a gloo rank that left first was once aborted at exit (SIGABRT)
+                dist.barrier()
             dist.destroy_process_group()
 
 
