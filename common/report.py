@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from . import runs
+from .cli import REPO_ROOT
 from .errors import UserError
 from .sweep import compared_values
 
@@ -146,16 +147,14 @@ def _mean(values: Iterable[Optional[float]]) -> Optional[float]:
     return statistics.fmean(vals) if vals else None
 
 
-
 def _shown(path) -> str:
-    """A path as results.md shows it: relative to the repo root when inside it (the file is
+    """A folder as results.md shows it: relative to the repo root when inside it (the file is
     committed and read elsewhere), else as given."""
-    from .cli import REPO_ROOT
-    p = Path(path).resolve()
     try:
-        return str(p.relative_to(REPO_ROOT)) + "/"
+        return str(Path(path).resolve().relative_to(REPO_ROOT)) + "/"
     except ValueError:
         return str(path)
+
 
 @dataclass
 class Group:

@@ -139,6 +139,7 @@ def test_table_numbers_fp32_difference_and_runs_not_finished(runs_dir, tmp_path)
     assert lost["fp8_s2"]["status"] == "interrupted" and lost["fp8_s2"]["epochs"] == "2/3"
     assert lost["broken"]["status"] == "no summary.json"
     assert res["runs"] == 7 and res["finished"] == 5 and res["not_finished"] == 3
+    assert f"runs in `{runs_dir}`" in text                         # outside the repo: as given
 
     # post-training quantization: mean over the two checkpoints, beside the trained FP8 row
     _, ptq = table_rows(text, "### Post-training quantization of FP32")
@@ -158,6 +159,12 @@ def test_table_numbers_fp32_difference_and_runs_not_finished(runs_dir, tmp_path)
         import matplotlib.image
         img = matplotlib.image.imread(out / name)
         assert img.ndim == 3 and img.shape[0] > 300 and img.shape[1] > 500
+
+
+def test_runs_folder_inside_the_repo_is_named_relative_to_it():
+    """results.md is committed: a runs folder in the repo must not show this machine's path."""
+    assert report._shown(cli.REPO_ROOT / "runs") == "runs/"
+    assert report._shown(cli.REPO_ROOT / "runs" / ".." / "runs" / "sub") == "runs/sub/"
 
 
 def test_filters_and_no_plots(runs_dir, tmp_path):
