@@ -171,16 +171,18 @@ def float_stochastic(bits: torch.Tensor, p, rand: torch.Tensor) -> torch.Tensor:
     Adds uniform random bits below the kept mantissa and truncates: x between neighbours lo < hi
     becomes hi with probability (x - lo) / (hi - lo) exactly (the dropped bits are the fraction of
     the gap). Below the smallest subnormal Q, x becomes Q with probability x / Q resolved to
-    2^-30 of Q (a value more than 2^30 times smaller than Q rounds to 0).
+    2^-30 of Q (exact down to Q / 2^7; a value more than 2^30 times smaller than Q rounds to 0).
     """
     s0, s_top, clamp_pat, max_pat, ovf_pat, q_pat, half_q_pat = p
     mag, sign, magc, ef, s, sc = _float_split(bits, s0, s_top, clamp_pat)
-    r = ((magc + (rand & ((1 << sc) - 1))) >> sc) << sc
-    # below Q: the significand (implicit bit included) against 2^s, s > 23
-    sig = (magc & F32_MAN_MASK) | (torch.clamp(ef, max=1) << F32_MAN_BITS)
-    s30 = torch.clamp(s, max=30)
-    up = ((sig >> torch.clamp(s - s30, max=31)) + (rand & ((1 << s30) - 1))) >> s30
-    r = torch.where(s >= 24, up * q_pat, r)
+    low = (-1 << sc) ^ -1  # the pattern bits below the quantum
+    r = (magc + (rand & low)) & ~low
+    # below Q (s >= 24): x / Q as a 30-bit fixed-point fraction (the significand, implicit bit
+    # set, shifted by the binade; float32 subnormals are far below Q / 2^30 and come out 0),
+    # against 30 random bits: Q where they are smaller (the sign bit of their difference), else 0
+    frac = (((magc & F32_MAN_MASK) | (1 << F32_MAN_BITS)) << 6) >> torch.clamp(s - 24, 0, 31)
+    below_q = (((rand & ((1 << 30) - 1)) - frac) >> 31) & q_pat
+    r = torch.where(s >= 24, below_q, r)
     return _float_finish(bits, mag, sign, r, max_pat, ovf_pat)
 
 

@@ -551,8 +551,9 @@ def _neighbours(spec, x):
 # x strictly between neighbours: normal range, subnormals, just below max, below the smallest
 # subnormal, cut exponent bits of posits (not linear in the bit string), tiny posit fractions
 SR_CASES = {
-    "e4m3": [1.0 + 0.3 * 0.125, -3.3e-3, 431.0, 2.0**-12], "e5m2": [1e-5, 700.0],
-    "e2m1": [2.6, 0.2], "e3m2": [13.0], "bf16": [1.0 + 2.0**-10, 3e-39], "fp16": [1e-7, 3.14159],
+    "e4m3": [1.0 + 0.3 * 0.125, -3.3e-3, 431.0, 2.0**-12, 3.0 * 2.0**-22], "e5m2": [1e-5, 700.0],
+    "e2m1": [2.6, 0.2], "e3m2": [13.0], "bf16": [1.0 + 2.0**-10, 3e-39],
+    "fp16": [1e-7, 3.14159, 3e-8],
     "posit8es1": [3.3, -0.013], "posit6es2": [3000.0, 1e-3, 40.0], "posit16es1": [1.0001],
     "posit8es0": [40.0], "posit16es3": [1e20, 3e-30], "posit5es5": [1e5],
 }
