@@ -141,7 +141,7 @@ def _float_split(bits: torch.Tensor, s0, s_top, clamp_pat):
     # (float32 subnormals, field 0, sit in the binade of field 1)
     s = torch.clamp(s_top - torch.clamp(ef, min=1), min=s0)
     sc = torch.clamp(s, max=F32_MAN_BITS)
-    return mag, sign, magc, ef, s, sc
+    return mag, sign, magc, s, sc
 
 
 def _float_finish(bits, mag, sign, r, max_pat, ovf_pat):
@@ -153,7 +153,7 @@ def float_nearest(bits: torch.Tensor, p) -> torch.Tensor:
     """Round float32 patterns to the float format of parameters p, to nearest, ties to even
     (the even pattern: for formats without mantissa bits, the even exponent field)."""
     s0, s_top, clamp_pat, max_pat, ovf_pat, q_pat, half_q_pat = p
-    mag, sign, magc, ef, s, sc = _float_split(bits, s0, s_top, clamp_pat)
+    mag, sign, magc, s, sc = _float_split(bits, s0, s_top, clamp_pat)
     nz = (sc > 0).to(torch.int32)  # sc == 0 (23 mantissa bits, normal range): nothing dropped
     half_m1 = ((1 << sc) >> 1) - nz
     # the kept pattern's last bit decides ties; in the binade [Q, 2Q) (s == 23 below the normal
@@ -174,7 +174,7 @@ def float_stochastic(bits: torch.Tensor, p, rand: torch.Tensor) -> torch.Tensor:
     2^-30 of Q (exact down to Q / 2^7; a value more than 2^30 times smaller than Q rounds to 0).
     """
     s0, s_top, clamp_pat, max_pat, ovf_pat, q_pat, half_q_pat = p
-    mag, sign, magc, ef, s, sc = _float_split(bits, s0, s_top, clamp_pat)
+    mag, sign, magc, s, sc = _float_split(bits, s0, s_top, clamp_pat)
     low = (-1 << sc) ^ -1  # the pattern bits below the quantum
     r = (magc + (rand & low)) & ~low
     # below Q (s >= 24): x / Q as a 30-bit fixed-point fraction (the significand, implicit bit
