@@ -45,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"run seeds 0..N-1 of every configuration (default: {sweep.DEFAULT_SEEDS})")
     g.add_argument("--runs-dir", default=str(cli.DEFAULT_RUNS_DIR), metavar="DIR",
                    help="where run folders go (default: runs/ in the repo root)")
+    g.add_argument("--records-dir", default=str(sweep.DEFAULT_RECORDS_DIR), metavar="DIR",
+                   help="where each finished run's small files (config, metrics, summary, "
+                        "per-image predictions; never the checkpoint) are kept; a run recorded "
+                        "there counts as done. 'none': keep no records (default: results/runs/ "
+                        "in the repo, tracked by git)")
     g.add_argument("--tag", default=None, metavar="TAG",
                    help="suffix of every run name, to keep a variant sweep (other --lr, ...) apart "
                         "(default: none)")
@@ -72,7 +77,8 @@ def main(argv=None):
     keys = sweep.resolve_configs(args.set, args.configs)
     training = sweep.parse_training_flags(training_flags)
     gpus = sweep.resolve_gpus(args.gpus, training)
-    jobs = sweep.plan(keys, range(args.seeds), training_flags, args.runs_dir, args.tag)
+    records = None if args.records_dir == "none" else args.records_dir
+    jobs = sweep.plan(keys, range(args.seeds), training_flags, args.runs_dir, args.tag, records)
     if args.dry_run:
         for j in jobs:
             print(f"{j.action:<4} {j.name}: {j.reason}" + (f"\n     {sweep.shlex.join(j.cmd)}"

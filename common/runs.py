@@ -7,6 +7,9 @@ Layout of ``runs/<name>/`` (written by rank 0 only):
 * ``metrics.jsonl`` one JSON object per finished epoch.
 * ``summary.json``  status ("running" | "finished" | "diverged" | "interrupted" | "failed") and
                     the headline figures; rewritten after every epoch.
+* ``predictions.json`` the final model's predicted class of every test image (test-set order),
+                    whether it was right, and a hash of the test labels: what paired comparisons
+                    between runs need (``report``), without the checkpoint.
 * ``last.pt``       checkpoint after the last finished epoch (model, optimizer, grad scaler, epoch,
                     every RNG state, metrics so far).
 
@@ -16,13 +19,14 @@ checkpoint or summary: the previous version stays.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -31,6 +35,9 @@ CHECKPOINT = "last.pt"
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
+PREDICTIONS = "predictions.json"
+# The small files of a run that results/runs/<name>/ keeps (never the checkpoint).
+RECORD_FILES = (CONFIG, METRICS, SUMMARY, PREDICTIONS)
 CHECKPOINT_VERSION = 1
 
 
@@ -86,6 +93,45 @@ def read_jsonl(path: Path) -> List[Dict[str, Any]]:
             return [json.loads(line) for line in f if line.strip()]
     except FileNotFoundError:
         return []
+
+
+def labels_digest(labels: Sequence[int]) -> str:
+    """A short hash of the test labels: runs compared image by image must share it."""
+    return hashlib.sha256(bytes(int(v) for v in labels)).hexdigest()[:16]
+
+
+def write_predictions(run_dir: Path, predictions: Sequence[int], labels: Any) -> None:
+    """``predictions.json``: predicted classes and right/wrong as digit strings (one per image)."""
+    labels = [int(v) for v in (labels.tolist() if hasattr(labels, "tolist") else labels)]
+    if len(predictions) != len(labels):
+        raise ValueError(f"{len(predictions)} predictions for {len(labels)} test images")
+    write_json(Path(run_dir) / PREDICTIONS, {
+        "test_images": len(labels),
+        "labels_sha256": labels_digest(labels),
+        "predicted": "".join(str(int(p)) for p in predictions),
+        "correct": "".join("1" if int(p) == y else "0" for p, y in zip(predictions, labels)),
+    })
+
+
+def read_correct(run_dir: Path) -> Optional[Tuple[str, np.ndarray]]:
+    """(labels hash, 0/1 array of right answers per test image) of a run, or None."""
+    pred = read_json(Path(run_dir) / PREDICTIONS)
+    try:
+        correct = np.frombuffer(pred["correct"].encode(), dtype=np.uint8) - ord("0")
+        return pred["labels_sha256"], correct.astype(np.int8)
+    except (TypeError, KeyError, AttributeError):
+        return None
+
+
+def copy_record(run_dir: Path, record_dir: Path) -> None:
+    """Copy a finished run's small files (``RECORD_FILES``, never the checkpoint) to
+    ``record_dir``, each atomically, the summary last (its presence marks the record complete)."""
+    order = [f for f in RECORD_FILES if f != SUMMARY] + [SUMMARY]
+    for name in order:
+        src = Path(run_dir) / name
+        if src.is_file():
+            data = src.read_bytes()
+            _atomic_write(Path(record_dir) / name, lambda f: f.write(data))
 
 
 def save_checkpoint(path: Path, state: Dict[str, Any]) -> None:

@@ -81,10 +81,12 @@ CONFIGS: Dict[str, SweepConfig] = {
     "posit4": SweepConfig("Posit/train_cifar10_posit.py",
                           ("--bits", "4", "--es", "0", "--first-last-fp32"),
                           "posit(4,0), scaled, first/last fp32"),
-    "posit8": SweepConfig("Posit/train_cifar10_posit.py", ("--bits", "8", "--es", "1"),
-                          "posit(8,1), gradients scaled"),
-    "posit16": SweepConfig("Posit/train_cifar10_posit.py", ("--bits", "16", "--es", "1"),
-                           "posit(16,1), unscaled"),
+    "posit8": SweepConfig("Posit/train_cifar10_posit.py",
+                          ("--bits", "8", "--es", "1", "--first-last-fp32"),
+                          "posit(8,1), gradients scaled, first/last fp32"),
+    "posit16": SweepConfig("Posit/train_cifar10_posit.py",
+                           ("--bits", "16", "--es", "1", "--first-last-fp32"),
+                           "posit(16,1), unscaled, first/last fp32"),
 }
 
 # Named sets of configuration keys. "seed" is the README's seed set: every format once.
@@ -95,6 +97,7 @@ SETS: Dict[str, Tuple[str, ...]] = {
 }
 
 DEFAULT_SET = "seed"
+DEFAULT_RECORDS_DIR = REPO_ROOT / "results" / "runs"
 DEFAULT_SEEDS = 3
 LOG_NAME = "stdout.log"
 
@@ -130,6 +133,8 @@ class Job:
     seconds: float = 0.0
     final_test_acc: Optional[float] = None
     message: str = ""
+    record_dir: Optional[Path] = None    # where the finished run's small files are kept
+
 
     @property
     def log_path(self) -> Path:
@@ -137,9 +142,11 @@ class Job:
 
 
 def run_name(key: str, model: str, epochs: int, seed: int, synthetic: bool = False,
-             max_steps: Optional[int] = None, tag: Optional[str] = None) -> str:
-    """``<key>_<model>_e<epochs>_s<seed>[_synthetic][_max<N>][_<tag>]``: what makes a run distinct."""
-    name = f"{key}_{model}_e{epochs}_s{seed}"
+             max_steps: Optional[int] = None, tag: Optional[str] = None,
+             recipe: str = cli.DEFAULT_RECIPE) -> str:
+    """``<key>_<model>_<recipe>_e<epochs>_s<seed>[_synthetic][_max<N>][_<tag>]``: what makes a run
+    distinct."""
+    name = f"{key}_{model}_{recipe}_e{epochs}_s{seed}"
     if synthetic:
         name += "_synthetic"
     if max_steps:
@@ -228,10 +235,13 @@ def config_differences(stored: Mapping, expected: Mapping) -> List[str]:
 
 
 def plan(keys: Sequence[str], seeds: Sequence[int], training_flags: Sequence[str],
-         runs_dir: Path, tag: Optional[str] = None) -> List[Job]:
+         runs_dir: Path, tag: Optional[str] = None,
+         records_dir: Optional[Path] = None) -> List[Job]:
     """The jobs of a sweep, seed-major (every configuration of seed 0 first, then seed 1 ...), each
-    marked run or skip from its ``summary.json``. Existing runs made with other training flags
-    raise UserError (all of them named in one line)."""
+    marked run or skip from its ``summary.json``: the record in ``records_dir/<name>/`` if there
+    is one (a finished run kept in the repo is done, whatever ``runs_dir`` holds), else the one in
+    ``runs_dir/<name>/``. Existing runs made with other training flags raise UserError (all of
+    them named in one line)."""
     flags = list(training_flags)
     if flags and flags[0] == "--":
         flags = flags[1:]
@@ -243,11 +253,16 @@ def plan(keys: Sequence[str], seeds: Sequence[int], training_flags: Sequence[str
         for key in keys:
             cfg = CONFIGS[key]
             name = run_name(key, args.model, args.epochs, seed, args.synthetic,
-                            args.max_steps_per_epoch, tag)
+                            args.max_steps_per_epoch, tag, args.recipe)
             cmd = [sys.executable, str(REPO_ROOT / cfg.script), *cfg.flags, *flags,
                    "--seed", str(seed), "--runs-dir", str(runs_dir), "--name", name, "--resume"]
-            job = Job(key, seed, name, cmd, runs_dir / name)
-            summary = runs.read_json(job.run_dir / runs.SUMMARY)
+            # smoke runs (synthetic data, capped epochs) are never kept as results
+            keep = records_dir is not None and not args.synthetic and not args.max_steps_per_epoch
+            job = Job(key, seed, name, cmd, runs_dir / name,
+                      record_dir=Path(records_dir).expanduser().resolve() / name if keep else None)
+            record = (runs.read_json(job.record_dir / runs.SUMMARY) if job.record_dir else None) or {}
+            summary = record if record.get("status") == "finished" else \
+                runs.read_json(job.run_dir / runs.SUMMARY)
             if summary is not None:
                 diffs = config_differences(summary.get("config") or {}, expected)
                 if diffs:
@@ -255,7 +270,8 @@ def plan(keys: Sequence[str], seeds: Sequence[int], training_flags: Sequence[str
                 status = summary.get("status")
                 done = f"{summary.get('epochs_done', '?')}/{summary.get('epochs', '?')} epochs"
                 if status == "finished":
-                    job.action, job.reason = "skip", "finished"
+                    job.action = "skip"
+                    job.reason = "recorded" if summary is record else "finished"
                     job.final_test_acc = summary.get("final_test_acc")
                 elif status == "diverged":
                     job.action = "skip"
@@ -331,6 +347,8 @@ def _outcome(job: Job, rc: int) -> None:
     if rc == 0:
         job.result = "finished"
         job.final_test_acc = summary.get("final_test_acc")
+        if job.record_dir is not None:
+            runs.copy_record(job.run_dir, job.record_dir)
     elif rc == EXIT_DIVERGED:
         job.result = "diverged"
         job.message = summary.get("message", "")

@@ -34,6 +34,7 @@ writes files.
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 import platform
@@ -83,15 +84,20 @@ def lr_at(config: RunConfig, epoch: int, step: int, steps: int) -> float:
     step: ``lr`` until 50% of the epochs, ``lr/10`` until 75%, then ``lr/100`` (He et al. 2016:
     32k and 48k of 64k iterations); the change happens at the first epoch at or past the mark.
     cosine: ``lr * (1 + cos(pi * t / epochs)) / 2`` with t the fractional epoch, per step.
-    A linear warm-up over ``warmup_epochs`` scales either one.
+    linear: after the warm-up, ``lr`` decays linearly to 0 at the end, per step (with a warm-up:
+    the one-cycle schedule of Smith & Topin 2019, without its momentum cycle).
+    A linear warm-up over ``warmup_epochs`` scales step and cosine; linear rises to ``lr`` over it.
     """
     t = epoch + step / steps
     if config.schedule == "step":
         lr = config.lr * (0.1 ** sum(epoch >= m * config.epochs for m in (0.5, 0.75)))
     elif config.schedule == "cosine":
         lr = config.lr * 0.5 * (1.0 + math.cos(math.pi * t / config.epochs))
+    elif config.schedule == "linear":
+        decay = max(config.epochs - config.warmup_epochs, 1e-9)
+        lr = config.lr * max(0.0, min(1.0, (config.epochs - t) / decay))
     else:
-        raise UserError(f"unknown schedule {config.schedule!r}; choose step or cosine")
+        raise UserError(f"unknown schedule {config.schedule!r}; choose step, cosine or linear")
     if config.warmup_epochs > 0 and t < config.warmup_epochs:
         lr *= (epoch * steps + step + 1) / (config.warmup_epochs * steps)
     return lr
@@ -144,22 +150,63 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def evaluate(model: nn.Module, data: data_mod.DeviceData, normalizer: data_mod.Normalizer,
              batch_size: int, autocast_dtype: Optional[torch.dtype] = None,
-             ctx: Optional[_Dist] = None) -> Dict[str, float]:
-    """Test loss (mean cross-entropy) and accuracy (%) on the whole test set; sharded under DDP."""
+             ctx: Optional[_Dist] = None, predictions: bool = False) -> Dict[str, Any]:
+    """Test loss (mean cross-entropy) and accuracy (%) on the whole test set; sharded under DDP.
+
+    ``predictions=True`` adds ``"predictions"``: the predicted class of every test image, in the
+    test set's order (gathered from every rank), for paired comparisons between runs.
+    """
     ctx = ctx or _Dist()
     model.eval()
     dev = data.device
     sums = torch.zeros(3, dtype=torch.float64, device=dev)       # loss sum, correct, count
+    preds = []
     with torch.no_grad(), torch.autocast(dev.type, dtype=autocast_dtype or torch.float32,
                                          enabled=autocast_dtype is not None):
         for x, y in data_mod.eval_batches(data, batch_size, normalizer, ctx.rank, ctx.world_size):
             out = model(x)
+            pred = out.argmax(1)
             sums[0] += F.cross_entropy(out.float(), y, reduction="sum").double()
-            sums[1] += (out.argmax(1) == y).sum()
+            sums[1] += (pred == y).sum()
             sums[2] += y.shape[0]
+            if predictions:
+                preds.append(pred)
     _all_reduce(sums, ctx)
     loss, correct, n = sums.tolist()
-    return {"test_loss": loss / n, "test_acc": 100.0 * correct / n, "test_images": int(n)}
+    result = {"test_loss": loss / n, "test_acc": 100.0 * correct / n, "test_images": int(n)}
+    if predictions:
+        mine = torch.cat(preds).tolist() if preds else []
+        if ctx.active:                   # shards are contiguous and in rank order
+            shards: List[Any] = [None] * ctx.world_size
+            dist.all_gather_object(shards, mine)
+            mine = [p for shard in shards for p in shard]
+        result["predictions"] = mine
+    return result
+
+
+class WeightEMA:
+    """Exponential moving average of a model's parameters and floating-point buffers.
+
+    After every optimizer step ``ema = decay * ema + (1 - decay) * live``; integer buffers
+    (BatchNorm's step counter) are copied. The copy is a whole model (same quantized layers), so
+    it is evaluated exactly like the live one.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self._pairs = list(zip(self.model.state_dict().values(), model.state_dict().values()))
+        self._float = [(e, m) for e, m in self._pairs if e.is_floating_point()]
+        self._other = [(e, m) for e, m in self._pairs if not e.is_floating_point()]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        ema, live = zip(*self._float)
+        torch._foreach_lerp_(list(ema), list(live), 1.0 - self.decay)
+        for e, m in self._other:
+            e.copy_(m)
 
 
 def _device_name(device: torch.device) -> str:
@@ -405,9 +452,12 @@ class _Trainer:
                                     weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
         scaler = torch.amp.GradScaler(device.type, enabled=self.autocast_dtype == torch.float16)
         generator = data_mod.make_generator(device, cfg.seed)
+        self.ema = WeightEMA(raw_model, cfg.ema_decay) if cfg.ema_decay > 0 else None
         start_epoch = 0
         if ckpt is not None:
             raw_model.load_state_dict(ckpt["model"])
+            if self.ema is not None:
+                self.ema.model.load_state_dict(ckpt["ema"])
             optimizer.load_state_dict(ckpt["optimizer"])
             scaler.load_state_dict(ckpt["scaler"])
             runs.set_rng_state(ckpt["rng"], generator)
@@ -540,13 +590,15 @@ class _Trainer:
                     group["lr"] = lr
                 with torch.autocast(device.type, dtype=ac_dtype, enabled=ac_enabled):
                     out = train_model(x)
-                    loss = F.cross_entropy(out, y)
+                    loss = F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
                 if self.after_step is not None:
                     self.after_step(raw_model)
+                if self.ema is not None:
+                    self.ema.update()
                 with torch.no_grad():            # on the device: no host sync per step
                     loss_sum += loss.detach().float()
                     correct += (out.argmax(1) == y).sum()
@@ -569,7 +621,9 @@ class _Trainer:
             if ctx.active:                      # evaluate the same BN statistics on every rank
                 for buf in raw_model.buffers():
                     dist.broadcast(buf, 0)
-            ev = evaluate(eval_model, data, normalizer, cfg.eval_batch_size, self.autocast_dtype, ctx)
+            last_epoch = epoch + 1 == cfg.epochs
+            ev = evaluate(eval_model, data, normalizer, cfg.eval_batch_size, self.autocast_dtype, ctx,
+                          predictions=last_epoch)
             if not math.isfinite(ev["test_loss"]):
                 self._check_finite(torch.tensor(ev["test_loss"]), epoch, steps, steps, "test loss")
             epoch_time = time.perf_counter() - t0
@@ -578,6 +632,9 @@ class _Trainer:
                 "epoch": epoch + 1, "lr": lr0,
                 "train_loss": train_loss, "train_acc": 100.0 * train_correct / images,
                 "test_loss": ev["test_loss"], "test_acc": ev["test_acc"],
+                **({"ema_test_acc": evaluate(self.ema.model, data, normalizer, cfg.eval_batch_size,
+                                             self.autocast_dtype, ctx)["test_acc"]}
+                   if self.ema is not None else {}),
                 "train_images": images, "test_images": ev["test_images"],
                 "epoch_seconds": round(epoch_time, 3), "train_seconds": round(train_time, 3),
                 "images_per_s": round(images / train_time, 1),
@@ -588,6 +645,7 @@ class _Trainer:
                 runs.save_checkpoint(self.ckpt_path, {
                     "version": runs.CHECKPOINT_VERSION, "epoch": epoch + 1,
                     "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                    **({"ema": self.ema.model.state_dict()} if self.ema is not None else {}),
                     "scaler": scaler.state_dict(), "rng": runs.rng_state(generator),
                     "metrics": self.metrics, "config": runs.jsonable(cfg.to_dict()),
                     "device_type": device.type,
@@ -597,6 +655,8 @@ class _Trainer:
                     "started_at": self.started_at,
                 })
                 runs.write_jsonl(self.run_dir / runs.METRICS, self.metrics)
+                if last_epoch:
+                    runs.write_predictions(self.run_dir, ev["predictions"], data.test_y)
                 self.write_summary("running")
             self.log(f"epoch {epoch + 1:>{len(str(cfg.epochs))}}/{cfg.epochs}  lr {lr0:.5f}  "
                      f"train loss {row['train_loss']:.4f} acc {row['train_acc']:6.2f}%  "

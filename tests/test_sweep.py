@@ -50,7 +50,7 @@ def test_sweep_runs_then_does_no_work(tmp_path, capsys, monkeypatch):
                           env=dict(os.environ, PYTHONWARNINGS="ignore"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     names = [sweep.run_name(k, "resnet8", 1, 0, True, 2) for k in ("fp32", "fp8-e4m3w")]
-    assert names == ["fp32_resnet8_e1_s0_synthetic_max2", "fp8-e4m3w_resnet8_e1_s0_synthetic_max2"]
+    assert names == ["fp32_resnet8_paper_e1_s0_synthetic_max2", "fp8-e4m3w_resnet8_paper_e1_s0_synthetic_max2"]
     assert "sweep summary: 2 runs: 2 finished" in proc.stdout
     logs = {}
     for name in names:
@@ -117,12 +117,12 @@ def test_half_finished_run_is_resumed_not_restarted(tmp_path, capsys, monkeypatc
 def test_plan_names_skips_and_refuses_runs_made_with_other_flags(tmp_path):
     flags = ["--epochs", "3", "--model", "resnet8"]
     jobs = sweep.plan(["fp32", "posit4"], range(2), flags, tmp_path)
-    assert [j.name for j in jobs] == ["fp32_resnet8_e3_s0", "posit4_resnet8_e3_s0",
-                                      "fp32_resnet8_e3_s1", "posit4_resnet8_e3_s1"]   # seed-major
+    assert [j.name for j in jobs] == ["fp32_resnet8_paper_e3_s0", "posit4_resnet8_paper_e3_s0",
+                                      "fp32_resnet8_paper_e3_s1", "posit4_resnet8_paper_e3_s1"]   # seed-major
     cmd = jobs[1].cmd
     assert cmd[1] == str(ROOT / "Posit" / "train_cifar10_posit.py")
     assert cmd[2:] == ["--bits", "4", "--es", "0", "--first-last-fp32", *flags, "--seed", "0",
-                       "--runs-dir", str(tmp_path.resolve()), "--name", "posit4_resnet8_e3_s0",
+                       "--runs-dir", str(tmp_path.resolve()), "--name", "posit4_resnet8_paper_e3_s0",
                        "--resume"]
     assert all(j.action == "run" and j.reason == "new" for j in jobs)
 
@@ -133,20 +133,20 @@ def test_plan_names_skips_and_refuses_runs_made_with_other_flags(tmp_path):
                         {"status": status, "epochs_done": 1, "epochs": 3, "config": config,
                          "final_test_acc": 50.0 if status == "finished" else None})
 
-    fake_run("fp32_resnet8_e3_s0", "finished", device="cuda", data_dir="/elsewhere")  # free fields
-    fake_run("posit4_resnet8_e3_s0", "diverged")
-    fake_run("fp32_resnet8_e3_s1", "interrupted")
+    fake_run("fp32_resnet8_paper_e3_s0", "finished", device="cuda", data_dir="/elsewhere")  # free fields
+    fake_run("posit4_resnet8_paper_e3_s0", "diverged")
+    fake_run("fp32_resnet8_paper_e3_s1", "interrupted")
     jobs = sweep.plan(["fp32", "posit4"], range(2), flags, tmp_path)
     assert [(j.action, j.reason.split(";")[0]) for j in jobs] == [
         ("skip", "finished"), ("skip", "diverged after 1/3 epochs"),
         ("run", "resume (interrupted, 1/3 epochs)"), ("run", "new")]
 
-    fake_run("posit4_resnet8_e3_s1", "finished", lr=0.05)
-    with pytest.raises(UserError, match=r"posit4_resnet8_e3_s1 was made with other flags: "
+    fake_run("posit4_resnet8_paper_e3_s1", "finished", lr=0.05)
+    with pytest.raises(UserError, match=r"posit4_resnet8_paper_e3_s1 was made with other flags: "
                                         r"--lr 0.1 \(run: 0.05\)"):
         sweep.plan(["fp32", "posit4"], range(2), flags, tmp_path)
     # a tag keeps a variant apart
-    assert sweep.plan(["posit4"], [1], flags, tmp_path, tag="v2")[0].name == "posit4_resnet8_e3_s1_v2"
+    assert sweep.plan(["posit4"], [1], flags, tmp_path, tag="v2")[0].name == "posit4_resnet8_paper_e3_s1_v2"
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -191,7 +191,7 @@ def test_one_run_per_gpu_in_parallel_and_outcomes(tmp_path):
     jobs = sweep.plan(["fp32", "bf16", "fp4", "posit8"], range(2), ["--epochs", "2"], tmp_path)
     lock = threading.Lock()
     busy, seen, peak = set(), [], [0]
-    codes = {"fp4_resnet20_e2_s0": 1, "posit8_resnet20_e2_s1": 2}
+    codes = {"fp4_resnet20_paper_e2_s0": 1, "posit8_resnet20_paper_e2_s1": 2}
 
     def fake_launch(job, gpu, stream):
         assert not stream                                # parallel output goes to the logs only
@@ -217,9 +217,9 @@ def test_one_run_per_gpu_in_parallel_and_outcomes(tmp_path):
     assert sorted(n for n, _ in seen) == sorted(j.name for j in jobs)      # each run exactly once
     assert {g for _, g in seen} == {"0", "1"} and peak[0] == 2
     result = {j.name: j.result for j in jobs}
-    assert result["fp4_resnet20_e2_s0"] == "diverged" and result["posit8_resnet20_e2_s1"] == "failed"
+    assert result["fp4_resnet20_paper_e2_s0"] == "diverged" and result["posit8_resnet20_paper_e2_s1"] == "failed"
     assert res.counts == {"finished": 6, "diverged": 1, "failed": 1}
-    assert [j.name for j in res.failed] == ["posit8_resnet20_e2_s1"]
+    assert [j.name for j in res.failed] == ["posit8_resnet20_paper_e2_s1"]
     text = "\n".join(sweep.summary_lines(res))
     assert "6 finished, 1 diverged, 1 failed" in text and "42.00%" in text
 
