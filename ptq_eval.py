@@ -30,8 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated formats (any spec of the scripts' --w-fmt) "
                         f"(default: {','.join(ptq.DEFAULT_FORMATS)})")
     g.add_argument("--scalings", default=",".join(ptq.SCALING_MODES), metavar="LIST",
-                   help="none = the format's own range; scaled = power-of-two scale from the "
-                        "absolute maximum, weights per --weight-scaling, activations per tensor "
+                   help="none = the format's own range; scaled = power-of-two scale (floats: from "
+                        "the absolute maximum; posits: from the rms, to 1), weights per --weight-scaling, activations per tensor "
                         f"(per test batch) (default: {','.join(ptq.SCALING_MODES)})")
     g.add_argument("--weight-scaling", choices=ptq.WEIGHT_SCALINGS, default="channel",
                    help="granularity of the weights' scale in scaled rows (default: channel)")

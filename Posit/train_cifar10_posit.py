@@ -24,7 +24,8 @@ WHY = ("Formats: posit(--bits, --es) for weights, activations and gradients unle
        "(posit4es0 holds only +-1/4 .. +-4), so all three are scaled (weights per output channel);\n"
        "from 6 to 11 bits only the gradients are scaled per tensor (unscaled, gradients below\n"
        "minpos, 2^-12 for posit8es1, would round UP to minpos: posits never round to 0);\n"
-       "from 12 bits on nothing is scaled.")
+       "from 12 bits on nothing is scaled. A posit scale puts the tensor's rms at the power of two\n"
+       "nearest to 1, where a posit is most precise (not the absolute maximum at maxpos).")
 
 
 def auto_scaling(bits: int) -> dict:

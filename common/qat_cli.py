@@ -62,7 +62,8 @@ def add_quant_args(parser: argparse.ArgumentParser, defaults: Dict[str, str],
         d = defaults.get(f"{role}_scaling", "none")
         choices = SCALINGS if role == "w" else tuple(s for s in SCALINGS if s != "channel")
         g.add_argument(f"--{role}-scaling", choices=choices, default=d,
-                       help=f"power-of-two scaling of the {role} cast: none = the format's own "
+                       help=f"power-of-two scaling of the {role} cast (floats: absolute maximum "
+                            f"to the format's max; posits: rms to 1): none = the format's own "
                             f"range, tensor = per tensor"
                             + (", channel = per output channel" if role == "w" else "")
                             + f" (default: {shown.get(f'{role}_scaling', d)})")

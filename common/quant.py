@@ -452,6 +452,59 @@ def _pow2_exponent(amax: torch.Tensor, fmt: Format) -> torch.Tensor:
     return torch.where(ok, exp, 0).to(torch.int32)
 
 
+def _scale_dims(xd: torch.Tensor, scaling: str, channel_dim: int) -> Optional[list]:
+    """Dimensions a scale statistic reduces over: None for "tensor" (all), every dim but
+    ``channel_dim`` for "channel" ([] for a 1-D tensor: each element is its own channel)."""
+    if scaling == "tensor":
+        return None
+    if xd.dim() == 0:
+        raise ValueError("channel scaling needs a tensor with at least one dimension")
+    dim = channel_dim % xd.dim()
+    return [d for d in range(xd.dim()) if d != dim]
+
+
+def _amax(xd: torch.Tensor, dims: Optional[list]) -> torch.Tensor:
+    """Absolute maximum over ``dims`` (keepdim; None: the whole tensor). NaN propagates."""
+    if dims is None:
+        # max(max, -min) over a flat view in memory order: one pass, no temporary
+        # (vector_norm(inf) and abs().amax() were 8x and 2x slower on the 2-core CPU)
+        lo, hi = torch.aminmax(_flatten(xd)[0])
+        return torch.maximum(hi, -lo)
+    return xd.abs().amax(dim=dims, keepdim=True) if dims else xd.abs()
+
+
+def _rms(xd: torch.Tensor, dims: Optional[list]) -> torch.Tensor:
+    """Root mean square of ``xd`` (over ``dims``, keepdim; None: all), float32.
+
+    The sum of squares runs in float32 (one fast pass on the CPU) where it neither overflows
+    nor underflows, i.e. for rms roughly in [2^-63, 2^63]; a result of 0 or inf (an all-zero or
+    extreme tensor, or one holding inf) is redone in float64. On CUDA it always accumulates in
+    float64 (still one memory-bound pass there, and no host sync).
+    """
+    if dims == []:
+        return xd.abs().to(torch.float64)
+    xd = xd.to(torch.float32)
+    count = xd.numel() if dims is None else math.prod(xd.shape[d] for d in dims)
+    norm = (lambda dtype: torch.linalg.vector_norm(xd, 2, dim=dims, keepdim=dims is not None,
+                                                  dtype=dtype))
+    if xd.device.type == "cpu":
+        total = norm(torch.float32).double()
+        bad = (total == 0) | torch.isinf(total)
+        if bool(bad.any()):         # free on the CPU; rare (zeros, inf, rms beyond 2^+-63)
+            total = torch.where(bad, norm(torch.float64), total)
+        return total / math.sqrt(count)
+    return norm(torch.float64) / math.sqrt(count)
+
+
+def _posit_rms_exponent(rms: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """k (int32) with rms*2^k the power of two nearest to 1 in the log domain: k = round(-log2
+    rms), clamped to the posit shift window; k = 0 where rms is 0, inf or NaN."""
+    ok = torch.isfinite(rms) & (rms > 0)
+    k = torch.round(-torch.log2(torch.where(ok, rms, 1.0)))
+    lo, hi = K.posit_shift_window(fmt)
+    return torch.where(ok, torch.clamp(k, lo, hi), 0).to(torch.int32)
+
+
 def _pow2(k: torch.Tensor) -> torch.Tensor:
     """2^k as float32, exactly (k in [-126, 127])."""
     return ((k + 127) << 23).to(torch.int32).view(torch.float32)
@@ -461,14 +514,21 @@ def quantize_scaled(x: torch.Tensor, fmt: Union[str, Format], scaling: str = "no
                     rounding: str = "nearest", saturate: bool = True,
                     generator: Optional[torch.Generator] = None,
                     channel_dim: int = 0, cast: Optional[Callable] = None) -> torch.Tensor:
-    """quantize(x * s) / s with a power-of-two scale s chosen from x's absolute maximum.
+    """quantize(x * s) / s with a power-of-two scale s (a power of two keeps x*s and /s exact).
 
     scaling "none": s = 1 (the format's own range). "tensor": one s for the whole tensor.
     "channel": one s per slice along `channel_dim` (per output channel of a weight).
-    s = 2^floor(log2(fmt.max / amax)), so amax*s lies in (max/2, max]: the largest element uses
-    the top binade and nothing overflows; a power of two keeps x*s and the division exact. A
-    slice whose amax is 0 (all zeros) or not finite (it holds inf or NaN) uses s = 1, so zeros
-    stay zeros and NaN/inf behave as in plain quantize (NaN stays NaN).
+    How s is chosen depends on where the format is precise:
+    - floats: from the absolute maximum, s = 2^floor(log2(fmt.max / amax)), so amax*s lies in
+      (max/2, max]: the largest element uses the top binade and nothing overflows (a float is
+      equally precise in every binade).
+    - posits: from the root mean square, s = 2^round(-log2(rms)), so rms*s is the power of two
+      nearest to 1, where a posit has the most fraction bits; values beyond maxpos after
+      scaling saturate as usual. (Putting amax at maxpos, the float rule, would leave the bulk of
+      the tensor in the tapered range: scaled posit8 lost half its PTQ accuracy that way.)
+    A slice whose amax (floats) or rms (posits) is 0 (all zeros) or not finite (one inf or NaN
+    in it) uses s = 1, so zeros stay zeros and NaN/inf behave as in plain quantize (NaN stays
+    NaN).
     `cast(x, fmt, rounding, saturate, generator)` replaces `quantize` (the qtorch backend).
     """
     if scaling not in SCALINGS:
@@ -479,19 +539,11 @@ def quantize_scaled(x: torch.Tensor, fmt: Union[str, Format], scaling: str = "no
     if scaling == "none" or fmt.is_identity or x.numel() == 0:
         return cast(x, fmt, rounding, saturate, generator)
     xd = x.detach()
-    if scaling == "tensor":
-        # max |x| as max(max, -min) over a flat view in memory order: one pass, no temporary
-        # (vector_norm(inf) and abs().amax() were 8x and 2x slower on the 2-core CPU); NaN
-        # propagates through both, so a NaN tensor keeps s = 1
-        lo, hi = torch.aminmax(_flatten(xd)[0])
-        amax = torch.maximum(hi, -lo)
+    dims = _scale_dims(xd, scaling, channel_dim)
+    if fmt.is_posit:            # statistic -> scale exponent k; the cast comes next
+        k = _posit_rms_exponent(_rms(xd, dims), fmt)
     else:
-        if xd.dim() == 0:
-            raise ValueError("channel scaling needs a tensor with at least one dimension")
-        dim = channel_dim % xd.dim()
-        others = [d for d in range(xd.dim()) if d != dim]
-        amax = xd.abs().amax(dim=others, keepdim=True) if others else xd.abs()
-    k = _pow2_exponent(amax, fmt)
+        k = _pow2_exponent(_amax(xd, dims), fmt)
     if fmt.is_posit and cast is quantize:
         # one pass: the posit kernel scales on the exponent field. Also exact where x*s would
         # underflow float32 to 0 (a float rescale would then round a nonzero x to 0)

@@ -421,7 +421,7 @@ class PtqGroup:
         eb = {d.get("eval_batch_size") for d in self.files}
         text = (f"weights and input activations of every conv/linear layer"
                 + (" except the first and last" if fl == {True} else "")
-                + ", round to nearest even; scaled = power-of-two scale from the absolute maximum, "
+                + ", round to nearest even; scaled = power-of-two scale (floats: absolute maximum at the top binade; posits: rms near 1), "
                 f"weights per {'/'.join(sorted(map(str, ws)))}, activations per tensor (per test "
                 f"batch of {'/'.join(sorted(map(str, eb)))})")
         if len(fl) > 1:

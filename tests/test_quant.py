@@ -806,7 +806,18 @@ def _scale_window(fmt):
     return 2.0**-126, 2.0**127
 
 
-@pytest.mark.parametrize("spec", ["e4m3", "e2m1", "e5m2", "posit8es1", "bf16"])
+def _posit_scale_reference(x, fmt):
+    """NUMERICS.md's posit scale: 2^round(-log2(rms)) from a float64 rms (every float32 squared
+    is exact-range in float64), clamped to the exact-rescale window; 1 for an all-zero tensor."""
+    v = x.double().numpy().ravel()
+    rms = math.sqrt(float(np.mean(v * v)))
+    if rms == 0 or not math.isfinite(rms):
+        return 1.0
+    lo, hi = _scale_window(fmt)
+    return min(max(2.0 ** round(-math.log2(rms)), lo), hi)
+
+
+@pytest.mark.parametrize("spec", ["e4m3", "e2m1", "e5m2", "bf16"])
 @pytest.mark.parametrize("amax", [1e-3, 0.75, 448.0, 449.0, 6.0, 7.0, 3e5, 1e-30, 3e38])
 def test_tensor_scaling_uses_power_of_two(spec, amax):
     fmt = parse_format(spec)
@@ -843,14 +854,13 @@ def _scaled_inputs(seed):
 @pytest.mark.parametrize("path", ["eager", "compiled"])
 def test_posit_tensor_scaling_on_exponent_field_equals_float_rescale(spec, rounding, path,
                                                                      monkeypatch):
-    """Posit tensor scaling runs in the kernel (exponent-field shift): same bits as rounding
-    x * s with the plain cast and dividing by s, for amax anywhere in float32's range."""
+    """Posit tensor scaling (s from the rms, NUMERICS.md) runs in the kernel (exponent-field
+    shift): same bits as rounding x * s with the plain cast and dividing by s, for tensors
+    anywhere in float32's range."""
     fmt = parse_format(spec)
-    lo, hi = _scale_window(fmt)
     monkeypatch.setenv("QUANT_PATH", path)
     for i, x in enumerate(_scaled_inputs(1)):
-        amax = float(x.abs().max())
-        s = min(max(_pow2_reference(amax, fmt.max), lo), hi) if amax > 0 else 1.0
+        s = _posit_scale_reference(x, fmt)
         g1, g2 = torch.Generator().manual_seed(i), torch.Generator().manual_seed(i)
         got = quantize_scaled(x, fmt, "tensor", rounding, generator=g1)
         want = quantize(x * s, fmt, rounding, generator=g2) / s
@@ -871,6 +881,27 @@ def test_posit_channel_scaling_per_slice_in_any_layout(spec):
     for layout in (w, w.contiguous(memory_format=torch.channels_last),
                    w.transpose(2, 3).contiguous().transpose(2, 3)):
         assert torch.equal(quantize_scaled(layout, spec, "channel"), want)
+
+
+@pytest.mark.parametrize("spec", ["posit8es1", "posit4es0", "posit16es1"])
+@pytest.mark.parametrize("rms", [1.0, 2.0**0.49, 2.0**0.51, 3e-3, 2.0**-70, 1e-25, 7e20, 1e30])
+def test_posit_scaling_puts_rms_nearest_one(spec, rms):
+    """The posit scale puts the rms at the power of two nearest to 1 (log domain), also where
+    float32 squares would underflow or overflow (rms 1e-25, 1e30)."""
+    fmt = parse_format(spec)
+    x = torch.tensor([1.0, -1.0, 1.0, -1.0]) * rms            # rms of x is exactly rms (float32)
+    x[0] = 0.0
+    x = x * math.sqrt(4 / 3)
+    s = _posit_scale_reference(x, fmt)
+    lo, hi = _scale_window(fmt)
+    if lo < s < hi:
+        got_rms = math.sqrt(float(np.mean(x.double().numpy() ** 2))) * s
+        assert 2**-0.5 <= got_rms <= 2**0.5
+    assert torch.equal(quantize_scaled(x, spec, "tensor"), quantize(x * s, spec) / s)
+    w = torch.stack([x, x * 2**-20, torch.zeros(4), x * 2**9])
+    want = torch.stack([quantize(r * _posit_scale_reference(r, fmt), spec)
+                        / _posit_scale_reference(r, fmt) for r in w])
+    assert torch.equal(quantize_scaled(w, spec, "channel"), want)
 
 
 def test_channel_scaling_per_slice_along_dim():
