@@ -1,10 +1,11 @@
-"""Write the comparison table and plots from runs/: results.md, acc_per_epoch.png, acc_vs_bits.png.
+"""Write the comparison table and plots: results.md, results.csv, acc_per_epoch.png, acc_vs_bits.png.
 
-    python report.py                                   # runs/ -> results/
-    python report.py --model resnet20 --epochs 164 --data real --out results
+    python report.py                                   # -> runs/report/ (nothing committed there)
+    python report.py --recipe fast --data real --out results     # the committed results/
 
-Reads every runs/*/summary.json (+ metrics.jsonl) and runs/*/ptq.json (from ptq_eval.py).
-Details: common/report.py.
+Reads the run records kept in results/runs/ and the run folders in runs/ (summary.json,
+metrics.jsonl, predictions.json, ptq.json from ptq_eval.py); a run of the same configuration
+and seed found twice counts once. Details: common/report.py.
 """
 import argparse
 import os
@@ -15,27 +16,32 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from common import cli, report  # noqa: E402  (after the sys.path line)
+from common import cli, report, sweep  # noqa: E402  (after the sys.path line)
 from common.errors import UserError  # noqa: E402
 
-DEFAULT_OUT = os.path.join(ROOT, "results")
+DEFAULT_OUT = cli.DEFAULT_RUNS_DIR / "report"          # runs/ is not tracked by git
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="report.py", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("input")
-    g.add_argument("--runs-dir", default=str(cli.DEFAULT_RUNS_DIR), metavar="DIR",
-                   help="folder of run folders (default: runs/ in the repo root)")
+    g.add_argument("--runs-dir", action="append", default=None, metavar="DIR",
+                   help="folder of run folders; repeat the flag for several (default: "
+                        "results/runs/ and runs/ in the repo root)")
     g.add_argument("--model", default=None, type=str.lower, metavar="NAME",
                    help="only runs of this model (default: all)")
     g.add_argument("--epochs", default=None, type=int, metavar="N",
                    help="only runs of this many epochs (default: all)")
+    g.add_argument("--recipe", default=None, choices=list(cli.RECIPES),
+                   help="only runs of this recipe (default: all)")
     g.add_argument("--data", choices=report.DATA_CHOICES, default="all",
                    help="only runs on the real CIFAR-10 or on the synthetic set (default: all)")
     g = p.add_argument_group("output")
-    g.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
-                   help="folder for results.md and the PNGs (default: results/ in the repo root)")
+    g.add_argument("--out", default=str(DEFAULT_OUT), metavar="DIR",
+                   help="folder for results.md, results.csv and the PNGs; the committed tables "
+                        "are made with --out results (default: runs/report/ in the repo root, "
+                        "which git ignores, so a bare call never overwrites results/)")
     g.add_argument("--no-plots", dest="plots", action="store_false",
                    help="write results.md only (default: plots on)")
     return p
@@ -46,11 +52,15 @@ def main(argv=None):
     if args.epochs is not None and args.epochs < 1:
         raise UserError("--epochs must be >= 1")
     argv = sys.argv[1:] if argv is None else list(argv)
-    res = report.make_report(args.runs_dir, args.out, args.model, args.epochs, args.data,
-                             args.plots, command=shlex.join(["python", "report.py", *argv]))
+    runs_dirs = args.runs_dir or [str(sweep.DEFAULT_RECORDS_DIR), str(cli.DEFAULT_RUNS_DIR)]
+    res = report.make_report(runs_dirs, args.out, args.model, args.epochs, args.data,
+                             args.plots, command=shlex.join(["python", "report.py", *argv]),
+                             recipe=args.recipe)
+    for line in res["repeats"]:
+        print(f"repeat: {line}")
     print(f"{res['runs']} runs ({res['finished']} finished, {res['not_finished']} not finished) in "
           f"{res['sections']} table{'s' if res['sections'] != 1 else ''}, {res['ptq']} ptq.json; "
-          f"wrote {res['results']}" + "".join(f", {p}" for p in res["plots"]))
+          f"wrote {res['results']}, {res['csv']}" + "".join(f", {p}" for p in res["plots"]))
 
 
 if __name__ == "__main__":

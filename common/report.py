@@ -31,14 +31,19 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from . import runs
 from .cli import REPO_ROOT
 from .errors import UserError
-from .sweep import compared_values
+from .stats import PairedDiff, paired_bootstrap
+from .sweep import CONFIGS, DEFAULT_RECORDS_DIR, compared_values
 
 RESULTS_MD = "results.md"
+RESULTS_CSV = "results.csv"
+CSV_COLUMNS = ("config", "label", "recipe", "model", "epochs", "seeds", "test_images", "acc_mean",
+               "acc_std", "diff_vs_fp32", "ci_low", "ci_high", "resolved", "bits",
+               "ema_acc_mean", "hours_per_run", "hardware", "not_finished")
 PLOT_EPOCHS = "acc_per_epoch.png"
 PLOT_BITS = "acc_vs_bits.png"
 DATA_CHOICES = ("all", "real", "synthetic")
@@ -74,6 +79,24 @@ class Run:
         return self.config.get("format") or self.summary.get("format") or {}
 
     @property
+    def seed(self) -> Any:
+        return self.config.get("seed")
+
+    @property
+    def updated(self) -> str:
+        return str(self.summary.get("updated_at") or "")
+
+    def correct(self) -> Optional[Tuple[str, Any]]:
+        """(test labels hash, 0/1 per test image) of the final model, if the run stored them."""
+        return runs.read_correct(self.path)
+
+    @property
+    def config_key(self) -> Optional[str]:
+        """The sweep's key of this run's configuration (its name starts with it), else None."""
+        keys = [k for k in CONFIGS if self.name.startswith(k + "_")]
+        return max(keys, key=len) if keys else None
+
+    @property
     def section_key(self) -> str:
         return _key(compared_values(self.config))
 
@@ -91,11 +114,13 @@ def is_fp32(fmt: Dict[str, Any]) -> bool:
     return fmt.get("name") == "fp32" or fmt.get("family") == "fp32"
 
 
-def load_runs(runs_dir: Path) -> Tuple[List[Run], List[Path]]:
-    """Every run folder of ``runs_dir`` with a summary.json, and folders that look like runs
+def load_runs(runs_dirs: Union[Path, Sequence[Path]]) -> Tuple[List[Run], List[Path]]:
+    """Every run folder of the ``runs_dirs`` with a summary.json, and folders that look like runs
     (a config.json, last.pt or stdout.log) but have none: they are named in the report too."""
     found, broken = [], []
-    for d in sorted(p for p in Path(runs_dir).iterdir() if p.is_dir()):
+    dirs = [runs_dirs] if isinstance(runs_dirs, (str, Path)) else list(runs_dirs)
+    folders = [p for d in dirs if Path(d).is_dir() for p in sorted(Path(d).iterdir()) if p.is_dir()]
+    for d in folders:
         summary = runs.read_json(d / runs.SUMMARY)
         if not isinstance(summary, dict):
             if any((d / f).exists() for f in (runs.CONFIG, runs.CHECKPOINT, "stdout.log")):
@@ -108,20 +133,50 @@ def load_runs(runs_dir: Path) -> Tuple[List[Run], List[Path]]:
     return found, broken
 
 
-def load_ptq(runs_dir: Path) -> List[Dict[str, Any]]:
-    """Every ``ptq.json`` under ``runs_dir`` (one level down), with its path."""
-    out = []
-    for p in sorted(Path(runs_dir).glob("*/ptq.json")):
+def load_ptq(runs_dirs: Union[Path, Sequence[Path]]) -> List[Dict[str, Any]]:
+    """Every ``ptq.json`` one level under the ``runs_dirs`` (one per source run: a record's copy
+    wins over the run folder's), with its path."""
+    out, seen = [], set()
+    dirs = [runs_dirs] if isinstance(runs_dirs, (str, Path)) else list(runs_dirs)
+    for p in (p for d in dirs for p in sorted(Path(d).glob("*/ptq.json"))):
         d = runs.read_json(p)
         if isinstance(d, dict) and d.get("results") and d.get("source"):
+            ident = _key([d["source"].get("name"), d.get("first_last_fp32"),
+                          d.get("weight_scaling"), d.get("eval_batch_size")])
+            if ident in seen:
+                continue
+            seen.add(ident)
             d["path"] = str(p)
             out.append(d)
     return out
 
 
-def keep(config: Dict[str, Any], model: Optional[str], epochs: Optional[int], data: str) -> bool:
-    """The report's filters (--model, --epochs, --data)."""
+def dedupe(all_runs: Sequence[Run]) -> Tuple[List[Run], List[str]]:
+    """One run per (configuration, seed), whatever the folder names: a repeat of the same
+    configuration and seed (a script run beside the sweep's, a rerun, a record beside its run
+    folder) is not another seed. Keeps a finished run over an unfinished one, then the most
+    recently updated; returns the kept runs and one line per ignored duplicate."""
+    by_id: Dict[str, List[Run]] = {}
+    for r in all_runs:
+        by_id.setdefault(_key([r.group_key, r.seed]), []).append(r)
+    kept, notes = [], []
+    for same in by_id.values():
+        best = max(same, key=lambda r: (r.finished, r.updated))
+        kept.append(best)
+        for r in same:
+            if r is not best:
+                notes.append(f"{_shown(r.path)} (seed {r.seed} of {r.label}, {r.status}): ignored, "
+                             f"a repeat of {_shown(best.path)} ({best.status}"
+                             f"{', newer' if best.finished == r.finished else ''}), which is kept")
+    return [r for r in all_runs if any(r is k for k in kept)], notes
+
+
+def keep(config: Dict[str, Any], model: Optional[str], epochs: Optional[int], data: str,
+         recipe: Optional[str] = None) -> bool:
+    """The report's filters (--model, --epochs, --data, --recipe)."""
     if model and config.get("model") != model:
+        return False
+    if recipe and config.get("recipe", "paper") != recipe:
         return False
     if epochs and config.get("epochs") != epochs:
         return False
@@ -164,10 +219,39 @@ class Group:
     label: str
     format: Dict[str, Any]
     runs: List[Run] = field(default_factory=list)
+    paired: Optional[PairedDiff] = None      # difference to the section's FP32 row, with its CI
+    paired_note: str = ""                    # why there is no interval, when there is none
 
     @property
     def finished(self) -> List[Run]:
         return [r for r in self.runs if r.finished]
+
+    @property
+    def config_key(self) -> str:
+        """The sweep's key of the configuration (fp32, fp8-e5m2w, ...), else a slug of the label."""
+        keys = {r.config_key for r in self.runs} - {None}
+        if keys:
+            return min(keys, key=len)
+        return "".join(c if c.isalnum() else "-" for c in self.label.lower()).strip("-")
+
+    @property
+    def ema_acc(self) -> Optional[float]:
+        """Mean final-epoch accuracy of the weights' EMA (runs with --ema-decay), else None."""
+        vals = [r.metrics[-1].get("ema_test_acc") for r in self.finished if r.metrics]
+        return _mean(vals) if vals and None not in vals else None
+
+    def correct_matrix(self) -> Tuple[Optional[str], Optional[List[Any]]]:
+        """(labels hash, one 0/1 row per finished seed), or (None, None) when a run lacks them."""
+        rows, digests = [], set()
+        for r in self.finished:
+            c = r.correct()
+            if c is None:
+                return None, None
+            digests.add(c[0])
+            rows.append(c[1])
+        if len(digests) != 1:
+            return None, None
+        return digests.pop(), rows
 
     @property
     def bits(self) -> Optional[float]:
@@ -240,6 +324,25 @@ class Section:
             if is_fp32(g.format) and g.finished:
                 return g
         return None
+
+    def compare_to_baseline(self) -> None:
+        """Fill each row's paired difference to FP32 with its bootstrap interval (common.stats),
+        where every finished run of both rows stored its per-image predictions on the same
+        test images."""
+        base = self.baseline
+        if base is None:
+            return
+        base_digest, base_rows = base.correct_matrix()
+        for g in self.groups:
+            if g is base or not g.finished:
+                continue
+            digest, rows = g.correct_matrix()
+            if base_rows is None or rows is None:
+                g.paired_note = "no per-image predictions"
+            elif digest != base_digest:
+                g.paired_note = "other test images than FP32"
+            else:
+                g.paired = paired_bootstrap(rows, base_rows)
 
     def title(self) -> str:
         c = self.config
@@ -344,30 +447,87 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str = 
     return lines
 
 
-RESULT_HEADER = ("configuration", "bits", "n", "test acc (%)", "std", "vs FP32", "wall/run",
-                 "time/epoch", "img/s", "hardware", "test images", "not finished")
+RESULT_HEADER = ("configuration", "config", "bits", "n", "test acc (%)", "std", "vs FP32",
+                 "95% CI", "resolved", "EMA acc (%)", "wall/run", "time/epoch", "img/s",
+                 "hardware", "test images", "not finished")
+RESULT_ALIGN = "llrrrrrlllrrrlrl"
+
+
+def _diff_cells(g: Group, base: Optional[Group]) -> Tuple[str, str, str]:
+    """'vs FP32', '95% CI' and 'resolved' cells of a row."""
+    if base is None or g is base:
+        return ("baseline" if g is base else "-"), "", ""
+    if g.paired is not None:
+        p = g.paired
+        return (fmt_num(p.diff, signed=True),
+                f"[{fmt_num(p.ci_low, signed=True)}, {fmt_num(p.ci_high, signed=True)}]",
+                "yes" if p.resolved else "no: within noise")
+    acc, base_acc = g.acc[0], base.acc[0]
+    diff = fmt_num(acc - base_acc, signed=True) if acc is not None and base_acc is not None else "-"
+    return diff, "-", g.paired_note or "-"
 
 
 def section_rows(sec: Section) -> List[List[str]]:
     """The table rows of one section (see RESULT_HEADER)."""
     base = sec.baseline
-    base_acc = base.acc[0] if base else None
     rows = []
     for g in sec.groups:
         acc, std = g.acc
-        if g is base:
-            diff = "baseline"
-        elif acc is None or base_acc is None:
-            diff = "-"
-        else:
-            diff = fmt_num(acc - base_acc, signed=True)
         ips = g.mean_of("mean_images_per_s")
-        rows.append([g.label, fmt_bits(g.bits), f"{len(g.finished)}", fmt_num(acc), fmt_num(std),
-                     diff, fmt_duration(g.mean_of("wall_seconds")),
+        rows.append([g.label, g.config_key, fmt_bits(g.bits), f"{len(g.finished)}", fmt_num(acc),
+                     fmt_num(std), *_diff_cells(g, base), fmt_num(g.ema_acc),
+                     fmt_duration(g.mean_of("wall_seconds")),
                      fmt_duration(g.seconds_per_epoch), f"{ips:,.0f}" if ips else "-",
                      "; ".join(g.hardware) or "-",
                      ", ".join(map(str, g.test_images)) or "-", g.notes or ""])
     return rows
+
+
+def csv_rows(sections: Sequence[Section]) -> List[Dict[str, Any]]:
+    """One row per configuration and experiment (``CSV_COLUMNS``); empty cells where a value
+    does not exist (no finished seed, no FP32 row, no per-image predictions)."""
+    out = []
+    for sec in sections:
+        base = sec.baseline
+        for g in sec.groups:
+            acc, std = g.acc
+            p = g.paired
+            diff = p.diff if p else (acc - base.acc[0] if base and g is not base and acc is not None
+                                     else (0.0 if g is base else None))
+            wall = g.mean_of("wall_seconds")
+            out.append({
+                "config": g.config_key, "label": g.label,
+                "recipe": sec.config.get("recipe", "paper"), "model": sec.config.get("model"),
+                "epochs": sec.config.get("epochs"), "seeds": len(g.finished),
+                "test_images": "/".join(map(str, g.test_images)),
+                "acc_mean": acc, "acc_std": std, "diff_vs_fp32": diff,
+                "ci_low": p.ci_low if p else None, "ci_high": p.ci_high if p else None,
+                "resolved": (p.resolved if p else None), "bits": g.bits,
+                "ema_acc_mean": g.ema_acc,
+                "hours_per_run": wall / 3600 if wall else None,
+                "hardware": "; ".join(g.hardware), "not_finished": g.notes,
+            })
+    return out
+
+
+def write_csv(path: Path, rows: Sequence[Dict[str, Any]]) -> None:
+    """``rows`` as CSV with the ``CSV_COLUMNS`` header; floats with 4 decimals, None empty."""
+    import csv
+    import io
+
+    def cell(v):
+        if v is None:
+            return ""
+        if isinstance(v, bool):
+            return "yes" if v else "no"
+        return f"{v:.4f}" if isinstance(v, float) else v
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CSV_COLUMNS)
+    for r in rows:
+        w.writerow([cell(r.get(c)) for c in CSV_COLUMNS])
+    path.write_text(buf.getvalue(), encoding="utf-8")
 
 
 def unfinished_rows(all_runs: Sequence[Run], broken: Sequence[Path]) -> List[List[str]]:
@@ -613,46 +773,64 @@ def plot_bits(sections: Sequence[Section], ptq_groups: Sequence[PtqGroup], path:
 # ----------------------------------------------------------------------------------------------
 # The report
 # ----------------------------------------------------------------------------------------------
-def make_report(runs_dir: Path, out_dir: Path, model: Optional[str] = None,
+def make_report(runs_dirs: Union[Path, Sequence[Path]], out_dir: Path, model: Optional[str] = None,
                 epochs: Optional[int] = None, data: str = "all", plots: bool = True,
-                command: str = "python report.py") -> Dict[str, Any]:
-    """Write ``out_dir``/results.md (and the two PNGs); return what went where."""
-    runs_dir = Path(runs_dir)
-    if not runs_dir.is_dir():
-        raise UserError(f"--runs-dir {runs_dir}: no such folder (run sweep.py or a format script first)")
+                command: str = "python report.py", recipe: Optional[str] = None) -> Dict[str, Any]:
+    """Write ``out_dir``/results.md, results.csv (and the two PNGs); return what went where."""
+    dirs = [Path(runs_dirs)] if isinstance(runs_dirs, (str, Path)) else [Path(d) for d in runs_dirs]
+    if not any(d.is_dir() for d in dirs):
+        raise UserError(f"--runs-dir {', '.join(map(str, dirs))}: no such folder (run sweep.py or "
+                        f"a format script first)")
     if data not in DATA_CHOICES:
         raise UserError(f"--data {data!r}: accepted: {', '.join(DATA_CHOICES)}")
-    all_runs, broken = load_runs(runs_dir)
-    all_runs = [r for r in all_runs if keep(r.config, model, epochs, data)]
-    filtered = bool(model or epochs or data != "all")
+    runs_dir = ", ".join(_shown(d) for d in dirs if d.is_dir())
+    all_runs, broken = load_runs([d for d in dirs if d.is_dir()])
+    all_runs = [r for r in all_runs if keep(r.config, model, epochs, data, recipe)]
+    all_runs, repeats = dedupe(all_runs)
+    filtered = bool(model or epochs or recipe or data != "all")
     if filtered:        # a folder without summary: its config.json, if any, decides
         broken = [d for d in broken
                   if keep((runs.read_json(d / runs.CONFIG) or {}).get("config") or {}, model, epochs,
-                          data) and (d / runs.CONFIG).is_file()]
-    ptq_files = [d for d in load_ptq(runs_dir)
-                 if keep(d["source"].get("config") or {}, model, epochs, data)]
+                          data, recipe) and (d / runs.CONFIG).is_file()]
+    ptq_files = [d for d in load_ptq([d for d in dirs if d.is_dir()])
+                 if keep(d["source"].get("config") or {}, model, epochs, data, recipe)]
     if not all_runs and not broken:
         filt = " matching the filters" if filtered else ""
         raise UserError(f"no runs{filt} in {runs_dir} (run sweep.py or a format script first)")
     sections = build_sections(all_runs)
+    for sec in sections:
+        sec.compare_to_baseline()
     ptq_groups = group_ptq(ptq_files)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {out_dir}: cannot create it ({e.strerror}); pick a writable folder")
 
     n_fin = sum(r.finished for r in all_runs)
     lines = ["# Results", "",
-             f"Written by `{command}` from {len(all_runs)} runs in `{_shown(runs_dir)}` "
-             f"({n_fin} finished) on {time.strftime('%Y-%m-%d')}.", "",
+             f"Written by `{command}` from {len(all_runs)} runs in `{runs_dir}` "
+             f"({n_fin} finished) on {time.strftime('%Y-%m-%d')}; the same rows as CSV in "
+             f"`{RESULTS_CSV}`.", "",
              "Test accuracy is the final epoch's (never the best epoch's), as mean and sample standard "
              "deviation (n-1) over the n finished seeds; \"vs FP32\" is the difference of the means "
              "to the FP32 row of the same table, in points. wall/run is a run's wall time (start-up "
              "and evaluations included); time/epoch is one epoch's training and evaluation; img/s "
              "is the training throughput. Runs that did not finish are not in the means: the last "
              "column counts them and the section \"Runs not in the means\" names "
-             "them.", ""]
+             "them.", "",
+             "The difference to FP32 is paired: every run is scored on the same test images, and "
+             "\"95% CI\" is a two-level paired bootstrap (seeds of each configuration resampled, "
+             "then test images, the same images for both sides; 10,000 resamples, percentile "
+             "interval; `common/stats.py`). \"resolved\" says whether the interval excludes 0: "
+             "rows marked \"no: within noise\" cannot be told apart from FP32 with these seeds and "
+             "test images (with 1,000 test images, differences under about 2 points often cannot), "
+             "so do not rank them. EMA acc is the final accuracy of an exponential moving average of "
+             "the weights (`--ema-decay`), logged beside the trained model's; the table's accuracy "
+             "is always the trained model's.", ""]
     for sec in sections:
         lines += [f"## {sec.title()}", ""]
-        lines += md_table(RESULT_HEADER, section_rows(sec), "lrrrrrrrrlrl")
+        lines += md_table(RESULT_HEADER, section_rows(sec), RESULT_ALIGN)
         per_epoch = [g.seconds_per_epoch for g in sec.groups if g.seconds_per_epoch]
         if per_epoch:
             hw = sorted({h for g in sec.groups for h in g.hardware})
@@ -674,6 +852,10 @@ def make_report(runs_dir: Path, out_dir: Path, model: Optional[str] = None,
                   "the label).", ""]
         for pg in ptq_groups:
             lines += ptq_lines(pg, sections) + [""]
+    if repeats:
+        lines += ["## Repeats not counted as seeds", "",
+                  "Runs of the same configuration and seed count once (the finished one, else the "
+                  "most recent):", ""] + [f"- {n}" for n in repeats] + [""]
     lost = unfinished_rows(all_runs, broken)
     if lost:
         lines += ["## Runs not in the means", ""]
@@ -682,7 +864,8 @@ def make_report(runs_dir: Path, out_dir: Path, model: Optional[str] = None,
         lines.append("")
     text = "\n".join(lines)
     (out_dir / RESULTS_MD).write_text(text, encoding="utf-8")
-    return {"results": out_dir / RESULTS_MD,
+    write_csv(out_dir / RESULTS_CSV, csv_rows(sections))
+    return {"results": out_dir / RESULTS_MD, "csv": out_dir / RESULTS_CSV, "repeats": repeats,
             "plots": [out_dir / PLOT_EPOCHS, out_dir / PLOT_BITS] if plots and sections else [],
             "runs": len(all_runs), "finished": n_fin, "sections": len(sections),
             "not_finished": len(lost), "ptq": len(ptq_files)}

@@ -108,7 +108,7 @@ def test_table_numbers_fp32_difference_and_runs_not_finished(runs_dir, tmp_path)
     res = report.make_report(runs_dir, out)
     text = (out / "results.md").read_text()
     header, rows = table_rows(text, "## resnet20, 3 epochs, batch 128, step schedule from lr 0.1,")
-    assert header[:6] == ["configuration", "bits", "n", "test acc (%)", "std", "vs FP32"]
+    assert header[:7] == ["configuration", "config", "bits", "n", "test acc (%)", "std", "vs FP32"]
     assert list(rows) == ["FP32", "FP8 e4m3", "Posit4"]            # FP32 first, then by width
 
     fp32_m, fp32_s = mean_std([91.3, 90.7])
@@ -189,3 +189,80 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0]
+
+
+def write_predictions(runs_dir, name, correct):
+    """A run's predictions.json from a 0/1 list (labels all 0; predicted 0 where right, else 1)."""
+    report.runs.write_predictions(runs_dir / name, [0 if c else 1 for c in correct],
+                                  [0] * len(correct))
+
+
+def test_paired_ci_and_csv(runs_dir, tmp_path):
+    """Rows with per-image predictions get the bootstrap interval of common.stats on exactly
+    their seeds' right/wrong rows; the CSV holds the documented columns and the same numbers."""
+    import csv
+    from common.stats import paired_bootstrap
+
+    n = 1000
+    fp32 = [[1] * 913 + [0] * 87, [1] * 907 + [0] * 93]
+    fp8 = [[1] * 899 + [0] * 101, [0] * 10 + [1] * 894 + [0] * 96]
+    for name, rows in (("fp32_s0", fp32[0]), ("fp32_s1", fp32[1]), ("fp8_s0", fp8[0]),
+                       ("fp8_s1", fp8[1])):
+        assert len(rows) == n
+        write_predictions(runs_dir, name, rows)
+    out = tmp_path / "results"
+    report.make_report(runs_dir, out, plots=False)
+    want = paired_bootstrap(fp8, fp32)
+    _, rows = table_rows((out / "results.md").read_text(),
+                         "## resnet20, 3 epochs, batch 128, step schedule from lr 0.1,")
+    assert rows["FP8 e4m3"]["95% CI"] == f"[{want.ci_low:+.2f}, {want.ci_high:+.2f}]"
+    assert rows["FP8 e4m3"]["resolved"] == ("yes" if want.resolved else "no: within noise")
+    assert rows["FP8 e4m3"]["vs FP32"] == f"{100 * (sum(map(sum, fp8)) - sum(map(sum, fp32))) / 2000:+.2f}"
+
+    with open(out / "results.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0]) == list(report.CSV_COLUMNS)
+    for col in ("config", "label", "recipe", "model", "epochs", "seeds", "test_images", "acc_mean",
+                "acc_std", "diff_vs_fp32", "ci_low", "ci_high"):
+        assert col in table[0]
+    fp8_row = next(r for r in table if r["label"] == "FP8 e4m3")
+    assert fp8_row["seeds"] == "2" and fp8_row["recipe"] == "paper" and fp8_row["epochs"] == "3"
+    assert float(fp8_row["ci_low"]) == pytest.approx(want.ci_low, abs=1e-4)
+    assert float(fp8_row["ci_high"]) == pytest.approx(want.ci_high, abs=1e-4)
+    assert float(fp8_row["acc_mean"]) == pytest.approx((89.9 + 90.4) / 2, abs=1e-4)
+    assert {r["config"] for r in table if r["label"] == "FP32"} == {"fp32"}   # the sweep's key
+
+
+def test_repeats_of_a_seed_count_once(tmp_path):
+    """Two seed-0 FP32 runs (script name and sweep name) are one seed: n=1, the repeat named."""
+    rd = tmp_path / "runs"
+    rd.mkdir()
+    write_run(rd, "fp32_resnet20_s0", "FP32", FP32, 0, "finished", [50.0, 70.0, 90.0], 300.0, "A")
+    s = write_run(rd, "fp32_resnet20_paper_e3_s0", "FP32", FP32, 0, "finished",
+                  [50.0, 70.0, 91.0], 300.0, "A")
+    s["updated_at"] = "2026-01-01T00:00:00"                      # the newer one is kept
+    (rd / "fp32_resnet20_paper_e3_s0" / "summary.json").write_text(json.dumps(s))
+    write_run(rd, "fp32_again_s0", "FP32", FP32, 0, "interrupted", [50.0], 100.0, "A")
+    write_run(rd, "fp32_resnet20_paper_e3_s1", "FP32", FP32, 1, "finished", [50.0, 70.0, 89.0],
+              300.0, "A")
+    out = tmp_path / "out"
+    res = report.make_report(rd, out, plots=False)
+    _, rows = table_rows((out / "results.md").read_text(), "## resnet20")
+    assert rows["FP32"]["n"] == "2"
+    assert rows["FP32"]["test acc (%)"] == f"{(91.0 + 89.0) / 2:.2f}"
+    assert len(res["repeats"]) == 2
+    assert all("fp32_resnet20_paper_e3_s0" in line.split("a repeat of")[1] for line in res["repeats"])
+    text = (out / "results.md").read_text()
+    assert "## Repeats not counted as seeds" in text and "fp32_again_s0" in text
+
+
+def test_default_output_is_not_the_committed_results(tmp_path):
+    """A bare `python report.py` writes under runs/ (git-ignored), never over results/."""
+    import subprocess
+    root = report.REPO_ROOT
+    sys.path.insert(0, str(root))
+    import report as report_cli
+    out = report_cli.build_parser().parse_args([]).out
+    assert report.runs.Path(out).resolve() != (root / "results").resolve()
+    ignored = subprocess.run(["git", "-C", str(root), "check-ignore", "-q", str(out)])
+    assert ignored.returncode == 0

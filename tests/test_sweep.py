@@ -149,6 +149,33 @@ def test_plan_names_skips_and_refuses_runs_made_with_other_flags(tmp_path):
     assert sweep.plan(["posit4"], [1], flags, tmp_path, tag="v2")[0].name == "posit4_resnet8_paper_e3_s1_v2"
 
 
+def test_recorded_runs_are_done_and_records_hold_no_checkpoint(tmp_path):
+    """A run recorded in the records folder is skipped whatever the runs folder holds (a new
+    machine has no runs/); finishing a run copies its small files there, never last.pt."""
+    flags = ["--epochs", "3", "--model", "resnet8"]
+    records, runs_dir = tmp_path / "records", tmp_path / "runs"
+    name = "fp32_resnet8_paper_e3_s0"
+    args = cli.parse_args(cli.build_parser("t"), [*flags, "--seed", "0"])
+    summary = {"status": "finished", "epochs_done": 3, "epochs": 3, "final_test_acc": 88.0,
+               "config": cli.make_config(args, name=name).to_dict()}
+    runs.write_json(records / name / "summary.json", summary)
+    jobs = sweep.plan(["fp32"], range(2), flags, runs_dir, records_dir=records)
+    assert [(j.name, j.action, j.reason) for j in jobs] == [
+        (name, "skip", "recorded"), ("fp32_resnet8_paper_e3_s1", "run", "new")]
+    # smoke runs are never recorded
+    smoke = sweep.plan(["fp32"], [0], [*flags, "--synthetic"], runs_dir, records_dir=records)
+    assert smoke[0].record_dir is None
+
+    run_dir = runs_dir / "fp32_resnet8_paper_e3_s1"
+    for f in ("config.json", "metrics.jsonl", "summary.json", "predictions.json", "last.pt",
+              "stdout.log"):
+        (run_dir / f).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / f).write_text(f"{f}\n")
+    runs.copy_record(run_dir, records / run_dir.name)
+    assert sorted(p.name for p in (records / run_dir.name).iterdir()) == \
+        ["config.json", "metrics.jsonl", "predictions.json", "summary.json"]
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["--lr", "-1"], "--lr must be > 0"),
     (["--modle", "resnet8"], "unrecognized arguments: --modle"),

@@ -72,6 +72,41 @@ def test_lr_schedules():
     assert train.lr_at(warm, 2, 0, 10) == pytest.approx(0.1)
 
 
+def test_linear_one_cycle_schedule():
+    """--schedule linear with a warm-up: rises linearly over the warm-up, then falls linearly to
+    0 at the end (values computed by hand for 10 epochs of 10 steps, 1 warm-up epoch)."""
+    c = make_config("/tmp", "--epochs", "10", "--schedule", "linear", "--warmup-epochs", "1")
+    assert train.lr_at(c, 0, 0, 10) == pytest.approx(0.1 * 1 / 10)      # first warm-up step
+    assert train.lr_at(c, 0, 9, 10) == pytest.approx(0.1)                # warm-up done
+    assert train.lr_at(c, 1, 0, 10) == pytest.approx(0.1)                # peak: t = 1 = warm-up
+    assert train.lr_at(c, 5, 5, 10) == pytest.approx(0.1 * (10 - 5.5) / 9)
+    assert train.lr_at(c, 9, 9, 10) == pytest.approx(0.1 * 0.1 / 9)      # last step, near 0
+    no_warm = make_config("/tmp", "--epochs", "4", "--schedule", "linear")
+    assert train.lr_at(no_warm, 2, 0, 10) == pytest.approx(0.05)
+
+
+def test_recipe_presets_resolve_to_their_flags():
+    """--recipe fast sets each of its preset flags; a flag given explicitly wins; paper is the
+    plain defaults (He et al.'s 164-epoch step schedule)."""
+    parser = cli.build_parser("test")
+    fast = cli.make_config(cli.parse_args(parser, ["--recipe", "fast"]))
+    assert fast.recipe == "fast"
+    assert (fast.epochs, fast.schedule, fast.warmup_epochs, fast.nesterov, fast.weight_decay,
+            fast.label_smoothing) == (20, "linear", 1.0, True, 5e-4, 0.1)
+    for flag, value in cli.RECIPES["fast"].items():
+        assert getattr(fast, flag) == value
+    mixed = cli.make_config(cli.parse_args(cli.build_parser("t"), ["--recipe", "fast", "--epochs",
+                                                                   "7", "--lr", "0.2"]))
+    assert (mixed.epochs, mixed.lr, mixed.schedule) == (7, 0.2, "linear")
+    paper = cli.make_config(cli.parse_args(cli.build_parser("t"), ["--recipe", "paper"]))
+    assert (paper.epochs, paper.schedule, paper.label_smoothing, paper.nesterov) == \
+        (164, "step", 0.0, False)
+    help_text = cli.build_parser("t").format_help()
+    assert "fast: --epochs 20" in help_text
+    with pytest.raises(SystemExit):
+        cli.parse_args(cli.build_parser("t"), ["--recipe", "quick"])
+
+
 def test_parser_defaults_and_help():
     parser = cli.build_parser("test")
     help_text = parser.format_help()
