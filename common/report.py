@@ -677,97 +677,173 @@ def _legend_below(ax) -> None:
                   ncol=2, frameon=False)
 
 
-def plot_epochs(sections: Sequence[Section], path: Path) -> None:
-    """Test accuracy per epoch per configuration, one panel per section."""
-    plt = _pyplot()
+FAMILY_TITLES = {"bf16": "BF16", "fp8": "FP8", "fp4": "FP4 (4-bit floats)", "posit": "Posits",
+                 "other": "Other formats"}
+
+
+def family(fmt: Dict[str, Any]) -> str:
+    """Plot panel of a format: bf16, fp8, fp4, posit (every posit width), fp32 or other."""
+    fam = str(fmt.get("family") or fmt.get("name") or "other")
+    if fam.startswith("posit"):
+        return "posit"
+    return fam if fam in FAMILY_TITLES or fam == "fp32" else "other"
+
+
+def _epoch_axis(ax, epochs: Sequence[int]) -> None:
+    """Integer epoch ticks; a short run (1-2 epochs) gets a sensible range instead of
+    matplotlib's fractional ticks."""
     from matplotlib.ticker import MaxNLocator
-    n = max(1, len(sections))
-    fig, axes = plt.subplots(n, 1, figsize=(10, 6.2 * n), squeeze=False)
-    differing = differing_fields(sections)
-    for ax, sec in zip(axes[:, 0], sections):
-        for g, color in zip(sec.groups, _colors(len(sec.groups))):
-            ep, mean, lo, hi, finished = g.curve()
-            if not ep:
-                continue
-            k = len(g.finished) if finished else len(g.runs)
-            label = f"{g.label} (n={k}{'' if finished else ', not finished'})"
-            ax.plot(ep, mean, color=color, lw=1.6, ls="-" if finished else "--", label=label,
-                    marker="o" if len(ep) <= 12 else None, ms=3)
-            if k > 1:
-                ax.fill_between(ep, lo, hi, color=color, alpha=0.15, lw=0)
-        ax.set_title(sec.short_title(differing), fontsize=10)
-        ax.set_xlabel("epoch")
+    last = max(epochs) if epochs else 1
+    ax.set_xlim(0.5, last + 0.5)
+    if last <= 12:
+        ax.set_xticks(range(1, last + 1))
+    else:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel("test accuracy (%)")
-        ax.grid(True, alpha=0.3)
-        _legend_below(ax)
-    fig.suptitle("Test accuracy per epoch (mean over seeds, band: min-max)", fontsize=11)
+
+
+def _draw_curve(ax, g: Group, color, lw: float = 1.6) -> List[int]:
+    ep, mean, lo, hi, finished = g.curve()
+    if not ep:
+        return []
+    k = len(g.finished) if finished else len(g.runs)
+    ax.plot(ep, mean, color=color, lw=lw, ls="-" if finished else "--",
+            label=f"{g.label} (n={k}{'' if finished else ', not finished'})",
+            marker="o" if len(ep) <= 12 else None, ms=3)
+    if k > 1:
+        ax.fill_between(ep, lo, hi, color=color, alpha=0.15, lw=0)
+    return ep
+
+
+def plot_epochs(sections: Sequence[Section], path: Path) -> List[Dict[str, Any]]:
+    """Test accuracy per epoch: one small panel per format family (BF16, FP8, FP4, posits ...),
+    the FP32 curve in every panel, so each line can be told apart; one row of panels per
+    section (experiment). Mean over the finished seeds, band min-max. Returns what each panel
+    shows (title, line labels, x ticks), for tests."""
+    plt = _pyplot()
+    layout = []
+    for sec in sections:
+        fams = list(dict.fromkeys(family(g.format) for g in sec.groups if family(g.format) != "fp32"))
+        layout.append(fams or ["fp32"])
+    ncols = min(2, max(len(f) for f in layout))
+    nrows = sum(-(-len(f) // ncols) for f in layout)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.2 * ncols, 4.4 * nrows), squeeze=False)
+    for ax in axes.flat:
+        ax.set_visible(False)
+    differing = differing_fields(sections)
+    row = 0
+    panels = []
+    for sec, fams in zip(sections, layout):
+        base = next((g for g in sec.groups if family(g.format) == "fp32"), None)
+        for i, fam in enumerate(fams):
+            ax = axes[row + i // ncols, i % ncols]
+            ax.set_visible(True)
+            epochs: List[int] = []
+            if base is not None:
+                epochs += _draw_curve(ax, base, "black", lw=1.2)
+            members = [g for g in sec.groups if family(g.format) == fam and g is not base]
+            for g, color in zip(members, _colors(len(members))):
+                epochs += _draw_curve(ax, g, color)
+            _epoch_axis(ax, epochs)
+            ax.set_title(f"{FAMILY_TITLES.get(fam, fam.upper())}: {sec.short_title(differing)}",
+                         fontsize=10)
+            ax.set_xlabel("epoch")
+            ax.set_ylabel("test accuracy (%)")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=8, loc="lower right")
+            panels.append({"title": ax.get_title(), "xticks": [float(t) for t in ax.get_xticks()],
+                           "lines": [h.get_label() for h in ax.get_lines()]})
+        row += -(-len(fams) // ncols)
+    fig.suptitle("Test accuracy per epoch (mean over seeds, band: min-max; black: FP32)",
+                 fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=130, bbox_inches="tight")    # "tight" keeps the outside legend
+    fig.savefig(path, dpi=130)
     plt.close(fig)
+    return panels
 
 
-def plot_bits(sections: Sequence[Section], ptq_groups: Sequence[PtqGroup], path: Path) -> None:
-    """Final accuracy against bits per element (log2 axis), trained (filled) and PTQ (open)."""
+def _spread_labels(ys: Sequence[float], gap: float) -> List[float]:
+    """Label heights near ``ys`` (same order) at least ``gap`` apart, as close to each y as
+    that allows: points at one bit width with similar accuracies get readable labels."""
+    order = sorted(range(len(ys)), key=lambda i: ys[i])
+    placed: List[float] = []
+    for i in order:
+        placed.append(max(ys[i], placed[-1] + gap) if placed else ys[i])
+    # centre the stack on the points' mean, so labels do not all drift upwards
+    shift = (sum(placed) - sum(ys[i] for i in order)) / len(order)
+    out = [0.0] * len(ys)
+    for i, y in zip(order, placed):
+        out[i] = y - shift
+    return out
+
+
+def plot_bits(sections: Sequence[Section], ptq_groups: Sequence[PtqGroup],
+              path: Path) -> List[Tuple[float, float, str]]:
+    """Final accuracy against bits per element (log2 axis): trained configurations (filled, error
+    bar 1 std over seeds) and post-training casts of FP32 checkpoints (open markers), every
+    marker at its true bit width; labels beside the markers (trained right, PTQ left).
+    Returns the plotted points (x, y, label), for tests."""
     plt = _pyplot()
     n = max(1, len(sections))
-    fig, axes = plt.subplots(n, 1, figsize=(10, 6.8 * n), squeeze=False)
+    fig, axes = plt.subplots(n, 1, figsize=(11, 7.5 * n), squeeze=False)
     differing = differing_fields(sections)
+    plotted = []
     for ax, sec in zip(axes[:, 0], sections):
         groups = [g for g in sec.groups if g.finished and g.bits]
         colors = dict(zip((g.key for g in sec.groups), _colors(len(sec.groups))))
-        # several configurations share a width (three 8-bit rows): spread them a little
-        by_bits: Dict[float, List[Group]] = {}
+        points = []        # (x, y, label, side, color)
         for g in groups:
-            by_bits.setdefault(g.bits, []).append(g)
-        xs = [4.0, 32.0]
-        for bits, gs in by_bits.items():
-            for i, g in enumerate(gs):
-                x = bits * 2 ** (0.06 * (i - (len(gs) - 1) / 2))
-                xs.append(x)
-                acc, std = g.acc
-                ax.errorbar([x], [acc], yerr=[std] if std is not None else None, fmt="o", ms=7,
-                            color=colors[g.key], capsize=3, label=f"{g.label} (n={len(g.finished)})")
+            acc, std = g.acc
+            ax.errorbar([g.bits], [acc], yerr=[std] if std is not None else None, fmt="o", ms=7,
+                        color=colors[g.key], capsize=3, label=f"{g.label} (n={len(g.finished)})")
+            points.append((g.bits, acc, g.config_key, 1, colors[g.key]))
         base = sec.baseline
         if base is not None:
             ax.axhline(base.acc[0], color="gray", ls=":", lw=1, label="FP32 mean")
         for pg in (p for p in ptq_groups if p.section_key == sec.key):
-            fmts = [(f, b, v) for f, b, v in pg.rows_by_format() if f != "fp32" and b]
-            rank = {}                      # index of each format among those of the same width
-            for f, b, _ in fmts:
-                rank[f] = sum(1 for g, c, _ in fmts if c == b and g < f)
-            for scaling, marker, side in (("none", "^", -1), ("scaled", "s", 1)):
-                px, py, names = [], [], []
-                for fmt, bits, by_scaling in fmts:
+            for scaling, marker in (("none", "^"), ("scaled", "s")):
+                px, py = [], []
+                for fmt, bits, by_scaling in pg.rows_by_format():
                     vals = by_scaling.get(scaling)
-                    if not vals:
+                    if fmt == "fp32" or not bits or not vals:
                         continue
-                    px.append(bits * 2 ** (side * (0.16 + 0.09 * rank[fmt])))
+                    px.append(bits)
                     py.append(statistics.fmean(vals))
-                    names.append(fmt)
-                if not px:
-                    continue
-                ax.scatter(px, py, marker=marker, facecolors="none", edgecolors="black", s=40,
-                           lw=1, label=f"PTQ of {pg.label}, {'unscaled' if scaling == 'none' else 'scaled'}")
-                for x, y, name in zip(px, py, names):
-                    ax.annotate(name, (x, y), textcoords="offset points", xytext=(0, -9),
-                                ha="center", fontsize=5.5, color="dimgray", rotation=90, va="top")
-                xs += px
+                    points.append((bits, py[-1], f"{fmt} PTQ{' sc.' if scaling == 'scaled' else ''}",
+                                   -1, "black"))
+                if px:
+                    ax.scatter(px, py, marker=marker, facecolors="none", edgecolors="black", s=55,
+                               lw=1.2, zorder=3,
+                               label=f"post-training cast of {pg.label} checkpoints, "
+                                     f"{'unscaled' if scaling == 'none' else 'scaled'}")
+        plotted += [(p[0], p[1], p[2]) for p in points]
+        ys = [p[1] for p in points] or [0.0, 100.0]
+        lo, hi = min(ys), max(ys)
+        gap = max(hi - lo, 10.0) * 0.045
+        for x, side in {(p[0], p[3]) for p in points}:
+            here = [p for p in points if p[0] == x and p[3] == side]
+            for (px, py, text, _, color), ly in zip(here, _spread_labels([p[1] for p in here], gap)):
+                ax.annotate(text, (px, py), xytext=(px * 2 ** (0.2 * side), ly),
+                            textcoords="data", fontsize=8, color=color, va="center",
+                            ha="left" if side > 0 else "right",
+                            arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.6})
+        xs = [p[0] for p in points] or [4.0, 32.0]
         ax.set_xscale("log", base=2)
         ticks = [b for b in (2, 4, 8, 16, 32) if min(xs) / 1.3 <= b <= max(xs) * 1.3]
         ax.set_xticks(ticks)
         ax.set_xticklabels([str(t) for t in ticks])
-        ax.set_xlim(min(xs) / 1.35, max(xs) * 1.35)
-        ax.set_xlabel("bits per element (forward operands)")
+        ax.set_xlim(min(xs) / 2 ** 0.9, max(xs) * 2 ** 0.9)
+        ax.set_ylim(lo - 3 * gap, hi + 3 * gap)
+        ax.set_xlabel("bits per element (block formats include their shared scales)")
         ax.set_ylabel("final test accuracy (%)")
         ax.set_title(sec.short_title(differing), fontsize=10)
         ax.grid(True, alpha=0.3)
         _legend_below(ax)
-    fig.suptitle("Final test accuracy against bits per element (error bar: 1 std over seeds)",
-                 fontsize=11)
+    fig.suptitle("Final test accuracy against bits per element (error bar: 1 std over seeds; "
+                 "open markers: FP32 checkpoints cast after training)", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=130, bbox_inches="tight")    # "tight" keeps the outside legend
     plt.close(fig)
+    return plotted
 
 
 # ----------------------------------------------------------------------------------------------

@@ -266,3 +266,37 @@ def test_default_output_is_not_the_committed_results(tmp_path):
     assert report.runs.Path(out).resolve() != (root / "results").resolve()
     ignored = subprocess.run(["git", "-C", str(root), "check-ignore", "-q", str(out)])
     assert ignored.returncode == 0
+
+
+def test_plot_data_true_bit_widths_family_panels_and_short_run_ticks(runs_dir, tmp_path):
+    """PTQ markers sit at their format's real bit width (no sideways shift); the per-epoch plot
+    has one panel per family, FP32 in each; a 1-epoch run gets the single tick 1."""
+    all_runs, _ = report.load_runs(runs_dir)
+    sections = report.build_sections([r for r in all_runs if r.config["lr"] == 0.1])
+    ptq = report.group_ptq(report.load_ptq(runs_dir))
+    points = report.plot_bits(sections, ptq, tmp_path / "bits.png")
+    ptq_x = {label: x for x, _, label in points if "PTQ" in label}
+    assert ptq_x == {"e4m3 PTQ": 8, "e4m3 PTQ sc.": 8, "posit4es0 PTQ": 4, "posit4es0 PTQ sc.": 4}
+    trained = {label: (x, y) for x, y, label in points if "PTQ" not in label}
+    assert trained["fp32"][0] == 32 and trained["fp8-e4m3"] == (8, pytest.approx((89.9 + 90.4) / 2))
+
+    panels = report.plot_epochs(sections, tmp_path / "ep.png")
+    assert [p["title"].split(":")[0] for p in panels] == ["FP8", "Posits"]
+    for p in panels:
+        assert p["lines"][0] == "FP32 (n=2)"
+        assert p["xticks"] == [1.0, 2.0, 3.0]
+
+    one = tmp_path / "one"
+    one.mkdir()
+    write_run(one, "fp32_s0", "FP32", FP32, 0, "finished", [40.0], 100.0, "A", epochs=1)
+    write_run(one, "fp8_s0", "FP8", FP8, 0, "finished", [38.0], 100.0, "A", epochs=1)
+    panels = report.plot_epochs(report.build_sections(report.load_runs(one)[0]), tmp_path / "1.png")
+    assert panels[0]["xticks"] == [1.0]
+
+
+def test_spread_labels_keeps_a_gap_and_order():
+    ys = [90.0, 90.2, 90.1, 40.0]
+    out = report._spread_labels(ys, 2.0)
+    assert sorted(range(4), key=lambda i: out[i]) == sorted(range(4), key=lambda i: ys[i])
+    ordered = sorted(out)
+    assert all(b - a >= 2.0 - 1e-9 for a, b in zip(ordered, ordered[1:]))
