@@ -58,7 +58,7 @@ def load_plan(script: str):
 class Stepper:
     """One configuration's model, optimizer and fixed batch; `step()` is one training step."""
 
-    def __init__(self, plan_kwargs: dict, device: torch.device, batch: int):
+    def __init__(self, plan_kwargs: dict, device: torch.device, batch: int, mode: str = "eager"):
         cfg = plan_kwargs["config"]
         self.device = device
         model = build_model(cfg.model, shortcut=cfg.shortcut)
@@ -67,6 +67,10 @@ class Stepper:
             model = transform(model) or model
         fmt = torch.channels_last
         self.model = model.to(device, memory_format=fmt).train()
+        # the whole model compiled as `--compile` does (train.py); "graphs": CUDA graphs of the
+        # compiled forward and backward (torch.compile mode "reduce-overhead")
+        self.forward = self.model if mode == "eager" else torch.compile(
+            self.model, mode="reduce-overhead" if mode == "graphs" else None)
         self.after_step = plan_kwargs.get("after_step")
         dtype = plan_kwargs.get("autocast_dtype")
         self.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else \
@@ -79,7 +83,7 @@ class Stepper:
 
     def step(self):
         with self.autocast():
-            loss = F.cross_entropy(self.model(self.x), self.y)
+            loss = F.cross_entropy(self.forward(self.x), self.y)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -115,6 +119,10 @@ def main(argv=None):
     p.add_argument("--configs", default=",".join(k for k, _ in TARGETS),
                    help="comma-separated keys (default: all: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--modes", default="eager",
+                   help="comma-separated: eager, compile (the whole model, as --compile), graphs "
+                        "(compile with CUDA graphs, CUDA only); every config runs in each "
+                        "(default: eager)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
@@ -123,6 +131,11 @@ def main(argv=None):
     if unknown or "fp32" not in keys:
         p.error(f"--configs: unknown {unknown}; accepted: {', '.join(CONFIGS)} "
                 f"(fp32 is needed as the reference)")
+    modes = args.modes.split(",")
+    if not set(modes) <= {"eager", "compile", "graphs"} or "eager" not in modes:
+        p.error(f"--modes {args.modes!r}: give eager plus any of compile, graphs")
+    if "graphs" in modes and args.device != "cuda":
+        p.error("--modes graphs needs --device cuda (CUDA graphs)")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -130,13 +143,16 @@ def main(argv=None):
     steppers, targets = {}, dict(TARGETS)
     for key in keys:
         script, flags, _ = CONFIGS[key]
-        kw = load_plan(script)(list(flags) + ["--model", args.model, "--device", args.device,
-                                              "--batch-size", str(args.batch_size), "--synthetic"])
-        steppers[key] = Stepper(kw, device, args.batch_size)
-        t0 = time.perf_counter()
-        for _ in range(args.warmup):
-            steppers[key].step()
-        print(f"# {key}: warm-up {time.perf_counter() - t0:.1f} s", flush=True)
+        for mode in modes:
+            kw = load_plan(script)(list(flags) + ["--model", args.model, "--device", args.device,
+                                                  "--batch-size", str(args.batch_size),
+                                                  "--synthetic"])
+            name = key if mode == "eager" else f"{key} ({mode})"
+            steppers[name] = Stepper(kw, device, args.batch_size, mode)
+            t0 = time.perf_counter()
+            for _ in range(args.warmup):
+                steppers[name].step()
+            print(f"# {name}: warm-up {time.perf_counter() - t0:.1f} s", flush=True)
 
     times = {k: [] for k in steppers}
     for _ in range(args.rounds):
@@ -146,15 +162,18 @@ def main(argv=None):
 
     print(f"\nstep time, {args.model}, batch {args.batch_size}, {machine(device)}, torch "
           f"{torch.__version__}; median of {args.rounds} interleaved rounds x {args.steps} steps")
-    print(f"| config | ms/step | x FP32 | target | met |")
-    print(f"| --- | ---: | ---: | ---: | --- |")
-    for key, t in med.items():
+    print(f"CPU instruction set (torch): {torch.backends.cpu.get_cpu_capability()}")
+    print("| config | ms/step | x FP32 (eager) | target | met | speed-up over its eager step |")
+    print("| --- | ---: | ---: | ---: | --- | ---: |")
+    for name, t in med.items():
+        key = name.split(" (")[0]
         ratio = t / med["fp32"]
-        target = targets.get(key)
+        target = targets.get(key) if name == key else None
         met = "" if target is None else ("yes" if ratio <= target else "NO")
         tgt = "" if target is None else (f"< {target:.1f}" if key == "bf16"
                                          else f"<= {target:.1f}")
-        print(f"| {key} | {t * 1e3:.1f} | {ratio:.2f} | {tgt} | {met} |")
+        speedup = "" if name == key else f"{med[key] / t:.2f}x"
+        print(f"| {name} | {t * 1e3:.1f} | {ratio:.2f} | {tgt} | {met} | {speedup} |")
 
 
 if __name__ == "__main__":
