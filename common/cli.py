@@ -15,7 +15,9 @@ A format script stays thin::
 
 ``run_main`` turns the project's exceptions into one line on stderr and an exit code:
 0 finished (or already finished on ``--resume``), 1 diverged (NaN/inf loss), 2 user error
-(bad flag, missing data, no CUDA, config mismatch on resume), 130 interrupted (Ctrl-C).
+(bad flag, missing data, no CUDA, config mismatch on resume, a run folder that cannot be written
+or is in use by another process), 130 interrupted by Ctrl-C (SIGINT), 143 by SIGTERM, 129 by
+SIGHUP (128 + the signal's number, as shells report it; each saves status "interrupted").
 """
 from __future__ import annotations
 
@@ -23,12 +25,13 @@ import argparse
 import dataclasses
 import os
 import re
+import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
 
-from .errors import DataError, Diverged, UserError
+from .errors import DataError, Diverged, Interrupted, UserError
 from .resnet import MODELS, SHORTCUTS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -54,6 +57,8 @@ DEVICES = ("auto", "cpu", "cuda")
 # forward+backward ran about 20% faster in NHWC too.
 CHANNELS_LAST_DEFAULT = {"cuda": True, "cpu": True}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
+# Signals that stop a run like Ctrl-C does (status "interrupted", exit 128 + signal number).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 __all__ = ["RunConfig", "UserError", "DataError", "Diverged", "build_parser", "parse_args",
            "make_config", "parse_config", "run_main", "fail", "REPO_ROOT", "DEFAULT_RUNS_DIR",
@@ -316,23 +321,41 @@ def _is_rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def run_main(main: Callable[..., Any], argv: Optional[Sequence[str]] = None) -> None:
-    """Call ``main(argv)`` and exit: 0 done, 1 diverged, 2 user error, 130 interrupted.
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
 
-    User errors print one line ``error: ...`` on stderr, without a traceback; a divergence's message
-    was already printed by the loop. Other exceptions are bugs and keep their traceback.
+
+def run_main(main: Callable[..., Any], argv: Optional[Sequence[str]] = None) -> None:
+    """Call ``main(argv)`` and exit: 0 done, 1 diverged, 2 user error, 128 + signal interrupted.
+
+    User errors print one line ``error: ...`` on stderr, without a traceback; so do file-system
+    errors that reach here (a path, permissions, a full disk: not bugs); a divergence's message
+    was already printed by the loop. SIGTERM and SIGHUP stop the run like Ctrl-C (status
+    "interrupted"). Other exceptions are bugs and keep their traceback.
     """
+    previous = {signum: signal.signal(signum, _raise_interrupted) for signum in STOP_SIGNALS}
     try:
         main(argv)
     except UserError as e:
         if _is_rank0():
             print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except OSError as e:
+        if _is_rank0():
+            where = f"{e.filename}: " if e.filename else ""
+            print(f"error: {where}{e.strerror or e} (check the path, its permissions and the free "
+                  f"disk space)", file=sys.stderr, flush=True)
+        sys.exit(2)
     except Diverged:
         sys.exit(1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
         if _is_rank0():
-            print("interrupted: last.pt keeps the last finished epoch; rerun with --resume to continue",
-                  file=sys.stderr, flush=True)
-        sys.exit(130)
+            print(f"interrupted ({signal.Signals(signum).name}): last.pt keeps the last finished "
+                  f"epoch; rerun with --resume to continue", file=sys.stderr, flush=True)
+        sys.exit(128 + signum)
+    finally:
+        for signum, handler in previous.items():
+            if handler is not None:          # None: set outside Python, cannot be restored
+                signal.signal(signum, handler)
     sys.exit(0)

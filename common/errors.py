@@ -6,6 +6,8 @@ the command-line layer. ``common.cli.run_main`` maps them to exit codes:
 * ``UserError`` (and ``DataError``): something the user can fix (a path, a flag) -> exit 2, the
   code argparse uses for bad usage.
 * ``Diverged``: the loss became NaN or infinite -> exit 1; the run's summary says "diverged".
+* ``Interrupted`` (a ``KeyboardInterrupt``): SIGTERM or SIGHUP, handled like Ctrl-C -> exit
+  128 + the signal's number (143, 129; Ctrl-C's SIGINT gives 130).
 """
 from __future__ import annotations
 
@@ -24,3 +26,17 @@ class Diverged(RuntimeError):
     def __init__(self, message: str, summary: dict | None = None):
         super().__init__(message)
         self.summary = summary or {}
+
+
+class RunFileError(UserError):
+    """A run file could not be written (disk full, read-only folder, ...); the message names the
+    file and what to do."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised like Ctrl-C's KeyboardInterrupt so that the run saves its status;
+    ``signum`` is the signal's number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum

@@ -12,50 +12,83 @@ Layout of ``runs/<name>/`` (written by rank 0 only):
                     between runs need (``report``), without the checkpoint.
 * ``last.pt``       checkpoint after the last finished epoch (model, optimizer, grad scaler, epoch,
                     every RNG state, metrics so far).
+* ``.lock``         empty file whose ``flock`` the training process holds for the run's life: a
+                    second process on the same folder is refused, and a summary that says
+                    "running" while nobody holds the lock belongs to a dead process (read as
+                    "interrupted"). The file's presence alone means nothing.
 
 Every file is written to a temporary name in the same folder and moved into place with
 ``os.replace`` (atomic on POSIX), so a crash or Ctrl-C mid-write never leaves a half-written
-checkpoint or summary: the previous version stays.
+checkpoint or summary: the previous version stays. A write that fails (disk full, read-only
+folder) raises ``RunFileError``, one line naming the file and what to do.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
+import io
 import json
 import os
 import random
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import IO, Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+
+from .errors import RunFileError, UserError
 
 CHECKPOINT = "last.pt"
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 PREDICTIONS = "predictions.json"
+LOCK = ".lock"
 # The small files of a run that results/runs/<name>/ keeps (never the checkpoint).
 RECORD_FILES = (CONFIG, METRICS, SUMMARY, PREDICTIONS)
 CHECKPOINT_VERSION = 1
 
 
+# What to do about a failed write, by errno (the rest get the system's words only).
+_WRITE_ADVICE = {
+    errno.ENOSPC: "free some disk space or write elsewhere",
+    errno.EDQUOT: "free some of your disk quota or write elsewhere",
+    errno.EROFS: "the file system is read-only: write elsewhere",
+    errno.EACCES: "the folder is not writable for you: write elsewhere",
+    errno.EPERM: "the folder is not writable for you: write elsewhere",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: write elsewhere",
+}
+
+
+def os_error_text(e: OSError) -> str:
+    """``strerror (advice)`` for an OSError: the system's words and what to do, on one line."""
+    advice = _WRITE_ADVICE.get(e.errno)
+    return f"{e.strerror or e}" + (f" ({advice})" if advice else "")
+
+
 def _atomic_write(path: Path, write) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+    except BaseException as e:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        if isinstance(e, OSError):
+            raise RunFileError(f"cannot write {path}: {os_error_text(e)}") from None
         raise
 
 
@@ -78,6 +111,92 @@ def read_json(path: Path) -> Optional[Any]:
             return json.load(f)
     except (OSError, ValueError):
         return None
+
+
+def read_summary(run_dir: Path, live: bool = True) -> Optional[Dict[str, Any]]:
+    """A run's ``summary.json``, None when the run has none.
+
+    A file that cannot be read or is not a JSON object gives ``{"status": "unreadable",
+    "message": ...}`` naming the file, so callers show that instead of "no summary". With
+    ``live``, a status "running" whose process is gone (nobody holds the run's lock) reads as
+    "interrupted", with a message saying so.
+    """
+    path = Path(run_dir) / SUMMARY
+    try:
+        with open(path) as f:
+            summary = json.load(f)
+        if not isinstance(summary, dict):
+            raise ValueError(f"a JSON {type(summary).__name__}, not an object")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        reason = e.strerror if isinstance(e, OSError) else f"corrupt JSON: {e}"
+        return {"status": "unreadable", "message": f"{path} is unreadable ({reason}); "
+                                                   f"delete it, or rerun the run with --resume"}
+    if live and summary.get("status") == "running" and not is_locked(run_dir):
+        summary["status"] = "interrupted"
+        summary["message"] = DEAD_RUN_MESSAGE
+    return summary
+
+
+DEAD_RUN_MESSAGE = ("the process training it stopped without recording why (killed, crashed or "
+                    "the machine went down); rerun with --resume to continue from last.pt")
+
+
+def lock_run(run_dir: Path) -> IO[bytes]:
+    """Create ``run_dir`` and take the exclusive lock of its ``.lock`` file for this process.
+
+    Returns the open lock file: the lock lasts until it is closed (or the process ends, however it
+    ends). Raises ``UserError`` when the folder cannot be made or another process holds the lock.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / LOCK
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a+b")
+    except OSError as e:
+        raise UserError(f"cannot create the run folder {run_dir}: {os_error_text(e)}; pass a "
+                        f"writable folder as --runs-dir") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().decode(errors="replace").strip()
+        f.close()
+        raise UserError(f"{run_dir} is being trained by another process"
+                        f"{f' (pid {holder})' if holder else ''}: wait for it to end or stop it, "
+                        f"or pass another --name") from None
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n".encode())          # who holds it, for the message above
+    f.flush()
+    return f
+
+
+def is_locked(run_dir: Path) -> bool:
+    """Whether a process (this one included, through another open file) holds the run's lock."""
+    try:
+        f = open(Path(run_dir) / LOCK, "rb")
+    except OSError:
+        return False
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """Delete everything in ``run_dir`` but its lock file (``--overwrite``; the caller holds the
+    lock, which must outlive the old files)."""
+    for child in Path(run_dir).iterdir():
+        if child.name == LOCK:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
 
 
 def write_jsonl(path: Path, rows: Iterable[Dict[str, Any]]) -> None:
@@ -135,8 +254,14 @@ def copy_record(run_dir: Path, record_dir: Path) -> None:
 
 
 def save_checkpoint(path: Path, state: Dict[str, Any]) -> None:
-    """``torch.save`` to a temporary file, then ``os.replace``: last.pt is always a whole checkpoint."""
-    _atomic_write(path, lambda f: torch.save(state, f))
+    """``torch.save`` to a temporary file, then ``os.replace``: last.pt is always a whole checkpoint.
+
+    The checkpoint is serialised in memory first: torch's writer turns a failed file write (disk
+    full) into a RuntimeError without the errno, a plain write keeps it for ``RunFileError``."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getbuffer()
+    _atomic_write(path, lambda f: f.write(data))
 
 
 def load_checkpoint(path: Path, map_location: Any = "cpu") -> Dict[str, Any]:

@@ -112,6 +112,8 @@ COMPARED_EXCLUDE = cli.RESUME_FREE_FIELDS | {"seed", "label", "format", "channel
 # Exit codes of the scripts (common.cli.run_main).
 EXIT_DIVERGED = 1
 EXIT_INTERRUPTED = 130
+# 128 + SIGHUP, SIGINT, SIGTERM (the scripts' handled stops), or killed by SIGINT/SIGTERM
+INTERRUPTED_CODES = (129, EXIT_INTERRUPTED, 143, -2, -15)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -261,8 +263,9 @@ def plan(keys: Sequence[str], seeds: Sequence[int], training_flags: Sequence[str
             job = Job(key, seed, name, cmd, runs_dir / name,
                       record_dir=Path(records_dir).expanduser().resolve() / name if keep else None)
             record = (runs.read_json(job.record_dir / runs.SUMMARY) if job.record_dir else None) or {}
+            # read_summary: a dead run's "running" reads as interrupted, a corrupt file as unreadable
             summary = record if record.get("status") == "finished" else \
-                runs.read_json(job.run_dir / runs.SUMMARY)
+                runs.read_summary(job.run_dir)
             if summary is not None:
                 diffs = config_differences(summary.get("config") or {}, expected)
                 if diffs:
@@ -352,7 +355,7 @@ def _outcome(job: Job, rc: int) -> None:
     elif rc == EXIT_DIVERGED:
         job.result = "diverged"
         job.message = summary.get("message", "")
-    elif rc in (EXIT_INTERRUPTED, -2):
+    elif rc in INTERRUPTED_CODES:
         job.result = "interrupted"
     else:
         job.result = "failed"

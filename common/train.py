@@ -18,8 +18,14 @@
 
 Outcomes: returns the summary (status "finished"), also when ``--resume`` finds the run already
 finished. A NaN/inf loss raises ``Diverged`` (summary status "diverged", last.pt left at the last
-good epoch; scripts exit 1). Ctrl-C writes status "interrupted" and re-raises KeyboardInterrupt
-(exit 130). Bad input raises ``UserError`` (exit 2). Any other exception writes status "failed".
+good epoch; scripts exit 1). Ctrl-C (and SIGTERM/SIGHUP under ``cli.run_main``) writes status
+"interrupted" and re-raises (exit 130, 143, 129). Bad input and file-system trouble (a run folder
+that cannot be written, a full disk, a corrupt checkpoint) raise ``UserError`` (exit 2). Any other
+exception writes status "failed".
+
+The run folder is locked (``runs.lock_run``) from before it is read until the run ends, so a
+second process on the same folder is refused; a summary left at "running" by a dead process is
+rewritten as "interrupted" when the folder is next opened.
 
 Hot path: nothing is copied to the host inside an epoch. Loss and accuracy are summed on the
 device; finiteness is checked every ``DIVERGENCE_CHECK_EVERY`` steps and at the end of the epoch
@@ -39,7 +45,7 @@ import math
 import os
 import platform
 import random
-import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -54,7 +60,7 @@ import torch.nn.functional as F
 from . import data as data_mod
 from . import runs
 from .cli import CHANNELS_LAST_DEFAULT, REPO_ROOT, RESUME_FREE_FIELDS, RunConfig
-from .errors import Diverged, UserError
+from .errors import Diverged, Interrupted, RunFileError, UserError
 from .resnet import build_model, count_parameters
 
 DIVERGENCE_CHECK_EVERY = 50          # steps between finiteness checks (one host sync each)
@@ -219,6 +225,15 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
+def _differences(where: str, new: Any, old: Any) -> List[tuple]:
+    """(where, new, old) for each differing leaf: dicts are compared key by key (``format.w``), so
+    a resume mismatch names only what differs."""
+    if isinstance(new, dict) and isinstance(old, dict):
+        return [d for k in sorted(set(new) | set(old), key=str)
+                for d in _differences(f"{where}.{k}", new.get(k), old.get(k))]
+    return [] if new == old else [(where, new, old)]
+
+
 class _Progress:
     """A one-line progress bar, drawn only when stdout is a terminal (no dependency)."""
 
@@ -253,17 +268,24 @@ def run(config: RunConfig, model_transform: Optional[Callable[[nn.Module], Optio
         autocast_dtype: Optional[torch.dtype] = None,
         after_step: Optional[Callable[[nn.Module], None]] = None) -> Dict[str, Any]:
     """Train ``config`` to the end (or resume it) and return its summary dict (see module doc)."""
+    # --device cuda without CUDA is refused before a process group exists (NCCL would fail first,
+    # with a traceback from every rank)
+    resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
     ctx = _setup_distributed(config.device)
     saved = _global_flags()
     all_ranks_done = False
+    trainer = None
     try:
-        summary = _Trainer(config, ctx, model_transform, autocast_dtype, after_step).execute()
+        trainer = _Trainer(config, ctx, model_transform, autocast_dtype, after_step)
+        summary = trainer.execute()
         all_ranks_done = True
         return summary
     except Diverged:
         all_ranks_done = True            # every rank saw it (the check is all-reduced)
         raise
     finally:
+        if trainer is not None:
+            trainer.unlock()
         _restore_global_flags(saved)     # a later run in the same process starts from the defaults
         if ctx.initialized_here and dist.is_initialized():
             if all_ranks_done:
@@ -303,6 +325,13 @@ class _Trainer:
         self.t_start = time.perf_counter()
         self.train_seconds = 0.0
         self.resolved: Dict[str, Any] = {}
+        self.lock = None                # the run folder's lock file (rank 0), see runs.lock_run
+        self.saved_epoch = 0            # the epoch last.pt holds
+
+    def unlock(self) -> None:
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
 
     # -- output ---------------------------------------------------------------------------------
     def log(self, msg: str, err: bool = False) -> None:
@@ -355,15 +384,26 @@ class _Trainer:
             runs.write_json(self.run_dir / runs.SUMMARY, s)
         return s
 
+    def _try_write_summary(self, status: str, message: str) -> None:
+        """write_summary on the way out of a stopped run: a failing write (disk full) must not
+        hide why the run stopped; the lock then tells readers that the run is dead."""
+        try:
+            self.write_summary(status, message)
+        except RunFileError:
+            pass
+
     # -- existing run folder ----------------------------------------------------------------------
     def _check_resume_config(self, ckpt: Dict[str, Any], device: torch.device) -> None:
         old, new = ckpt["config"], runs.jsonable(self.cfg.to_dict())
+        differing = [k for k in sorted(set(old) | set(new))
+                     if k not in RESUME_FREE_FIELDS and old.get(k) != new.get(k)]
+        if len(differing) > 1 and "label" in differing:
+            differing.remove("label")    # the label only describes the other fields
         diffs = []
-        for k in sorted(set(old) | set(new)):
-            if k in RESUME_FREE_FIELDS or old.get(k) == new.get(k):
-                continue
+        for k in differing:
             flag = "--" + k.replace("_", "-") if k not in ("format", "label") else k
-            diffs.append(f"{flag} {new.get(k)!r} (checkpoint: {old.get(k)!r})")
+            diffs += [f"{where} {n!r} (checkpoint: {o!r})"
+                      for where, n, o in _differences(flag, new.get(k), old.get(k))]
         if ckpt.get("device_type") != device.type:
             diffs.append(f"device {device.type} (checkpoint: {ckpt.get('device_type')})")
         if ckpt.get("world_size", 1) != self.ctx.world_size:
@@ -374,17 +414,34 @@ class _Trainer:
             raise UserError(f"cannot resume {self.run_dir}: the run differs from its checkpoint in "
                             f"{'; '.join(diffs)}. Use the original flags, or a new --name")
 
+    def _lock_run_dir(self) -> None:
+        """Rank 0 locks the run folder for the run's life (every rank learns if that failed);
+        a summary still saying "running" was left by a dead process: say "interrupted"."""
+        error = None
+        if self.rank0:
+            try:
+                self.lock = runs.lock_run(self.run_dir)
+                prev = runs.read_summary(self.run_dir, live=False)
+                if prev is not None and prev.get("status") == "running":
+                    runs.write_json(self.run_dir / runs.SUMMARY,
+                                    prev | {"status": "interrupted", "message": runs.DEAD_RUN_MESSAGE})
+            except UserError as e:
+                error = str(e)
+        if self.ctx.active:
+            shared = [error]
+            dist.broadcast_object_list(shared, src=0)
+            error = shared[0]
+        if error is not None:
+            raise UserError(error)
+
     def _prepare_run_dir(self, device: torch.device) -> Optional[Dict[str, Any]]:
         """Decide between resume / fresh / refuse; returns the checkpoint to resume from, if any."""
+        self._lock_run_dir()
         have_ckpt = self.ckpt_path.is_file()
         have_run = have_ckpt or (self.run_dir / runs.SUMMARY).is_file()
         if self.cfg.resume:
             if have_ckpt:
-                try:
-                    ckpt = runs.load_checkpoint(self.ckpt_path)
-                except Exception as e:
-                    raise UserError(f"cannot read checkpoint {self.ckpt_path} ({type(e).__name__}: "
-                                    f"{e}); pass --overwrite to start over") from None
+                ckpt = self._load_checkpoint()
                 if ckpt.get("version") != runs.CHECKPOINT_VERSION:
                     raise UserError(f"{self.ckpt_path}: checkpoint version {ckpt.get('version')} "
                                     f"is not {runs.CHECKPOINT_VERSION}; pass --overwrite to start over")
@@ -393,15 +450,29 @@ class _Trainer:
             self.log(f"--resume: no checkpoint at {self.ckpt_path}: starting fresh")
         elif have_run:
             if not self.cfg.overwrite:
-                prev = runs.read_json(self.run_dir / runs.SUMMARY) or {}
+                prev = runs.read_summary(self.run_dir, live=False) or {}
                 raise UserError(f"{self.run_dir} already holds a run (status {prev.get('status', '?')}, "
                                 f"{prev.get('epochs_done', '?')}/{prev.get('epochs', '?')} epochs); "
                                 f"pass --resume to continue it, --overwrite to start over, or a new --name")
             if self.rank0:
-                shutil.rmtree(self.run_dir)
+                runs.clear_run_dir(self.run_dir)
         if self.ctx.active:
             dist.barrier()
         return None
+
+    def _load_checkpoint(self) -> Dict[str, Any]:
+        """last.pt for --resume; a file that is not one of this project's checkpoints is refused
+        with one line naming it and the choices (torch's own advice does not apply here)."""
+        try:
+            ckpt = runs.load_checkpoint(self.ckpt_path)
+        except OSError as e:
+            raise UserError(f"cannot read checkpoint {self.ckpt_path}: {e.strerror or e}") from None
+        except Exception:
+            ckpt = None
+        if not isinstance(ckpt, dict) or not {"epoch", "config", "model"} <= set(ckpt):
+            raise UserError(f"{self.ckpt_path} is not a checkpoint of this project (corrupt or "
+                            f"truncated); pass --overwrite to start the run over, or delete the file")
+        return ckpt
 
     # -- main -----------------------------------------------------------------------------------
     def execute(self) -> Dict[str, Any]:
@@ -465,7 +536,7 @@ class _Trainer:
             self.wall_prev = ckpt.get("wall_seconds", 0.0)
             self.train_prev = ckpt.get("train_seconds", 0.0)
             self.started_at = ckpt.get("started_at", self.started_at)
-            start_epoch = ckpt["epoch"]
+            start_epoch = self.saved_epoch = ckpt["epoch"]
 
         normalizer = data_mod.Normalizer(device, channels_last=channels_last)
         try:
@@ -518,14 +589,20 @@ class _Trainer:
                        batches, data, normalizer, device)
         except Diverged:
             raise
-        except KeyboardInterrupt:
-            self.write_summary("interrupted", "stopped by the user (Ctrl-C); last.pt keeps the last "
-                                              "finished epoch")
+        except KeyboardInterrupt as e:
+            how = (f"stopped by {signal.Signals(e.signum).name}" if isinstance(e, Interrupted)
+                   else "stopped by the user (Ctrl-C)")
+            self._try_write_summary("interrupted", f"{how}; last.pt keeps the last finished epoch; "
+                                                   f"rerun with --resume to continue")
             raise
+        except RunFileError as e:        # disk full, folder made read-only, ...
+            kept = (f"last.pt keeps epoch {self.saved_epoch}" if self.saved_epoch
+                    else "no epoch was saved")
+            raise RunFileError(f"{e}; {kept}: fix that, then rerun with --resume") from None
         except UserError:
             raise
         except Exception as e:
-            self.write_summary("failed", f"{type(e).__name__}: {e}")
+            self._try_write_summary("failed", f"{type(e).__name__}: {e}")
             raise
         summary = self.write_summary("finished")
         last = self.metrics[-1]
@@ -654,6 +731,7 @@ class _Trainer:
                     "train_seconds": self.train_prev + self.train_seconds,
                     "started_at": self.started_at,
                 })
+                self.saved_epoch = epoch + 1
                 runs.write_jsonl(self.run_dir / runs.METRICS, self.metrics)
                 if last_epoch:
                     runs.write_predictions(self.run_dir, ev["predictions"], data.test_y)

@@ -1,0 +1,280 @@
+"""Run folders as bookkeeping: setup and file-system errors exit 2 with one line, a run folder is
+locked while it trains, a dead run reads as interrupted, SIGTERM/SIGHUP stop a run like Ctrl-C,
+and resume refusals name only what differs.
+
+Runs use ResNet-8 on the synthetic set for one or two steps.
+"""
+import errno
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from common import cli, runs, sweep, train
+from common.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+FP32_SCRIPT = ROOT / "FP32" / "train_cifar10_fp32.py"
+SMOKE = ["--synthetic", "--model", "resnet8", "--batch-size", "64", "--device", "cpu",
+         "--epochs", "1", "--max-steps-per-epoch", "1"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine two OpenMP threads stall each other."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_config(runs_dir, *flags, name="t", format=None):
+    args = cli.parse_args(cli.build_parser("test"), [*SMOKE, "--runs-dir", str(runs_dir),
+                                                     "--name", name, *flags])
+    return cli.make_config(args, label="test", format=format or {"name": "fp32"}, script="tests")
+
+
+def load_fp32_script():
+    spec = importlib.util.spec_from_file_location("fp32_script", FP32_SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def exit_code(fn, argv=None):
+    with pytest.raises(SystemExit) as e:
+        cli.run_main(fn, argv)
+    return e.value.code
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0], err
+    return err[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# A. File-system and setup errors: exit 2, one line saying what to do
+# ---------------------------------------------------------------------------------------------
+def test_runs_dir_that_is_a_file_exits_2_with_one_line(tmp_path, capsys):
+    not_a_folder = tmp_path / "runs"
+    not_a_folder.write_text("a file")
+    fp32 = load_fp32_script()
+    assert exit_code(fp32.main, [*SMOKE, "--runs-dir", str(not_a_folder)]) == 2
+    line = one_error_line(capsys)
+    assert "cannot create the run folder" in line and str(not_a_folder) in line
+    assert "Not a directory" in line and "--runs-dir" in line
+
+
+def test_read_only_runs_dir_exits_2_with_one_line(tmp_path, capsys, monkeypatch):
+    def read_only(self, *args, **kwargs):         # tests may run as root, which chmod cannot stop
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    fp32 = load_fp32_script()
+    assert exit_code(fp32.main, [*SMOKE, "--runs-dir", str(tmp_path / "ro")]) == 2
+    line = one_error_line(capsys)
+    assert "Read-only file system" in line and "write elsewhere" in line and "--runs-dir" in line
+
+
+def test_disk_full_while_writing_last_pt_exits_2_and_resumes(tmp_path, capsys, monkeypatch):
+    """The checkpoint of epoch 2 hits a full disk: one line naming the file, the epoch kept and
+    what to do; no temporary file is left; once there is space, --resume finishes the run."""
+    argv = [*SMOKE, "--epochs", "3", "--runs-dir", str(tmp_path), "--name", "full"]
+    real_fsync, checkpoints = os.fsync, []
+
+    def fsync(fd):
+        if ".last.pt." in os.readlink(f"/proc/self/fd/{fd}"):
+            checkpoints.append(fd)
+            if len(checkpoints) == 2:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    fp32 = load_fp32_script()
+    assert exit_code(fp32.main, argv) == 2
+    line = one_error_line(capsys)
+    last_pt = tmp_path / "full" / "last.pt"
+    assert f"cannot write {last_pt}: No space left on device" in line
+    assert "last.pt keeps epoch 1" in line and "rerun with --resume" in line
+    assert not list(last_pt.parent.glob(".*tmp"))
+    assert runs.load_checkpoint(last_pt)["epoch"] == 1
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert exit_code(fp32.main, [*argv, "--resume"]) == 0
+    assert runs.read_summary(last_pt.parent)["status"] == "finished"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_is_refused_before_any_process_group(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "_setup_distributed", lambda spec: pytest.fail("process group first"))
+    with pytest.raises(UserError, match="--device cuda: no CUDA device"):
+        train.run(make_config(tmp_path, "--device", "cuda"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_under_torchrun_is_one_line_from_rank_0(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(FP32_SCRIPT), *SMOKE[:-6], "--device", "cuda", "--runs-dir", str(tmp_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode != 0
+    ours = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert ours == [ours[0]] and ours[0].startswith("error: --device cuda: no CUDA device"), r.stderr
+    assert "NCCL" not in r.stderr and "init_process_group" not in r.stderr, r.stderr
+    assert "exitcode  : 2" in r.stderr                       # torchrun's report of both ranks
+
+
+def test_corrupt_checkpoint_names_the_file_and_the_choices(tmp_path):
+    train.run(make_config(tmp_path))
+    last_pt = tmp_path / "t" / "last.pt"
+    last_pt.write_bytes(os.urandom(4096))
+    with pytest.raises(UserError) as e:
+        train.run(make_config(tmp_path, "--resume"))
+    msg = str(e.value)
+    assert str(last_pt) in msg and "--overwrite" in msg and "delete the file" in msg
+    assert "weights_only" not in msg and "issue" not in msg and "\n" not in msg
+
+
+def test_resume_mismatch_names_only_the_differing_keys(tmp_path):
+    def fp8(weight):
+        return {"family": "fp8", "bits_per_element": 8,
+                "weight": {"fmt": weight, "rounding": "nearest", "scaling": "tensor"},
+                "act": {"fmt": "e4m3", "rounding": "nearest", "scaling": "none"}}
+
+    train.run(make_config(tmp_path, format=fp8("e4m3")))
+    with pytest.raises(UserError) as e:
+        train.run(make_config(tmp_path, "--resume", "--lr", "0.05", format=fp8("e5m2")))
+    msg = str(e.value)
+    assert "format.weight.fmt 'e5m2' (checkpoint: 'e4m3')" in msg
+    assert "--lr 0.05 (checkpoint: 0.1)" in msg
+    assert "act" not in msg and "rounding" not in msg and "scaling" not in msg and "family" not in msg
+    assert "\n" not in msg
+
+
+# ---------------------------------------------------------------------------------------------
+# B. Locks, liveness, signals
+# ---------------------------------------------------------------------------------------------
+HOLD_LOCK = """
+import fcntl, sys, time
+f = open(sys.argv[1], "a+b")
+fcntl.flock(f, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_run_folder_is_locked_while_it_trains(tmp_path, capsys):
+    """Another process holding the run's lock makes a second run on the folder exit 2 (one line);
+    the loop holds the lock while it trains and lets go when it ends."""
+    run_dir = tmp_path / "locked"
+    run_dir.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run_dir / runs.LOCK)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert runs.is_locked(run_dir)
+        fp32 = load_fp32_script()
+        assert exit_code(fp32.main, [*SMOKE, "--runs-dir", str(tmp_path), "--name", "locked"]) == 2
+        line = one_error_line(capsys)
+        assert f"{run_dir} is being trained by another process" in line and "--name" in line
+        assert not (run_dir / runs.SUMMARY).exists()           # nothing was touched
+    finally:
+        holder.kill()
+        holder.wait()
+    seen = []
+    train.run(make_config(tmp_path, name=run_dir.name),
+              after_step=lambda model: seen.append(runs.is_locked(run_dir)))
+    assert seen == [True] and not runs.is_locked(run_dir)
+
+
+def test_dead_running_run_reads_as_interrupted(tmp_path):
+    """A summary left at "running" by a process that is gone: readers say "interrupted", the next
+    process on the folder rewrites it so, and a resume continues."""
+    train.run(make_config(tmp_path, "--epochs", "2"))
+    run_dir = tmp_path / "t"
+    summary = json.loads((run_dir / runs.SUMMARY).read_text())
+    runs.write_json(run_dir / runs.SUMMARY, summary | {"status": "running"})    # as if killed
+    assert runs.read_summary(run_dir, live=False)["status"] == "running"
+    live = runs.read_summary(run_dir)
+    assert live["status"] == "interrupted" and "--resume" in live["message"]
+    with pytest.raises(UserError, match=r"already holds a run \(status interrupted"):
+        train.run(make_config(tmp_path, "--epochs", "2"))
+    assert json.loads((run_dir / runs.SUMMARY).read_text())["status"] == "interrupted"
+
+
+def test_sweep_plan_reads_a_dead_run_as_interrupted(tmp_path):
+    flags = ["--epochs", "3", "--model", "resnet8"]
+    name = sweep.run_name("fp32", "resnet8", 3, 0)
+    args = cli.parse_args(cli.build_parser("t"), [*flags, "--seed", "0"])
+    runs.write_json(tmp_path / name / runs.SUMMARY,
+                    {"status": "running", "epochs_done": 1, "epochs": 3,
+                     "config": cli.make_config(args, name=name).to_dict()})
+    job, = sweep.plan(["fp32"], [0], flags, tmp_path)
+    assert job.action == "run" and job.reason == "resume (interrupted, 1/3 epochs)"
+
+
+def test_sighup_stops_a_run_like_ctrl_c(tmp_path, capsys):
+    config = make_config(tmp_path, "--epochs", "2", "--max-steps-per-epoch", "2")
+    hang_up = lambda model: os.kill(os.getpid(), signal.SIGHUP)        # noqa: E731
+    before = signal.getsignal(signal.SIGHUP)
+    assert exit_code(lambda argv: train.run(config, after_step=hang_up)) == 128 + signal.SIGHUP
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("interrupted (SIGHUP):") and "rerun with --resume" in err[-1]
+    summary = runs.read_summary(tmp_path / "t")
+    assert summary["status"] == "interrupted" and "SIGHUP" in summary["message"]
+    assert signal.getsignal(signal.SIGHUP) == before                   # handler restored
+
+
+def _start_long_run(tmp_path):
+    """The FP32 script on a long synthetic run; returns (process, run folder) once it trains."""
+    proc = subprocess.Popen([sys.executable, str(FP32_SCRIPT), *SMOKE[:-4], "--epochs", "10000",
+                             "--max-steps-per-epoch", "1", "--runs-dir", str(tmp_path),
+                             "--name", "long"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    run_dir = tmp_path / "long"
+    deadline = time.monotonic() + 300
+    while not (run_dir / runs.METRICS).exists():                     # one epoch done
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    return proc, run_dir
+
+
+@pytest.mark.slow
+def test_sigterm_saves_interrupted_and_sigkill_reads_as_interrupted(tmp_path):
+    proc, run_dir = _start_long_run(tmp_path / "term")
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM == 143, err
+    assert err.strip().splitlines()[-1].startswith("interrupted (SIGTERM):")
+    summary = json.loads((run_dir / runs.SUMMARY).read_text())
+    assert summary["status"] == "interrupted" and "SIGTERM" in summary["message"]
+
+    proc, run_dir = _start_long_run(tmp_path / "kill")
+    proc.kill()                                                     # no chance to say anything
+    proc.communicate(timeout=120)
+    assert json.loads((run_dir / runs.SUMMARY).read_text())["status"] == "running"
+    assert runs.read_summary(run_dir)["status"] == "interrupted"
+
+
+# ---------------------------------------------------------------------------------------------
+# G. A corrupt summary.json is named as such
+# ---------------------------------------------------------------------------------------------
+def test_corrupt_summary_is_reported_as_unreadable(tmp_path):
+    train.run(make_config(tmp_path))
+    path = tmp_path / "t" / runs.SUMMARY
+    path.write_text('{"status": "finis')
+    summary = runs.read_summary(tmp_path / "t")
+    assert summary["status"] == "unreadable" and str(path) in summary["message"]
+    assert "corrupt" in summary["message"]
+    assert runs.read_summary(tmp_path / "nothing") is None
+    with pytest.raises(UserError, match=r"already holds a run \(status unreadable"):
+        train.run(make_config(tmp_path))
