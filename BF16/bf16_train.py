@@ -7,7 +7,8 @@ autocast runs convolutions and matmuls in bfloat16 on the hardware (CUDA, or a C
 units) with float32 weights, BatchNorm and loss: what a BF16 training run really costs. emulated
 casts weights, activations and gradients to bf16 through the quantized layers (float32
 arithmetic on bf16 values), comparable bit for bit with the other formats' emulation.
-Run folder: runs/bf16_autocast_<model>_s<seed>/ or runs/bf16_<roles>_<model>_s<seed>/.
+Run folder: runs/bf16_autocast_<model>_<recipe>_e<epochs>_s<seed>/ or
+runs/bf16_<roles>_<model>_<recipe>_e<epochs>_s<seed>/.
 """
 import os
 import sys
@@ -41,7 +42,7 @@ def plan(argv=None):
     if changed or args.first_last_fp32 or args.backend != "native":
         parser.error("--<role>-fmt, --first-last-fp32 and --backend need --mode emulated")
     fmt = {"family": "bf16", "mode": "autocast", "bits_per_element": 16}
-    config = cli.make_config(args, name=f"bf16_autocast_{args.model}_s{args.seed}",
+    config = cli.make_config(args, name=cli.script_run_name("bf16_autocast", args),
                              label="BF16 autocast", format=fmt, script="BF16/bf16_train.py")
     return {"config": config, "autocast_dtype": torch.bfloat16}
 

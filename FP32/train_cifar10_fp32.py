@@ -6,7 +6,7 @@
 
 Every number format in this project is compared against this run. It adds nothing to the shared
 loop: no quantization, no autocast; on CUDA, TF32 stays off unless --tf32 is given, so the
-arithmetic is IEEE float32 everywhere. Run folder: runs/fp32_<model>_s<seed>/.
+arithmetic is IEEE float32 everywhere. Run folder: runs/fp32_<model>_<recipe>_e<epochs>_s<seed>/.
 """
 import os
 import sys
@@ -24,7 +24,7 @@ def plan(argv=None):
     """Parse the shared flags; returns the keyword arguments of train.run."""
     parser = cli.build_parser(__doc__.split("\n")[0])
     args = cli.parse_args(parser, argv)
-    config = cli.make_config(args, name=f"fp32_{args.model}_s{args.seed}", label="FP32",
+    config = cli.make_config(args, name=cli.script_run_name("fp32", args), label="FP32",
                              format=FORMAT, script="FP32/train_cifar10_fp32.py")
     return {"config": config}
 

@@ -5,7 +5,8 @@
 
 E2M1 has 15 values: 0, +-0.5, 1, 1.5, 2, 3, 4, 6. FP4 cannot train unscaled: with the format's own
 range every weight (|w| < 0.25) rounds to 0 or +-0.5, so the defaults scale weights per output
-channel and activations and gradients per tensor. Run folder: runs/fp4_..._<model>_s<seed>/.
+channel and activations and gradients per tensor. Run folder:
+runs/fp4_..._<model>_<recipe>_e<epochs>_s<seed>/.
 """
 import os
 import sys

@@ -7,7 +7,7 @@
 Formats are exactly OCP FP8 (e4m3: max 448, no inf; e5m2: IEEE-like, max 57344), rounded to
 nearest-even. --w-fmt/--a-fmt/--g-fmt take any format of at most 8 bits (e3m4, posit8es1, ...)
 or fp32 (unquantized); --wg-fmt and --master-fmt take any spec. Run folder:
-runs/fp8_w-<fmt>_a-<fmt>_g-<fmt>[_fl32]_<model>_s<seed>/.
+runs/fp8_w-<fmt>_a-<fmt>_g-<fmt>[_fl32]_<model>_<recipe>_e<epochs>_s<seed>/.
 """
 import os
 import sys

@@ -6,7 +6,7 @@ A format script stays thin::
     g = parser.add_argument_group("format")
     g.add_argument("--w-fmt", default="e4m3", help="weight format (default: e4m3)")
     args = cli.parse_args(parser, argv)
-    config = cli.make_config(args, name=f"fp8_w-{args.w_fmt}_{args.model}_s{args.seed}",
+    config = cli.make_config(args, name=cli.script_run_name(f"fp8_w-{args.w_fmt}", args),
                              label=f"FP8 w={args.w_fmt}", format={"w": args.w_fmt, "bits": 8})
     return train.run(config, model_transform=...)
 
@@ -61,8 +61,8 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 __all__ = ["RunConfig", "UserError", "DataError", "Diverged", "build_parser", "parse_args",
-           "make_config", "parse_config", "run_main", "fail", "REPO_ROOT", "DEFAULT_RUNS_DIR",
-           "PAPER_EPOCHS", "RECIPES"]
+           "make_config", "parse_config", "run_main", "fail", "script_run_name", "REPO_ROOT",
+           "DEFAULT_RUNS_DIR", "PAPER_EPOCHS", "RECIPES"]
 
 
 def fail(message: str) -> None:
@@ -281,13 +281,21 @@ def _derive(value: Derived, args: argparse.Namespace) -> Any:
     return value(args) if callable(value) else value
 
 
+def script_run_name(tag: str, args: argparse.Namespace) -> str:
+    """A format script's default run name: ``<tag>_<model>_<recipe>_e<epochs>_s<seed>``, the
+    pattern of the sweep's names after the format tag (e.g. ``fp32_resnet20_paper_e164_s0``), so
+    runs of other lengths or recipes never share a folder."""
+    name = f"{args.model}_{args.recipe}_e{args.epochs}_s{args.seed}"
+    return f"{tag}_{name}" if tag else name
+
+
 def make_config(args: argparse.Namespace, name: Derived = None, label: Derived = "",
                 format: Derived = None, script: Optional[str] = None) -> RunConfig:
     """Resolve parsed flags into a frozen ``RunConfig``.
 
     ``name`` is the default run name (a string or a function of ``args``; ``--name`` wins); without
-    one it is ``<model>_s<seed>``. A ``--synthetic`` or ``--max-steps-per-epoch`` run gets a suffix
-    on its default name, so a smoke test never collides with a real run. ``label`` and ``format``
+    one it is ``script_run_name("", args)``. A ``--synthetic`` or ``--max-steps-per-epoch`` run gets
+    a suffix on its default name, so a smoke test never collides with a real run. ``label`` and ``format``
     are recorded with the run (see ``RunConfig``). Flags that are not RunConfig fields (a script's
     own group) are ignored here: put what matters of them into ``format``.
     """
@@ -295,7 +303,7 @@ def make_config(args: argparse.Namespace, name: Derived = None, label: Derived =
     values = {k: v for k, v in vars(args).items() if k in fields}
     run_name = values.pop("name", None)
     if run_name is None:
-        run_name = _derive(name, args) or f"{args.model}_s{args.seed}"
+        run_name = _derive(name, args) or script_run_name("", args)
         if values.get("synthetic"):
             run_name += "_synthetic"
         if values.get("max_steps_per_epoch"):

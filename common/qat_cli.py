@@ -157,7 +157,7 @@ def plan_quantized(args: argparse.Namespace, family: str, title: str, script: st
 
         require_qtorch(q)
     fmt = {"family": family, "bits_per_element": bits_per_element(q), **q.to_dict()}
-    config = cli.make_config(args, name=f"{family}_{run_tag(q)}_{args.model}_s{args.seed}",
+    config = cli.make_config(args, name=cli.script_run_name(f"{family}_{run_tag(q)}", args),
                              label=f"{title} {describe(q)}", format=fmt, script=script)
     return {"config": config, "model_transform": lambda m: quantize_model(m, q),
             "after_step": master_cast if q.master.active else None}

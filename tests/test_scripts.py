@@ -1,11 +1,14 @@
 """The four format scripts: a few steps on synthetic data end with the accuracy line; bad flags
 exit 2 with one clear line and no traceback; each run records what it trained."""
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+
+from common import sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = ["--synthetic", "--epochs", "1", "--max-steps-per-epoch", "2", "--batch-size", "32",
@@ -21,19 +24,19 @@ def _run(folder, script, *args, tmp_path, cwd=None):
 
 
 SCRIPTS = [
-    ("BF16", "bf16_train.py", [], "bf16_autocast_resnet8_s0", None),
-    ("BF16", "bf16_train.py", ["--mode", "emulated"], "bf16_w-bf16_a-bf16_g-bf16_resnet8_s0",
+    ("BF16", "bf16_train.py", [], "bf16_autocast_resnet8_paper_e1_s0", None),
+    ("BF16", "bf16_train.py", ["--mode", "emulated"], "bf16_w-bf16_a-bf16_g-bf16_resnet8_paper_e1_s0",
      {"weight": "bf16", "act": "bf16", "grad": "bf16"}),
     ("FP8", "train_cifar10_fp8.py", ["--w-fmt", "e5m2", "--a-fmt", "e4m3", "--first-last-fp32"],
-     "fp8_w-e5m2-t_a-e4m3_g-e5m2-t_fl32_resnet8_s0",
+     "fp8_w-e5m2-t_a-e4m3_g-e5m2-t_fl32_resnet8_paper_e1_s0",
      {"weight": "e5m2", "act": "e4m3", "grad": "e5m2"}),
     ("FP8", "train_cifar10_fp8.py", ["--backend", "qtorch"],
-     "fp8_w-e4m3-t_a-e4m3_g-e5m2-t_qtorch_resnet8_s0",
+     "fp8_w-e4m3-t_a-e4m3_g-e5m2-t_qtorch_resnet8_paper_e1_s0",
      {"weight": "e4m3", "act": "e4m3", "grad": "e5m2"}),
-    ("FP4", "train_cifar10_fp4.py", [], "fp4_w-e2m1-c_a-e2m1-t_g-e2m1-sr-t_resnet8_s0",
+    ("FP4", "train_cifar10_fp4.py", [], "fp4_w-e2m1-c_a-e2m1-t_g-e2m1-sr-t_resnet8_paper_e1_s0",
      {"weight": "e2m1", "act": "e2m1", "grad": "e2m1"}),
     ("Posit", "train_cifar10_posit.py", ["--bits", "4", "--es", "0", "--first-last-fp32"],
-     "posit4es0_w-posit4es0-c_a-posit4es0-t_g-posit4es0-t_fl32_resnet8_s0",
+     "posit4es0_w-posit4es0-c_a-posit4es0-t_g-posit4es0-t_fl32_resnet8_paper_e1_s0",
      {"weight": "posit4es0", "act": "posit4es0", "grad": "posit4es0"}),
 ]
 
@@ -60,7 +63,7 @@ def test_script_runs_from_repo_root(tmp_path):
     r = _run("Posit", "train_cifar10_posit.py", "--bits", "16", "--es", "1", *SMOKE,
              tmp_path=tmp_path, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert (tmp_path / "posit16es1_w-posit16es1_a-posit16es1_g-posit16es1_resnet8_s0_synthetic_max2"
+    assert (tmp_path / "posit16es1_w-posit16es1_a-posit16es1_g-posit16es1_resnet8_paper_e1_s0_synthetic_max2"
             / "summary.json").exists()
 
 
@@ -90,3 +93,31 @@ def test_help_states_every_default():
     for flag in ("--w-fmt", "--g-scaling", "--first-last-fp32", "--backend", "--epochs", "--model"):
         assert flag in r.stdout
     assert r.stdout.count("(default:") >= 30
+
+
+def load_script(folder, script):
+    spec = importlib.util.spec_from_file_location(f"{folder}_script", os.path.join(ROOT, folder, script))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("folder,script,args,name", [
+    ("FP32", "train_cifar10_fp32.py", [], "fp32_resnet20_paper_e164_s0"),
+    ("FP32", "train_cifar10_fp32.py", ["--epochs", "3"], "fp32_resnet20_paper_e3_s0"),
+    ("BF16", "bf16_train.py", ["--recipe", "fast", "--seed", "2"], "bf16_autocast_resnet20_fast_e20_s2"),
+    ("FP8", "train_cifar10_fp8.py", ["--w-fmt", "e5m2", "--a-fmt", "e4m3", "--first-last-fp32",
+                                     "--recipe", "fast"],
+     "fp8_w-e5m2-t_a-e4m3_g-e5m2-t_fl32_resnet20_fast_e20_s0"),
+    ("FP4", "train_cifar10_fp4.py", ["--model", "resnet8", "--epochs", "2"],
+     "fp4_w-e2m1-c_a-e2m1-t_g-e2m1-sr-t_resnet8_paper_e2_s0"),
+    ("Posit", "train_cifar10_posit.py", ["--bits", "16"],
+     "posit16es1_w-posit16es1_a-posit16es1_g-posit16es1_resnet20_paper_e164_s0"),
+])
+def test_default_run_names_carry_recipe_and_epochs(folder, script, args, name):
+    """Script run names follow the sweep's pattern after the format tag, so a 3-epoch run never
+    lands in (and is refused by) the folder of a finished 164-epoch one."""
+    config = load_script(folder, script).plan(args)["config"]
+    assert config.name == name
+    assert name.endswith(sweep.run_name("", config.model, config.epochs, config.seed,
+                                        recipe=config.recipe))

@@ -119,7 +119,7 @@ def test_parser_defaults_and_help():
     c = cli.make_config(cli.parse_args(parser, []))
     assert (c.model, c.epochs, c.batch_size, c.lr, c.momentum, c.weight_decay, c.schedule) == \
         ("resnet20", 164, 128, 0.1, 0.9, 1e-4, "step")
-    assert c.name == "resnet20_s0" and Path(c.runs_dir) == ROOT / "runs"
+    assert c.name == "resnet20_paper_e164_s0" and Path(c.runs_dir) == ROOT / "runs"
     with pytest.raises(dataclasses.FrozenInstanceError):
         c.lr = 1.0
     assert cli.build_parser("t", defaults={"lr": 0.05}).parse_args([]).lr == 0.05
@@ -265,7 +265,7 @@ def test_script_exit_codes_in_process(tmp_path, capsys, monkeypatch):
         assert capsys.readouterr().err.startswith("error: --device cuda: no CUDA device")
     # divergence -> 1
     assert exit_code(fp32.main, base + ["--lr", "1e30", "--epochs", "1", "--max-steps-per-epoch", "3"]) == 1
-    summary = json.loads((tmp_path / "fp32_resnet8_s0_synthetic_max3" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "fp32_resnet8_paper_e1_s0_synthetic_max3" / "summary.json").read_text())
     assert summary["status"] == "diverged"
 
 
@@ -278,5 +278,5 @@ def test_fp32_script_runs_from_its_folder(tmp_path):
         env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1].startswith("final test accuracy: ")
-    s = json.loads((tmp_path / "fp32_resnet8_s0_synthetic_max2" / "summary.json").read_text())
+    s = json.loads((tmp_path / "fp32_resnet8_paper_e1_s0_synthetic_max2" / "summary.json").read_text())
     assert s["status"] == "finished" and s["label"] == "FP32" and s["format"]["bits_per_element"] == 32
