@@ -170,8 +170,9 @@ def build_parser(description: str, defaults: Optional[Mapping[str, Any]] = None,
                            **kw)
 
     g = parser.add_argument_group("data")
-    add(g, "--data-dir", "data_dir", "folder holding cifar-10-batches-py, or that folder itself",
-        shown=f"${'CIFAR10_DIR'} if set, else data/ in the repo", metavar="DIR")
+    add(g, "--data-dir", "data_dir", "folder holding cifar-10-batches-py, or that folder itself; "
+        "a relative DIR (here or in $CIFAR10_DIR) is looked up from the current folder, then from "
+        "the repo root", shown=f"${'CIFAR10_DIR'} if set, else data/ in the repo", metavar="DIR")
     add(g, "--synthetic", "synthetic", "use a small generated dataset (512 train / 256 test "
         "images) for smoke tests; results are meaningless", action="store_true")
 

@@ -21,18 +21,25 @@ exactly what an uninterrupted one would. Each epoch draws everything at its star
 one integer per image coding its crop offsets and flip).
 
 Data directory: ``--data-dir``, else the environment variable ``CIFAR10_DIR``, else ``data/`` in the
-repo. It may be the folder holding ``cifar-10-batches-py`` or that folder itself. If nothing is
-there, a download with torchvision is tried; when that fails (offline), a ``DataError`` names the
-places looked at and how to fix it.
+repo. It may be the folder holding ``cifar-10-batches-py`` or that folder itself. A relative path
+means what it means to every Unix tool, relative to the current folder; when the data is not
+there, the same path relative to the repo root is tried too, so the README's
+``CIFAR10_DIR=../shared/cifar10`` works from the repo root and from the format folders alike. If
+nothing is found, a download with torchvision is tried (into the current-folder reading of the
+path); when that fails (offline), a ``DataError`` names every place looked at and how to fix it.
+Looking for data never creates a folder: the download goes to a temporary folder first and is
+moved into place only once it is complete.
 """
 from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -132,15 +139,26 @@ def read_batch(path: os.PathLike | str) -> Tuple[np.ndarray, np.ndarray]:
 
 
 def resolve_data_dir(data_dir: Optional[str] = None) -> Tuple[Path, str]:
-    """Where to look: ``--data-dir``, else ``$CIFAR10_DIR``, else ``data/`` in the repo.
-
-    Returns (path, where-it-came-from) so error messages can say which setting was used.
+    """Which setting names the data: ``--data-dir``, else ``$CIFAR10_DIR``, else ``data/`` in the
+    repo. Returns (path as given, where-it-came-from) so error messages can say which setting was
+    used; ``candidate_dirs`` turns the path into the folders to look in.
     """
     if data_dir:
         return Path(data_dir).expanduser(), "--data-dir"
     if os.environ.get(ENV_VAR):
         return Path(os.environ[ENV_VAR]).expanduser(), ENV_VAR
     return DEFAULT_DATA_DIR, "default"
+
+
+def candidate_dirs(path: Path) -> List[Path]:
+    """Absolute folders a data path may mean: itself if absolute; a relative path first from the
+    current folder (the Unix rule), then from the repo root (the README's paths are written from
+    there, and the scripts are also run from the format folders)."""
+    path = Path(path)
+    if path.is_absolute():
+        return [path]
+    here, from_root = Path.cwd() / path, REPO_ROOT / path
+    return [here] if here.resolve() == from_root.resolve() else [here, from_root]
 
 
 def find_batches_dir(root: Path) -> Optional[Path]:
@@ -158,17 +176,31 @@ def find_batches_dir(root: Path) -> Optional[Path]:
 def _download(root: Path) -> None:
     """Download and unpack the official archive into ``root`` with torchvision (needs internet)."""
     from torchvision.datasets import CIFAR10
-    root.mkdir(parents=True, exist_ok=True)
     CIFAR10(root=str(root), train=True, download=True)
 
 
-def _missing_message(root: Path, source: str, reason: str) -> str:
-    where = {"--data-dir": "from --data-dir", ENV_VAR: f"from ${ENV_VAR}",
+def _download_into(root: Path) -> None:
+    """``_download`` into a temporary folder, then move ``cifar-10-batches-py`` to ``root``
+    (creating ``root`` only then): a failed download leaves nothing behind."""
+    with tempfile.TemporaryDirectory(prefix="cifar10-download-") as tmp:
+        _download(Path(tmp))
+        found = find_batches_dir(Path(tmp))
+        if found is None:
+            raise DataError(f"the downloaded archive holds no {BATCHES_DIR}/")
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(found), str(root / BATCHES_DIR))
+
+
+def _missing_message(path: Path, source: str, reason: str) -> str:
+    where = {"--data-dir": f"--data-dir {path}", ENV_VAR: f"${ENV_VAR}={path}",
              "default": f"the default; neither --data-dir nor ${ENV_VAR} was set"}[source]
-    return (f"CIFAR-10 not found: looked for {BATCHES_DIR}/ in {root} and {root / BATCHES_DIR} "
-            f"({where}); download failed ({reason}). Fix: pass --data-dir DIR or set {ENV_VAR}=DIR, "
+    looked = " and ".join(str(d) for d in candidate_dirs(path))
+    relative = " (a relative path is taken from the current folder, then from the repo root)" \
+        if not path.is_absolute() else ""
+    return (f"CIFAR-10 not found: looked for {BATCHES_DIR}/ in {looked} ({where}){relative}; "
+            f"download failed ({reason}). Fix: pass --data-dir DIR or set {ENV_VAR}=DIR, "
             f"DIR being the folder that holds {BATCHES_DIR} (e.g. ../shared/cifar10), "
-            f"or run once with internet access to download into {root}")
+            f"or run once with internet access to download into {candidate_dirs(path)[0]}")
 
 
 def load_cifar10(data_dir: Optional[str] = None, download: bool = True
@@ -178,23 +210,21 @@ def load_cifar10(data_dir: Optional[str] = None, download: bool = True
     Images are uint8 (N, 3, 32, 32), labels int64. Missing data is downloaded when ``download``
     and online; otherwise ``DataError`` says where it looked and how to fix it.
     """
-    root, source = resolve_data_dir(data_dir)
-    batches = find_batches_dir(root)
+    path, source = resolve_data_dir(data_dir)
+    candidates = candidate_dirs(path)
+    batches = next(filter(None, map(find_batches_dir, candidates)), None)
     if batches is None:
         if not download:
-            raise DataError(_missing_message(root, source, "download disabled"))
+            raise DataError(_missing_message(path, source, "download disabled"))
+        root = candidates[0]
         print(f"CIFAR-10 not found under {root}: downloading it there with torchvision ...",
               file=sys.stderr, flush=True)
-        created = not root.exists()
         try:
-            _download(root)
+            _download_into(root)
         except Exception as e:  # URLError when offline, HTTP errors, integrity failures
-            if created and root.is_dir() and not any(root.iterdir()):
-                root.rmdir()     # leave no empty folder behind a failed download
-            raise DataError(_missing_message(root, source, f"{type(e).__name__}: {e}")) from None
+            reason = str(e) if isinstance(e, DataError) else f"{type(e).__name__}: {e}"
+            raise DataError(_missing_message(path, source, reason)) from None
         batches = find_batches_dir(root)
-        if batches is None:
-            raise DataError(_missing_message(root, source, "the archive did not contain it"))
     parts = [read_batch(batches / f) for f in TRAIN_FILES]
     train_x = np.concatenate([p[0] for p in parts])
     train_y = np.concatenate([p[1] for p in parts])
@@ -382,6 +412,6 @@ def steps_per_epoch(n_train: int, batch_size: int, max_steps: Optional[int] = No
 __all__ = [
     "BATCHES_DIR", "CIFAR10_MEAN", "CIFAR10_STD", "CLASSES", "DEFAULT_DATA_DIR", "DeviceData",
     "ENV_VAR", "Normalizer", "TrainBatches", "crop_flip", "draw_augmentation", "eval_batches",
-    "find_batches_dir", "load_cifar10", "load_device_data", "make_generator", "read_batch",
+    "candidate_dirs", "find_batches_dir", "load_cifar10", "load_device_data", "make_generator", "read_batch",
     "resolve_data_dir", "steps_per_epoch", "synthetic_cifar",
 ]

@@ -256,3 +256,68 @@ def test_real_cifar10():
         mean = (hist * v).sum() / hist.sum()
         std = np.sqrt((hist * (v - mean) ** 2).sum() / hist.sum())
         assert abs(mean - data.CIFAR10_MEAN[c]) < 1e-4 and abs(std - data.CIFAR10_STD[c]) < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# Relative data paths
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def fake_repo(tmp_path, monkeypatch):
+    """A repo root at tmp/repo with a format folder FP32/, and data at tmp/shared/cifar10: the
+    layout of the README's ``CIFAR10_DIR=../shared/cifar10``, written from the repo root."""
+    repo = tmp_path / "repo"
+    (repo / "FP32").mkdir(parents=True)
+    monkeypatch.setattr(data, "REPO_ROOT", repo)
+    batches, _ = make_tree(tmp_path / "shared" / "cifar10")
+    return repo, batches
+
+
+@pytest.mark.parametrize("via", ["--data-dir", "env"])
+def test_relative_path_from_a_format_folder_falls_back_to_the_repo_root(fake_repo, monkeypatch, via):
+    repo, batches = fake_repo
+    monkeypatch.chdir(repo / "FP32")
+    monkeypatch.setattr(data, "_download", lambda root: pytest.fail("tried to download"))
+    rel = os.path.join("..", "shared", "cifar10")
+    if via == "env":
+        monkeypatch.setenv(data.ENV_VAR, rel)
+    found = data.load_cifar10(rel if via == "--data-dir" else None)[4]
+    assert found == repo / ".." / "shared" / "cifar10" / data.BATCHES_DIR
+    assert found.resolve() == batches.resolve()
+    assert not (repo / "shared").exists()           # FP32/../shared: no folder made by looking
+
+
+def test_relative_path_from_the_current_folder_wins(fake_repo, monkeypatch, tmp_path):
+    repo, _ = fake_repo
+    here, _ = make_tree(repo / "FP32" / "mine")
+    monkeypatch.chdir(repo / "FP32")
+    assert data.load_cifar10("mine", download=False)[4].resolve() == here.resolve()
+
+
+def test_missing_relative_path_names_both_places_and_makes_no_folder(fake_repo, monkeypatch):
+    repo, _ = fake_repo
+    monkeypatch.chdir(repo / "FP32")
+
+    def offline(root):
+        root.mkdir(parents=True, exist_ok=True)     # torchvision makes its folder, then fails
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(data, "_download", offline)
+    with pytest.raises(DataError) as e:
+        data.load_cifar10(os.path.join("..", "nowhere", "cifar10"))
+    msg = str(e.value)
+    assert str(repo / "FP32" / ".." / "nowhere" / "cifar10") in msg        # from here
+    assert str(repo / ".." / "nowhere" / "cifar10") in msg                 # from the repo root
+    assert "relative path" in msg and "\n" not in msg
+    assert not (repo / "nowhere").exists() and not (repo.parent / "nowhere").exists()
+
+
+def test_download_lands_where_the_path_points(tmp_path, monkeypatch):
+    def fake_download(root):                       # what torchvision leaves after a download
+        make_tree(root)
+        (root / "cifar-10-python.tar.gz").write_bytes(b"archive")
+
+    monkeypatch.setattr(data, "_download", fake_download)
+    monkeypatch.chdir(tmp_path)
+    found = data.load_cifar10("new/cifar")[4]
+    assert found == tmp_path / "new" / "cifar" / data.BATCHES_DIR
+    assert sorted(p.name for p in (tmp_path / "new" / "cifar").iterdir()) == [data.BATCHES_DIR]

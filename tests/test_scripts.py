@@ -121,3 +121,23 @@ def test_default_run_names_carry_recipe_and_epochs(folder, script, args, name):
     assert config.name == name
     assert name.endswith(sweep.run_name("", config.model, config.epochs, config.seed,
                                         recipe=config.recipe))
+
+
+SHARED_DATA = os.path.normpath(os.path.join(ROOT, "..", "shared", "cifar10"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir(SHARED_DATA), reason="no ../shared/cifar10 beside the repo")
+def test_readme_relative_data_path_works_from_a_format_folder(tmp_path):
+    """`cd FP32 && CIFAR10_DIR=../shared/cifar10 python train_cifar10_fp32.py`: the README's path,
+    written from the repo root, is found from the format folder too, and no folder is made."""
+    in_repo = os.path.join(ROOT, "shared")          # what FP32/../shared/cifar10 means from FP32/
+    existed = os.path.exists(in_repo)
+    env = dict(os.environ, OMP_NUM_THREADS="1", CIFAR10_DIR=os.path.join("..", "shared", "cifar10"))
+    r = subprocess.run([sys.executable, "train_cifar10_fp32.py", "--model", "resnet8", "--epochs", "1",
+                        "--max-steps-per-epoch", "1", "--runs-dir", str(tmp_path)],
+                       cwd=os.path.join(ROOT, "FP32"), env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "final test accuracy:" in r.stdout.strip().splitlines()[-1]
+    assert os.path.exists(in_repo) == existed       # looking for data made no folder
