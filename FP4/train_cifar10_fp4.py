@@ -31,7 +31,7 @@ WHY = ("Defaults: E2M1 for weights, activations and gradients. Scaling is on bec
 def plan(argv=None):
     """Parse the flags; returns the keyword arguments of train.run."""
     parser = cli.build_parser(__doc__.split("\n")[0])
-    qat_cli.add_quant_args(parser, DEFAULTS, WHY)
+    qat_cli.add_quant_args(parser, DEFAULTS, WHY, max_bits=MAX_BITS)
     args = cli.parse_args(parser, argv)
     qat_cli.check_widths(parser, args, MAX_BITS, "FP4")
     return qat_cli.plan_quantized(args, "fp4", "FP4", "FP4/train_cifar10_fp4.py")

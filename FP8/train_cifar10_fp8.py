@@ -32,7 +32,7 @@ WHY = ("Defaults: e4m3 (more precision) for the forward operands, e5m2 (more ran
 def plan(argv=None):
     """Parse the flags; returns the keyword arguments of train.run."""
     parser = cli.build_parser(__doc__.split("\n")[0])
-    qat_cli.add_quant_args(parser, DEFAULTS, WHY)
+    qat_cli.add_quant_args(parser, DEFAULTS, WHY, max_bits=MAX_BITS)
     args = cli.parse_args(parser, argv)
     qat_cli.check_widths(parser, args, MAX_BITS, "FP8")
     return qat_cli.plan_quantized(args, "fp8", "FP8", "FP8/train_cifar10_fp8.py")

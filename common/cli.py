@@ -260,6 +260,9 @@ def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = 
         (0 <= args.momentum < 1, "--momentum must be in [0, 1)"),
         (args.weight_decay >= 0, "--weight-decay must be >= 0"),
         (args.warmup_epochs >= 0, "--warmup-epochs must be >= 0"),
+        (args.warmup_epochs <= args.epochs,
+         f"--warmup-epochs {args.warmup_epochs:g} is longer than --epochs {args.epochs}: the "
+         f"learning rate would never reach --lr; use --warmup-epochs <= --epochs"),
         (0 <= args.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
         (0 <= args.ema_decay < 1, "--ema-decay must be in [0, 1)"),
         (args.max_steps_per_epoch is None or args.max_steps_per_epoch >= 1,

@@ -39,21 +39,38 @@ def format_type(spec: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+# Named formats listed in --help, with their widths in bits.
+NAMED_FORMATS = (("bf16", 16), ("fp16", 16), ("e4m3", 8), ("e5m2", 8), ("e2m1", 4))
+
+
+def accepted_formats(max_bits: Optional[int] = None) -> str:
+    """The --<role>-fmt values a script takes, for --help: every spec, or those of at most
+    ``max_bits`` bits (what ``check_widths`` lets through) plus fp32."""
+    if max_bits is None:
+        return "fp32, " + ", ".join(n for n, _ in NAMED_FORMATS) + ", eXmY, posit<n>es<k>"
+    named = [n for n, bits in NAMED_FORMATS if bits <= max_bits]
+    return (f"fp32 (unquantized), {', '.join(named)}, eXmY with X+Y <= {max_bits - 1}, "
+            f"posit<n>es<k> with n <= {max_bits}")
+
+
 def add_quant_args(parser: argparse.ArgumentParser, defaults: Dict[str, str],
-                   why: str = "", fmt_defaults_shown: Optional[Dict[str, str]] = None):
+                   why: str = "", fmt_defaults_shown: Optional[Dict[str, str]] = None,
+                   max_bits: Optional[Dict[str, int]] = None):
     """Add the 'quantization' group. `defaults` maps '<role>_fmt|_rounding|_scaling' to defaults.
 
     `why` is printed under the group title: each script says there why its defaults are what
     they are (NUMERICS.md asks for it). `fmt_defaults_shown` overrides how a default is shown in
     --help, by the same keys (the Posit script derives its formats from --bits/--es).
+    `max_bits` (role -> bits, as given to `check_widths`) narrows the formats --help lists.
     """
     shown = fmt_defaults_shown or {}
+    max_bits = max_bits or {}
     g = parser.add_argument_group("quantization", why or None)
     for role, (_, what) in ROLE_FLAGS.items():
         fmt_d = defaults.get(f"{role}_fmt", "fp32")
         g.add_argument(f"--{role}-fmt", type=format_type, default=fmt_d, metavar="FMT",
-                       help=f"format of the {what}: fp32, bf16, fp16, e4m3, e5m2, e2m1, eXmY, "
-                            f"posit<n>es<k> (default: {shown.get(f'{role}_fmt', fmt_d)})")
+                       help=f"format of the {what}: {accepted_formats(max_bits.get(role))} "
+                            f"(default: {shown.get(f'{role}_fmt', fmt_d)})")
     for role in ROLE_FLAGS:
         d = defaults.get(f"{role}_rounding", "nearest")
         g.add_argument(f"--{role}-rounding", choices=ROUNDINGS, default=d,

@@ -3,6 +3,7 @@ exit 2 with one clear line and no traceback; each run records what it trained.""
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -121,6 +122,22 @@ def test_default_run_names_carry_recipe_and_epochs(folder, script, args, name):
     assert config.name == name
     assert name.endswith(sweep.run_name("", config.model, config.epochs, config.seed,
                                         recipe=config.recipe))
+
+
+def test_fp8_help_lists_only_formats_it_accepts(capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        load_script("FP8", "train_cifar10_fp8.py").plan(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    entries = {m.group(1): " ".join(m.group(2).split())        # each option's help, by flag
+               for m in re.finditer(r"^  (--[\w-]+)(.*?)(?=^  \S|\Z)", out, re.M | re.S)}
+    w_help = entries["--w-fmt"]
+    assert "e4m3" in w_help and "e5m2" in w_help and "posit<n>es<k> with n <= 8" in w_help
+    assert "bf16" not in w_help and "fp16" not in w_help
+    assert "bf16" in entries["--wg-fmt"]      # --wg-fmt takes any format
+    for fmt in ("bf16", "fp16"):              # what the help leaves out is really refused
+        r = _run("FP8", "train_cifar10_fp8.py", "--w-fmt", fmt, tmp_path=tmp_path)
+        assert r.returncode == 2 and "at most 8 bits" in r.stderr.strip().splitlines()[-1]
 
 
 SHARED_DATA = os.path.normpath(os.path.join(ROOT, "..", "shared", "cifar10"))

@@ -291,3 +291,13 @@ def test_synthetic_set_is_learned_and_a_dead_optimizer_stays_at_chance(tmp_path,
     monkeypatch.setattr(torch.optim.SGD, "step", lambda self, closure=None: None)
     dead = train.run(make_config(tmp_path, *flags, name="dead"))["final_test_acc"]
     assert learned > 50.0 and dead < 20.0, (learned, dead)
+
+
+def test_warmup_longer_than_training_is_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.parse_args(cli.build_parser("t"), ["--warmup-epochs", "5", "--epochs", "1"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--warmup-epochs 5 is longer than --epochs 1" in err
+    assert cli.parse_args(cli.build_parser("t"), ["--warmup-epochs", "1", "--epochs", "1"])
+    assert cli.parse_args(cli.build_parser("t"), ["--recipe", "fast", "--epochs", "1"]).warmup_epochs == 1
