@@ -192,7 +192,9 @@ def test_run_folder_is_locked_while_it_trains(tmp_path, capsys):
     seen = []
     train.run(make_config(tmp_path, name=run_dir.name),
               after_step=lambda model: seen.append(runs.is_locked(run_dir)))
-    assert seen == [True] and not runs.is_locked(run_dir)
+    train.run(make_config(tmp_path, "--overwrite", name=run_dir.name),    # keeps the lock file
+              after_step=lambda model: seen.append(runs.is_locked(run_dir)))
+    assert seen == [True, True] and not runs.is_locked(run_dir)
 
 
 def test_dead_running_run_reads_as_interrupted(tmp_path):
