@@ -155,7 +155,7 @@ def lock_run(run_dir: Path) -> IO[bytes]:
         run_dir.mkdir(parents=True, exist_ok=True)
         f = open(path, "a+b")
     except OSError as e:
-        raise UserError(f"cannot create the run folder {run_dir}: {os_error_text(e)}; pass a "
+        raise UserError(f"cannot create the run folder {run_dir}: {e.strerror or e}; pass a "
                         f"writable folder as --runs-dir") from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

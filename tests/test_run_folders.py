@@ -81,7 +81,18 @@ def test_read_only_runs_dir_exits_2_with_one_line(tmp_path, capsys, monkeypatch)
     fp32 = load_fp32_script()
     assert exit_code(fp32.main, [*SMOKE, "--runs-dir", str(tmp_path / "ro")]) == 2
     line = one_error_line(capsys)
-    assert "Read-only file system" in line and "write elsewhere" in line and "--runs-dir" in line
+    assert "Read-only file system" in line and "pass a writable folder as --runs-dir" in line
+
+
+def test_other_file_system_errors_exit_2_with_one_line(capsys):
+    """An OSError no layer turned into a message (a path, permissions) is still not a bug: one
+    line naming the file, exit 2."""
+    def main(argv):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), "/somewhere/file")
+
+    assert exit_code(main) == 2
+    line = one_error_line(capsys)
+    assert line.startswith("error: /somewhere/file: Permission denied") and "permissions" in line
 
 
 def test_disk_full_while_writing_last_pt_exits_2_and_resumes(tmp_path, capsys, monkeypatch):
