@@ -7,6 +7,11 @@ autocast runs convolutions and matmuls in bfloat16 on the hardware (CUDA, or a C
 units) with float32 weights, BatchNorm and loss: what a BF16 training run really costs. emulated
 casts weights, activations and gradients to bf16 through the quantized layers (float32
 arithmetic on bf16 values), comparable bit for bit with the other formats' emulation.
+
+Without --mode, a CPU run first checks (common/hardware.py, a one-time probe of well under a
+second) whether this CPU runs bf16 convolutions faster than float32. Where it does not (no AMX or
+AVX512-BF16, e.g. an AVX2-only AMD EPYC, where oneDNN's bf16 convolutions ran ten times slower
+than float32), the run uses --mode emulated and says so in one line; --mode autocast forces it.
 Run folder: runs/bf16_autocast_<model>_<recipe>_e<epochs>_s<seed>/ or
 runs/bf16_<roles>_<model>_<recipe>_e<epochs>_s<seed>/.
 """
@@ -19,27 +24,51 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-from common import cli, qat_cli, train  # noqa: E402  (after the sys.path line)
+from common import cli, hardware, qat_cli, train  # noqa: E402  (after the sys.path line)
 
 DEFAULTS = {"w_fmt": "bf16", "a_fmt": "bf16", "g_fmt": "bf16"}
 WHY = "Used by --mode emulated only (autocast decides its own casts)."
 MODES = ("autocast", "emulated")
 
 
+def choose_mode(device_flag: str) -> str:
+    """autocast where the device runs bf16 convolutions fast, else emulated; says which and why
+    in one line (rank 0 only under torchrun)."""
+    device = train.resolve_device(device_flag)
+    fast, ratio = hardware.bf16_autocast_speed(device)
+    if device.type == "cuda":
+        why = "autocast (CUDA)"
+    elif fast:
+        why = (f"autocast: this CPU ran a bf16 convolution step in {ratio:.2f}x the float32 time "
+               f"(pass --mode emulated for exact bf16 emulation instead)")
+    else:
+        why = (f"--mode emulated, not autocast: this CPU runs bf16 convolutions {ratio:.1f}x "
+               f"slower than float32 (no AMX or AVX512-BF16 path); emulation casts the same bf16 "
+               f"operands in float32 arithmetic. Pass --mode autocast to force autocast")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"bf16: {why}", flush=True)
+    return "autocast" if fast else "emulated"
+
+
 def plan(argv=None):
     """Parse the flags: autocast, or the quantized layers (emulated); returns train.run's kwargs."""
     parser = cli.build_parser(__doc__.split("\n")[0])
     g = parser.add_argument_group("bf16")
-    g.add_argument("--mode", choices=MODES, default="autocast",
+    g.add_argument("--mode", choices=MODES, default=None,
                    help="autocast = torch.autocast(bfloat16) mixed precision; emulated = exact "
-                        "bf16 casts of w/a/g in float32 arithmetic (default: autocast)")
+                        "bf16 casts of w/a/g in float32 arithmetic (default: autocast on CUDA and "
+                        "on CPUs that run bf16 convolutions fast, else emulated; checked by a "
+                        "short probe)")
     qat_cli.add_quant_args(parser, DEFAULTS, WHY)
     args = cli.parse_args(parser, argv)
-    if args.mode == "emulated":
-        return qat_cli.plan_quantized(args, "bf16", "BF16 emulated", "BF16/bf16_train.py")
     changed = [f for f in ("w", "a", "g", "wg", "master")
                if getattr(args, f"{f}_fmt") != parser.get_default(f"{f}_fmt")]
-    if changed or args.first_last_fp32 or args.backend != "native":
+    emulation_flags = changed or args.first_last_fp32 or args.backend != "native"
+    if args.mode is None and not emulation_flags:
+        args.mode = choose_mode(args.device)
+    if args.mode == "emulated":
+        return qat_cli.plan_quantized(args, "bf16", "BF16 emulated", "BF16/bf16_train.py")
+    if emulation_flags:
         parser.error("--<role>-fmt, --first-last-fp32 and --backend need --mode emulated")
     fmt = {"family": "bf16", "mode": "autocast", "bits_per_element": 16}
     config = cli.make_config(args, name=cli.script_run_name("bf16_autocast", args),

@@ -25,7 +25,7 @@ def _run(folder, script, *args, tmp_path, cwd=None):
 
 
 SCRIPTS = [
-    ("BF16", "bf16_train.py", [], "bf16_autocast_resnet8_paper_e1_s0", None),
+    ("BF16", "bf16_train.py", ["--mode", "autocast"], "bf16_autocast_resnet8_paper_e1_s0", None),
     ("BF16", "bf16_train.py", ["--mode", "emulated"], "bf16_w-bf16_a-bf16_g-bf16_resnet8_paper_e1_s0",
      {"weight": "bf16", "act": "bf16", "grad": "bf16"}),
     ("FP8", "train_cifar10_fp8.py", ["--w-fmt", "e5m2", "--a-fmt", "e4m3", "--first-last-fp32"],
@@ -96,6 +96,28 @@ def test_help_states_every_default():
     assert r.stdout.count("(default:") >= 30
 
 
+@pytest.mark.slow
+def test_bf16_default_is_emulated_where_bf16_convolutions_are_slow(tmp_path):
+    """On a CPU without bf16 hardware (simulated: oneDNN limited to AVX2) the BF16 script's
+    default run is emulated, not autocast, and one line says why; --mode autocast still forces
+    autocast there."""
+    env_isa = {"ONEDNN_MAX_CPU_ISA": "AVX2"}
+    os.environ.update(env_isa)
+    try:
+        r = _run("BF16", "bf16_train.py", *SMOKE, tmp_path=tmp_path)
+        forced = _run("BF16", "bf16_train.py", "--mode", "autocast", *SMOKE, tmp_path=tmp_path)
+    finally:
+        for k in env_isa:
+            os.environ.pop(k)
+    assert r.returncode == 0, r.stderr[-2000:]
+    why = [line for line in r.stdout.splitlines() if line.startswith("bf16:")]
+    assert len(why) == 1 and "--mode emulated" in why[0] and "slower than float32" in why[0]
+    summary = json.loads(next(tmp_path.glob("bf16_w-bf16_a-bf16_g-bf16_*/summary.json")).read_text())
+    assert summary["label"].startswith("BF16 emulated") and not summary["autocast"]
+    assert forced.returncode == 0 and not any(l.startswith("bf16:") for l in forced.stdout.splitlines())
+    assert list(tmp_path.glob("bf16_autocast_*/summary.json"))
+
+
 def load_script(folder, script):
     spec = importlib.util.spec_from_file_location(f"{folder}_script", os.path.join(ROOT, folder, script))
     mod = importlib.util.module_from_spec(spec)
@@ -106,7 +128,8 @@ def load_script(folder, script):
 @pytest.mark.parametrize("folder,script,args,name", [
     ("FP32", "train_cifar10_fp32.py", [], "fp32_resnet20_paper_e164_s0"),
     ("FP32", "train_cifar10_fp32.py", ["--epochs", "3"], "fp32_resnet20_paper_e3_s0"),
-    ("BF16", "bf16_train.py", ["--recipe", "fast", "--seed", "2"], "bf16_autocast_resnet20_fast_e20_s2"),
+    ("BF16", "bf16_train.py", ["--recipe", "fast", "--seed", "2", "--mode", "autocast"],
+     "bf16_autocast_resnet20_fast_e20_s2"),
     ("FP8", "train_cifar10_fp8.py", ["--w-fmt", "e5m2", "--a-fmt", "e4m3", "--first-last-fp32",
                                      "--recipe", "fast"],
      "fp8_w-e5m2-t_a-e4m3_g-e5m2-t_fl32_resnet20_fast_e20_s0"),
