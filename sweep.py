@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gpus", default="auto", metavar="LIST",
                    help="auto = one run per GPU in parallel when there are several, else one after "
                         "another; none = one after another; 0,1,... = these GPUs (default: auto)")
+    g.add_argument("--jobs-per-gpu", type=int, default=1, metavar="N",
+                   help="concurrent runs on each GPU: a small model leaves a big GPU mostly idle, "
+                        "so N runs share it for more total throughput (see benchmarks/"
+                        "gpu_checks.sh for the measured gain); each run gets 1/(all runs) of "
+                        "the CPU threads (default: 1)")
     g.add_argument("--dry-run", action="store_true",
                    help="print what would run or be skipped, and stop (default: off)")
     g.add_argument("--list", action="store_true",
@@ -76,7 +81,7 @@ def main(argv=None):
         raise UserError(f"--tag {args.tag!r}: use letters, digits and . _ = + - only")
     keys = sweep.resolve_configs(args.set, args.configs)
     training = sweep.parse_training_flags(training_flags)
-    gpus = sweep.resolve_gpus(args.gpus, training)
+    gpus = sweep.resolve_gpus(args.gpus, training, args.jobs_per_gpu)
     records = None if args.records_dir == "none" else args.records_dir
     jobs = sweep.plan(keys, range(args.seeds), training_flags, args.runs_dir, args.tag, records)
     if args.dry_run:

@@ -220,7 +220,7 @@ def test_one_run_per_gpu_in_parallel_and_outcomes(tmp_path):
     busy, seen, peak = set(), [], [0]
     codes = {"fp4_resnet20_paper_e2_s0": 1, "posit8_resnet20_paper_e2_s1": 2}
 
-    def fake_launch(job, gpu, stream):
+    def fake_launch(job, gpu, stream, threads=None):
         assert not stream                                # parallel output goes to the logs only
         with lock:
             assert gpu not in busy
@@ -260,3 +260,47 @@ def test_gpu_resolution():
     assert sweep.resolve_gpus("auto", A) == ([str(i) for i in range(n)] if n > 1 else None)
     A.device = "cpu"
     assert sweep.resolve_gpus("auto", A) is None
+
+
+def test_jobs_per_gpu_with_fake_device_counts(monkeypatch, tmp_path):
+    """--jobs-per-gpu N: each GPU appears N times as a slot, so N runs share it at once; one
+    GPU with N > 1 runs in parallel too; each run gets its share of the CPU threads; impossible
+    combinations are one-line errors."""
+    class A:
+        device = "auto"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert sweep.resolve_gpus("auto", A) is None                       # one GPU, one job: sequential
+    assert sweep.resolve_gpus("auto", A, 3) == ["0", "0", "0"]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert sweep.resolve_gpus("auto", A, 2) == ["0", "0", "1", "1"]
+    assert sweep.resolve_gpus("1", A, 4) == ["1"] * 4
+    for spec, n, device, needle in (("none", 2, "auto", "--gpus none"), ("auto", 0, "auto", "1 or more"),
+                                    ("auto", 2, "cpu", "--device cpu")):
+        A.device = device
+        with pytest.raises(UserError, match=needle):
+            sweep.resolve_gpus(spec, A, n)
+    A.device = "auto"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(UserError, match="no CUDA device"):
+        sweep.resolve_gpus("auto", A, 2)
+
+    jobs = sweep.plan(["fp32", "bf16", "fp4"], range(2), ["--epochs", "2"], tmp_path)
+    lock = threading.Lock()
+    busy, peak, shares = [], [0], set()
+
+    def fake_launch(job, gpu, stream, threads=None):
+        with lock:
+            busy.append(gpu)
+            peak[0] = max(peak[0], busy.count("0"))
+            shares.add(threads)
+        time.sleep(0.1)
+        runs.write_json(job.run_dir / "summary.json", {"status": "finished", "final_test_acc": 1.0})
+        with lock:
+            busy.remove(gpu)
+        return 0
+
+    monkeypatch.setattr(sweep, "_launch", fake_launch)
+    monkeypatch.setattr(sweep.os, "cpu_count", lambda: 16)
+    res = sweep.execute(jobs, gpus=["0", "0", "0"], out=lambda msg: None)
+    assert res.counts == {"finished": 6} and peak[0] == 3 and shares == {16 // 3}
