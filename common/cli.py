@@ -102,6 +102,7 @@ class RunConfig:
     synthetic: bool = False
     channels_last: Optional[bool] = None
     compile: bool = False
+    cuda_graphs: bool = True
     tf32: bool = False
     deterministic: bool = False
     runs_dir: str = str(DEFAULT_RUNS_DIR)
@@ -129,7 +130,7 @@ class RunConfig:
 
 # Fields that may differ when a run is resumed: they do not change what is trained.
 RESUME_FREE_FIELDS = frozenset({"name", "runs_dir", "resume", "overwrite", "data_dir", "compile",
-                                "eval_batch_size", "device", "script"})
+                                "cuda_graphs", "eval_batch_size", "device", "script"})
 
 
 def _fmt_default(v: Any) -> str:
@@ -221,6 +222,10 @@ def build_parser(description: str, defaults: Optional[Mapping[str, Any]] = None,
         action=argparse.BooleanOptionalAction)
     add(g, "--compile", "compile", "torch.compile the model (needs a C++ compiler; slow start)",
         action="store_true")
+    add(g, "--cuda-graphs", "cuda_graphs", "with --compile on CUDA, replay the model's forward and "
+        "backward as CUDA graphs (torch.compile mode reduce-overhead): a small model's step is "
+        "otherwise bound by kernel launches; no effect on a CPU",
+        action=argparse.BooleanOptionalAction)
     add(g, "--tf32", "tf32", "allow TF32 matmuls/convolutions on CUDA (faster, but no longer FP32 "
         "arithmetic)", action="store_true")
     add(g, "--deterministic", "deterministic", "CUDA: deterministic cuDNN/cuBLAS kernels, no "

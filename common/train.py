@@ -143,6 +143,14 @@ def _all_reduce(t: torch.Tensor, ctx: _Dist, op=None) -> torch.Tensor:
     return t
 
 
+def compile_mode(config: RunConfig, device: torch.device) -> Optional[str]:
+    """How the model is compiled: None (``--compile`` off), "reduce-overhead" (CUDA graphs: on
+    CUDA with ``--cuda-graphs``, the default) or "default" (CPU, or ``--no-cuda-graphs``)."""
+    if not config.compile:
+        return None
+    return "reduce-overhead" if device.type == "cuda" and config.cuda_graphs else "default"
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     """The plain module under torch.compile and DDP wrappers (what checkpoints hold)."""
     while True:
@@ -550,9 +558,12 @@ class _Trainer:
             train_model = nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None)
         eval_model = raw_model
-        if cfg.compile:
-            train_model = torch.compile(train_model)
-            eval_model = train_model if not ctx.active else torch.compile(raw_model)
+        mode = compile_mode(cfg, device)
+        self.resolved["compile_mode"] = mode
+        if mode is not None:
+            options = {"mode": mode} if mode != "default" else {}
+            train_model = torch.compile(train_model, **options)
+            eval_model = train_model if not ctx.active else torch.compile(raw_model, **options)
 
         n_params = count_parameters(raw_model)
         self.resolved.update({

@@ -301,3 +301,17 @@ def test_warmup_longer_than_training_is_refused(capsys):
     assert "--warmup-epochs 5 is longer than --epochs 1" in err
     assert cli.parse_args(cli.build_parser("t"), ["--warmup-epochs", "1", "--epochs", "1"])
     assert cli.parse_args(cli.build_parser("t"), ["--recipe", "fast", "--epochs", "1"]).warmup_epochs == 1
+
+
+def test_compile_mode_uses_cuda_graphs_only_on_cuda():
+    """--compile runs CUDA graphs (reduce-overhead) on CUDA unless --no-cuda-graphs; on a CPU
+    graph mode is off whatever the flag says."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    plain = make_config("/tmp")
+    compiled = make_config("/tmp", "--compile")
+    no_graphs = make_config("/tmp", "--compile", "--no-cuda-graphs")
+    assert train.compile_mode(plain, cuda) is None and train.compile_mode(plain, cpu) is None
+    assert train.compile_mode(compiled, cuda) == "reduce-overhead"
+    assert train.compile_mode(compiled, cpu) == "default"
+    assert train.compile_mode(no_graphs, cuda) == "default"
+    assert "cuda_graphs" in cli.RESUME_FREE_FIELDS        # how it runs, not what it trains
