@@ -121,13 +121,16 @@ def load_runs(runs_dirs: Union[Path, Sequence[Path]]) -> Tuple[List[Run], List[P
     dirs = [runs_dirs] if isinstance(runs_dirs, (str, Path)) else list(runs_dirs)
     folders = [p for d in dirs if Path(d).is_dir() for p in sorted(Path(d).iterdir()) if p.is_dir()]
     for d in folders:
-        summary = runs.read_json(d / runs.SUMMARY)
-        if not isinstance(summary, dict):
-            if any((d / f).exists() for f in (runs.CONFIG, runs.CHECKPOINT, "stdout.log")):
+        # read_summary: a corrupt file reads as "unreadable" (named), a dead "running" run as
+        # "interrupted"
+        summary = runs.read_summary(d)
+        cfg_file = runs.read_json(d / runs.CONFIG) or {}
+        config = (summary or {}).get("config") or cfg_file.get("config") or {}
+        if summary is None or not config:
+            if summary is not None or any((d / f).exists()
+                                          for f in (runs.CONFIG, runs.CHECKPOINT, "stdout.log")):
                 broken.append(d)
             continue
-        cfg_file = runs.read_json(d / runs.CONFIG) or {}
-        config = summary.get("config") or cfg_file.get("config") or {}
         found.append(Run(summary.get("name") or d.name, d, summary, config,
                          runs.read_jsonl(d / runs.METRICS)))
     return found, broken
@@ -543,6 +546,11 @@ def unfinished_rows(all_runs: Sequence[Run], broken: Sequence[Path]) -> List[Lis
                      fmt_num(s.get("last_test_acc")), str(s.get("updated_at") or "-"),
                      (s.get("message") or "").replace("\n", " ")])
     for d in broken:
+        summary = runs.read_summary(d, live=False)
+        if summary is not None:           # unreadable, and no config.json to place it
+            rows.append([d.name, "-", summary.get("status", "?"), "-", "-", "-",
+                         summary.get("message", "")])
+            continue
         rows.append([d.name, "-", "no summary.json", "-", "-", "-",
                      "the script stopped before its first summary; see stdout.log"
                      if (d / "stdout.log").exists() else "no summary.json"])

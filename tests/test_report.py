@@ -300,3 +300,14 @@ def test_spread_labels_keeps_a_gap_and_order():
     assert sorted(range(4), key=lambda i: out[i]) == sorted(range(4), key=lambda i: ys[i])
     ordered = sorted(out)
     assert all(b - a >= 2.0 - 1e-9 for a, b in zip(ordered, ordered[1:]))
+
+
+def test_corrupt_summary_is_named_unreadable_not_missing(runs_dir, tmp_path):
+    (runs_dir / "fp8_s1" / "summary.json").write_text("{ not json")
+    (runs_dir / "junk").mkdir()
+    (runs_dir / "junk" / "summary.json").write_text("[1, 2]")
+    out = tmp_path / "r"
+    report.make_report(runs_dir, out, plots=False)
+    _, lost = table_rows((out / "results.md").read_text(), "## Runs not in the means")
+    assert lost["junk"]["status"] == "unreadable" and "summary.json" in lost["junk"]["message"]
+    assert "fp8_s1" in lost and lost["fp8_s1"]["status"] == "unreadable"
