@@ -1,7 +1,7 @@
 """Quantized training: turn any model of `common/resnet.py` into its fake-quantized version.
 
 Each Conv2d and Linear is replaced, in place and sharing its Parameters (so state_dict keys and
-checkpoints are unchanged), by a layer that per NUMERICS.md "Quantized training":
+checkpoints are unchanged), by a layer that (docs/formats.md, "Quantized training"):
 
 - forward: casts its weight to the weight role's format and its input activation to the
   activation role's format, then runs the ordinary float32 conv/linear on those values;
@@ -43,7 +43,7 @@ ROLES = ("weight", "act", "grad", "weight_grad")
 
 @dataclass(frozen=True)
 class RoleQuant:
-    """How one tensor role is cast: format, rounding and scaling (NUMERICS.md)."""
+    """How one tensor role is cast: format, rounding and scaling (docs/formats.md)."""
 
     fmt: Format = field(default_factory=lambda: parse_format("fp32"))
     rounding: str = "nearest"

@@ -59,7 +59,7 @@ def add_quant_args(parser: argparse.ArgumentParser, defaults: Dict[str, str],
     """Add the 'quantization' group. `defaults` maps '<role>_fmt|_rounding|_scaling' to defaults.
 
     `why` is printed under the group title: each script says there why its defaults are what
-    they are (NUMERICS.md asks for it). `fmt_defaults_shown` overrides how a default is shown in
+    they are (docs/formats.md asks for it). `fmt_defaults_shown` overrides how a default is shown in
     --help, by the same keys (the Posit script derives its formats from --bits/--es).
     `max_bits` (role -> bits, as given to `check_widths`) narrows the formats --help lists.
     """

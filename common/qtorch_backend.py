@@ -1,7 +1,7 @@
 """`--backend qtorch`: casts through QPyTorch (floats) and qtorch-plus (posits) instead.
 
-For parity with results made with those libraries, with THEIR semantics, not NUMERICS.md's:
-QPyTorch's float_quantize reserves no exponent for inf/NaN (its "e4m3" max is 480, not 448),
+For parity with results made with those libraries, with THEIR semantics, not this project's
+(docs/formats.md): QPyTorch's float_quantize reserves no exponent for inf/NaN (its "e4m3" max is 480, not 448),
 rounds ties away from zero and does not saturate like OCP; qtorch-plus has no stochastic posit
 rounding (it silently rounds to nearest), so that combination is refused here rather than run
 wrongly. Power-of-two scaling is this project's (`quant.quantize_scaled`), only the cast differs.
