@@ -4,7 +4,7 @@ Every low-precision format is emulated in float32 ("fake quantization"), so a fo
 accepted when float32 holds every one of its values exactly: at most 8 exponent and 23 mantissa
 bits for floats, a posit scale range inside float32's normal range. Anything else is refused with
 a one-line ValueError that names what is accepted, never silently widened
-(see ../shared/NUMERICS.md, "Spec strings").
+(docs/formats.md; block formats: docs/block-formats.md).
 
 Spec strings (case-insensitive, surrounding blanks ignored):
 
@@ -19,7 +19,22 @@ Spec strings (case-insensitive, surrounding blanks ignored):
 other ``eXmY``              IEEE 754-like, 2 <= X <= 8, 0 <= Y <= 23: bias 2^(X-1)-1, top
                             exponent reserved for inf/NaN, subnormals kept
 ``posit<n>es<k>``           posit(n, es), 2 <= n <= 16, useed^(n-2) <= 2^126
+``mxfp8`` (``mx-e4m3``)     OCP MX block format: 32 e4m3 elements share one E8M0 scale
+``mx-e5m2``                 ... e5m2 elements
+``mxfp6`` (``mx-e2m3``)     ... e2m3 elements
+``mx-e3m2``                 ... e3m2 elements
+``mxfp4`` (``mx-e2m1``)     ... e2m1 elements
+``mx<k>-<elem>``            MX with block size k (1 <= k <= 4096) and any eXmY element of at
+                            most 8 bits, e.g. ``mx16-e2m1``; ``mx32-<elem>`` = ``mx-<elem>``
+``nvfp4``                   NVIDIA FP4: 16 e2m1 elements share one e4m3 scale, times one
+                            float32 scale per tensor
 ==========================  =================================================================
+
+Block formats (``kind == "block"``) are applied by ``common.blocks`` along dim 1 of a tensor; see
+docs/block-formats.md. Their Format holds the element's Format (``element``), the block size
+(``block_size``), the kind of block scale (``scale_kind``: "e8m0" or "e4m3") and whether a
+float32 per-tensor scale comes on top (``tensor_scale``). ``bits`` is the element's width,
+``bits_per_element`` adds the block scale's share (mxfp4: 4 + 8/32 = 4.25).
 
 Why aliases collapse to one canonical name (``e8m7`` -> ``bf16``): one format, one name, so run
 names and cached kernels never differ for the same set of values.
@@ -43,6 +58,11 @@ __all__ = [
     "E2M1_MAX",
     "E2M3_MAX",
     "E3M2_MAX",
+    "E8M0_MIN_EXP",
+    "E8M0_MAX_EXP",
+    "E8M0_BITS",
+    "MX_BLOCK_SIZE",
+    "NVFP4_BLOCK_SIZE",
 ]
 
 # Largest finite values, named after the standards that define them (IEEE 754, OCP FP8 v1.0,
@@ -56,6 +76,20 @@ E5M2_MAX = 57344.0  # OCP FP8 E5M2
 E2M1_MAX = 6.0  # OCP MX FP4 E2M1
 E2M3_MAX = 7.5  # OCP MX FP6 E2M3
 E3M2_MAX = 28.0  # OCP MX FP6 E3M2
+
+# Block scales (OCP Microscaling v1.0 section 5.4; NVIDIA NVFP4). E8M0: an 8-bit biased exponent,
+# a power of two 2^-127 .. 2^127 (code 0xFF is NaN). NVFP4's block scale is a positive e4m3.
+E8M0_MIN_EXP = -127
+E8M0_MAX_EXP = 127
+E8M0_BITS = 8
+MX_BLOCK_SIZE = 32  # OCP MX v1.0: k = 32 for every concrete format
+NVFP4_BLOCK_SIZE = 16
+_MAX_BLOCK_SIZE = 4096
+_MAX_ELEMENT_BITS = 8
+_SCALE_BITS = {"e8m0": E8M0_BITS, "e4m3": 8}
+# OCP MX v1.0 names (k = 32) and their element formats; canonical name per element
+_MX_NAMES = {"mxfp8": "e4m3", "mxfp6": "e2m3", "mxfp4": "e2m1"}
+_MX_CANONICAL = {elem: name for name, elem in _MX_NAMES.items()}
 
 # Float layouts of the named OCP formats. "fn": all exponents finite, only S.1..1.1..1 is NaN
 # (OCP FP8 E4M3). "mx": every code is a finite number, no inf and no NaN (OCP MX FP4/FP6).
@@ -73,7 +107,9 @@ _MAX_MAN_BITS = 23
 
 ACCEPTED_SPECS = (
     "fp32/none, bf16, fp16, e4m3, e5m2, e2m1 (fp4), e2m3, e3m2, "
-    "eXmY (2<=X<=8, 0<=Y<=23), posit<n>es<k> (2<=n<=16, (n-2)*2^k<=126)"
+    "eXmY (2<=X<=8, 0<=Y<=23), posit<n>es<k> (2<=n<=16, (n-2)*2^k<=126), "
+    "block formats mxfp8 (mx-e4m3), mx-e5m2, mxfp6 (mx-e2m3), mx-e3m2, mxfp4 (mx-e2m1), "
+    f"mx<k>-eXmY (1<=k<={_MAX_BLOCK_SIZE}, element of at most {_MAX_ELEMENT_BITS} bits), nvfp4"
 )
 
 
@@ -87,6 +123,20 @@ class Format:
     Floats also fill ``exp_bits``, ``man_bits``, ``bias``, ``max_exp`` (unbiased exponent of
     ``max``), ``min_normal`` and ``layout`` ("ieee" | "fn" | "mx", see the module docstring);
     posits fill ``es`` (and ``min_normal`` is None: posits have no subnormals).
+
+    Block formats (kind "block") fill ``element`` (the element's Format), ``block_size``,
+    ``scale_kind`` ("e8m0": a power of two 2^-127..2^127, OCP MX; "e4m3": a positive e4m3 in
+    [2^-6, 448], NVFP4) and ``tensor_scale`` (NVFP4: one float32 scale per tensor on top).
+    ``bits`` is the element's width and ``exp_bits``/``man_bits`` its layout; ``bias``,
+    ``max_exp``, ``layout`` and ``es`` are None (see ``element``). The range fields describe
+    element value x block scale over every block scale the scale kind allows, which is what a
+    user asks of a format ("how large, how small can a value be"):
+    MX: ``max`` = element max * 2^127 (beyond float32 for every element: no float32 input
+    reaches it, each block saturates at element max * its own scale), ``min_normal`` and
+    ``min_subnormal`` = the element's * 2^-127. NVFP4: ``max`` = 6 * 448 = 2688,
+    ``min_normal`` = 1 * 2^-6, ``min_subnormal`` = 0.5 * 2^-6, all in units of the per-tensor
+    scale g (g = amax/2688 maps the tensor's absolute maximum to ``max``). ``has_nan``: True
+    (NaN stays NaN; a block holding NaN or inf becomes NaN); ``has_inf``: False.
     """
 
     name: str
@@ -103,6 +153,10 @@ class Format:
     es: Optional[int] = None
     has_inf: bool = False
     has_nan: bool = False
+    block_size: Optional[int] = None
+    scale_kind: Optional[str] = None
+    element: Optional["Format"] = None
+    tensor_scale: bool = False
 
     def __str__(self) -> str:
         return self.name
@@ -119,6 +173,20 @@ class Format:
     @property
     def is_posit(self) -> bool:
         return self.kind == "posit"
+
+    @property
+    def is_block(self) -> bool:
+        """True for block-scaled formats (OCP MX, NVFP4): see common/blocks.py."""
+        return self.kind == "block"
+
+    @property
+    def bits_per_element(self) -> float:
+        """Storage per element, the block scale's share included: bits + 8/block_size for
+        block formats (mxfp4: 4.25, nvfp4: 4.5; NVFP4's one float32 per tensor, 32/numel bits,
+        is left out as negligible), ``bits`` for every other format."""
+        if self.is_block:
+            return self.bits + _SCALE_BITS[self.scale_kind] / self.block_size
+        return float(self.bits)
 
     @property
     def min_exp(self) -> Optional[int]:
@@ -204,6 +272,63 @@ _FP32 = Format(
 
 _FLOAT_RE = re.compile(r"e(\d{1,3})m(\d{1,3})")
 _POSIT_RE = re.compile(r"posit(\d{1,3})es(\d{1,3})")
+_MX_RE = re.compile(r"mx(\d{1,6})?-(.+)")
+
+
+def _mx_format(spec: str, k: int, elem_spec: str) -> Format:
+    """OCP MX: blocks of k elements of `elem_spec` (an eXmY of at most 8 bits) and one E8M0
+    scale. Range fields: element value * E8M0 scale 2^-127 .. 2^127 (see Format)."""
+    if not 1 <= k <= _MAX_BLOCK_SIZE:
+        raise _bad(spec, f"block size {k}: accepted 1..{_MAX_BLOCK_SIZE}")
+    why = f"block element {elem_spec!r}: accepted an eXmY float of at most {_MAX_ELEMENT_BITS}"
+    why += " bits"
+    try:
+        elem = _parse_str(elem_spec)
+    except ValueError:
+        raise _bad(spec, why) from None
+    if elem.kind != "float" or elem.bits > _MAX_ELEMENT_BITS:
+        raise _bad(spec, f"{why}, not {elem.bits}-bit {elem.name}")
+    if k == MX_BLOCK_SIZE:
+        name = _MX_CANONICAL.get(elem.name, f"mx-{elem.name}")
+    else:
+        name = f"mx{k}-{elem.name}"
+    return Format(
+        name=name,
+        kind="block",
+        bits=elem.bits,
+        max=elem.max * 2.0**E8M0_MAX_EXP,
+        min_subnormal=elem.min_subnormal * 2.0**E8M0_MIN_EXP,
+        min_normal=elem.min_normal * 2.0**E8M0_MIN_EXP,
+        exp_bits=elem.exp_bits,
+        man_bits=elem.man_bits,
+        has_inf=False,
+        has_nan=True,
+        block_size=k,
+        scale_kind="e8m0",
+        element=elem,
+    )
+
+
+def _nvfp4_format() -> Format:
+    """NVFP4: blocks of 16 e2m1 elements, one positive e4m3 scale per block (clamped to
+    [2^-6, 448]), one float32 scale per tensor. Range fields in units of the tensor scale."""
+    elem, scale = _parse_str("e2m1"), _parse_str("e4m3")
+    return Format(
+        name="nvfp4",
+        kind="block",
+        bits=elem.bits,
+        max=elem.max * scale.max,
+        min_subnormal=elem.min_subnormal * scale.min_normal,
+        min_normal=elem.min_normal * scale.min_normal,
+        exp_bits=elem.exp_bits,
+        man_bits=elem.man_bits,
+        has_inf=False,
+        has_nan=True,
+        block_size=NVFP4_BLOCK_SIZE,
+        scale_kind="e4m3",
+        element=elem,
+        tensor_scale=True,
+    )
 
 
 def parse_format(spec: Union[str, Format]) -> Format:
@@ -238,6 +363,14 @@ def _parse_str(spec: str) -> Format:
     m = _POSIT_RE.fullmatch(s)
     if m:
         return _posit_format(spec, int(m.group(1)), int(m.group(2)))
+    if s == "nvfp4":
+        return _nvfp4_format()
+    if s in _MX_NAMES:
+        return _mx_format(spec, MX_BLOCK_SIZE, _MX_NAMES[s])
+    m = _MX_RE.fullmatch(s)
+    if m:
+        k = MX_BLOCK_SIZE if m.group(1) is None else int(m.group(1))
+        return _mx_format(spec, k, m.group(2))
     raise _bad(spec)
 
 
