@@ -8,6 +8,10 @@ Public API (the one place in the project that knows a bit layout):
 - ``representable_values(fmt)``
 - ``ROUNDINGS``, ``SCALINGS``
 
+Block-scaled formats (``mxfp8``, ``mxfp4``, ``nvfp4``, ...: a Format with ``is_block``) are
+routed to common/blocks.py by ``quantize``; they carry their own scaling, so ``quantize_scaled``
+takes them only with scaling "none".
+
 Semantics are those of ../shared/NUMERICS.md: round to nearest with ties to even, or unbiased
 stochastic rounding; subnormals kept; saturation (default) or the OCP non-saturating overflow;
 NaN stays NaN in every format and mode, also in formats without a NaN code (e2m1, e2m3, e3m2),
@@ -360,6 +364,8 @@ def _run(x, fmt, rounding, saturate, generator, path, method=None, seed=None, sh
     _check_tensor(x)
     if fmt.is_identity:
         return x
+    if fmt.is_block:  # blocks along dim 1 with their own scales
+        return _blocks.quantize_block(x, fmt, rounding, saturate, generator, path, seed)
     saturate = bool(saturate)
     if path != "auto" and method is not None:
         exact = _methods(fmt, rounding, saturate, compiled=path == "compiled")
@@ -535,6 +541,9 @@ def quantize_scaled(x: torch.Tensor, fmt: Union[str, Format], scaling: str = "no
         raise ValueError(f"unknown scaling {scaling!r}; accepted: {', '.join(SCALINGS)}")
     fmt = parse_format(fmt)
     _check_tensor(x)
+    if fmt.is_block and scaling != "none":
+        raise ValueError(f"{scaling} scaling of {fmt}: a block format carries its own scaling "
+                         f"(one scale per block of {fmt.block_size}); accepted: scaling='none'")
     cast = cast or quantize
     if scaling == "none" or fmt.is_identity or x.numel() == 0:
         return cast(x, fmt, rounding, saturate, generator)
@@ -563,6 +572,9 @@ def representable_values(fmt: Union[str, Format]) -> torch.Tensor:
     leaves finite, posits by decoding every pattern except NaR.
     """
     fmt = parse_format(fmt)
+    if fmt.is_block:
+        raise ValueError(f"{fmt} is a block format: its values depend on each block's scale; "
+                         f"see representable_values({fmt.element}) for its elements")
     if fmt.bits > 16:
         raise ValueError(f"representable_values needs a format of at most 16 bits, {fmt} has "
                          f"{fmt.bits}")
@@ -581,3 +593,7 @@ def representable_values(fmt: Union[str, Format]) -> torch.Tensor:
         pos = pos[(pos > 0) & (pos <= fmt.max)].to(torch.float32)
     pos = torch.unique(pos)  # sorted
     return torch.cat([-pos.flip(0), torch.zeros(1), pos])
+
+
+# last: blocks imports this module (its kernels, paths and caches) at its own import
+from . import blocks as _blocks  # noqa: E402
