@@ -12,6 +12,14 @@ the same run, the practical ceiling of an element-wise op.
     python benchmarks/quant_speed.py                          # CPU, 4M elements
     python benchmarks/quant_speed.py --device cuda --numel 64M
     python benchmarks/quant_speed.py --sizes                  # eager vs compiled on small tensors
+    python benchmarks/quant_speed.py --blocks-only            # block formats vs per-tensor scaling
+
+Block formats (mxfp8, mxfp4, nvfp4, ...) get their own table after the main one: each beside its
+element format with per-tensor scaling, ``quantize_scaled(x, element, "tensor")``, on the same
+tensor as 1-D, as NCHW [N, 64, H, W] contiguous (blocks strided in memory) and channels-last
+(blocks contiguous); the ratio column is block / per-tensor throughput, timed alternately in one
+run so that a busy machine slows both alike. On a machine that other jobs keep busy,
+``--clock thread`` times this thread's CPU time with one torch thread instead of elapsed time.
 
 qtorch and qtorch-plus are optional (pip install qtorch qtorch-plus ninja); both compile C++ at
 first import (~20 s each), which is outside the timings. Their columns read n/a when missing.
@@ -31,11 +39,13 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 from common.formats import parse_format  # noqa: E402
-from common.quant import _quantize_compiled, _quantize_eager, quantize  # noqa: E402
+from common.quant import (_quantize_compiled, _quantize_eager, quantize,  # noqa: E402
+                          quantize_scaled)
 from common.qtorch_backend import import_isolated  # noqa: E402
 
 DEFAULT_FORMATS = ("bf16", "fp16", "e4m3", "e5m2", "e2m1", "e2m3", "e3m2", "posit8es0",
                    "posit8es1", "posit8es2", "posit16es1", "posit16es2")
+DEFAULT_BLOCK_FORMATS = ("mxfp8", "mx-e5m2", "mxfp6", "mx-e3m2", "mxfp4", "nvfp4")
 NATIVE_CASTS = {"bf16": torch.bfloat16, "fp16": torch.float16, "e4m3": torch.float8_e4m3fn,
                 "e5m2": torch.float8_e5m2}
 BYTES_PER_ELEMENT = 8  # float32 in, float32 out
@@ -70,10 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated format specs")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads for torch (0: torch's default)")
+    p.add_argument("--clock", default="wall", choices=("wall", "thread"),
+                   help="wall: elapsed time; thread: this thread's CPU time, with one torch "
+                        "thread (steadier on a machine that other jobs keep busy)")
     p.add_argument("--min-time", type=float, default=0.3,
                    help="seconds of timed calls per figure (at least 3 calls)")
     p.add_argument("--no-references", action="store_true",
                    help="skip qtorch / qtorch-plus even when installed")
+    p.add_argument("--block-formats", default=",".join(DEFAULT_BLOCK_FORMATS),
+                   help="comma-separated block format specs for the block table ('' skips it)")
+    p.add_argument("--blocks-only", action="store_true",
+                   help="only the block table (block vs per-tensor scaling)")
     p.add_argument("--sizes", action="store_true",
                    help="instead: eager vs compiled per tensor size (sets the auto threshold)")
     return p
@@ -84,6 +101,9 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+CLOCK = time.perf_counter  # --clock thread: time.thread_time
+
+
 def time_call(fn, device: str, min_time: float) -> float:
     """Best seconds per call over batches of calls, after two warm-up calls."""
     fn()
@@ -92,11 +112,11 @@ def time_call(fn, device: str, min_time: float) -> float:
     best, spent, reps = float("inf"), 0.0, 1
     while True:
         sync(device)
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         for _ in range(reps):
             fn()
         sync(device)
-        dt = time.perf_counter() - t0
+        dt = CLOCK() - t0
         best = min(best, dt / reps)
         spent += dt
         if spent >= min_time and reps >= 3:
@@ -121,7 +141,8 @@ def machine_line(device: str) -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    line = (f"CPU {cpu}, {os.cpu_count()} logical cores, torch {torch.__version__} using "
+    line = (f"CPU {cpu}, {os.cpu_count()} logical cores, capability "
+            f"{torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__} using "
             f"{torch.get_num_threads()} threads")
     if device == "cuda":
         line = f"GPU {torch.cuda.get_device_name()}; " + line
@@ -152,7 +173,8 @@ def main_table(args) -> None:
     nominal = nominal_bandwidth(device)
 
     print(f"# {machine_line(device)}")
-    print(f"# float32 tensor of {numel:,} elements on {device}; copy: {fmt_rate(copy_s, numel)} "
+    print(f"# float32 tensor of {numel:,} elements on {device}, {args.clock} clock; copy: "
+          f"{fmt_rate(copy_s, numel)} "
           f"M el/s = {copy_gbps:,.0f} GB/s"
           + (f" ({100 * copy_gbps / nominal:.0f}% of the card's nominal {nominal:,.0f} GB/s)"
              if nominal else ""))
@@ -205,6 +227,67 @@ def main_table(args) -> None:
             print("| " + " | ".join(row) + " |", flush=True)
 
 
+def time_alternating(fns: dict, device: str, min_time: float, rounds: int = 5) -> dict:
+    """Best seconds per call of each function, timed in turn for `rounds` rounds: on a shared
+    machine both sides of a ratio then see the same load."""
+    best = {name: float("inf") for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            best[name] = min(best[name], time_call(fn, device, min_time / rounds))
+    return best
+
+
+def block_layouts(x: torch.Tensor) -> dict:
+    """x as 1-D, NCHW [N, 64, H, W] contiguous and channels-last (when numel allows)."""
+    out = {"1-D": x}
+    c, hw = 64, 16 * 16
+    if x.numel() % (c * hw) == 0:
+        nchw = x.view(-1, c, 16, 16)
+        out["NCHW"] = nchw
+        out["NHWC"] = nchw.contiguous(memory_format=torch.channels_last)
+    return out
+
+
+def block_table(args) -> None:
+    device, numel = args.device, args.numel
+    specs = [s.strip() for s in args.block_formats.split(",") if s.strip()]
+    if not specs:
+        return
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(numel, generator=gen, device=device) * 10
+    if args.blocks_only:
+        print(f"# {machine_line(device)}")
+    print(f"# block formats vs their element with per-tensor scaling, {numel:,} elements on "
+          f"{device}, {args.clock} clock; M el/s; ratio = block / per-tensor (target >= 0.5)")
+    print()
+    head = ["format", "layout", "rounding", "block (auto)", "eager", "compiled",
+            "per-tensor element", "ratio"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "|".join(["---"] * len(head)) + "|")
+    for spec in specs:
+        fmt = parse_format(spec)
+        elem = fmt.element if fmt.is_block else fmt
+        for layout, xl in block_layouts(x).items():
+            for rounding in ("nearest", "stochastic"):
+                t = time_alternating({
+                    "block": lambda: quantize(xl, fmt, rounding),
+                    "tensor": lambda: quantize_scaled(xl, elem, "tensor", rounding)},
+                    device, args.min_time)
+                t_eager = time_call(lambda: _quantize_eager(xl, fmt, rounding), device,
+                                    args.min_time)
+                try:
+                    t_comp = time_call(lambda: _quantize_compiled(xl, fmt, rounding), device,
+                                       args.min_time)
+                except Exception as err:  # report, do not hide: auto then ran eager
+                    print(f"# {spec} {rounding}: compiled path failed: {type(err).__name__}")
+                    t_comp = None
+                row = [spec, layout, rounding, fmt_rate(t["block"], numel),
+                       fmt_rate(t_eager, numel), fmt_rate(t_comp, numel),
+                       f"{fmt_rate(t['tensor'], numel)} ({elem})",
+                       f"{t['tensor'] / t['block']:.2f}x"]
+                print("| " + " | ".join(row) + " |", flush=True)
+
+
 def sizes_table(args) -> None:
     device = args.device
     print(f"# {machine_line(device)}")
@@ -230,10 +313,17 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
         return 2
+    if args.clock == "thread":
+        if args.device == "cuda":
+            print("error: --clock thread measures CPU time, not a GPU's", file=sys.stderr)
+            return 2
+        global CLOCK
+        CLOCK = time.thread_time
+        args.threads = 1  # other threads' work would not be counted
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        for spec in args.formats.split(","):
+        for spec in args.formats.split(",") + args.block_formats.split(","):
             if spec.strip():
                 parse_format(spec)
     except ValueError as err:
@@ -241,8 +331,12 @@ def main(argv=None) -> int:
         return 2
     if args.sizes:
         sizes_table(args)
+    elif args.blocks_only:
+        block_table(args)
     else:
         main_table(args)
+        print()
+        block_table(args)
     return 0
 
 
