@@ -18,7 +18,7 @@ C++ and differs between CPU and GPU.
 """
 from __future__ import annotations
 
-import struct
+import math
 
 import torch
 
@@ -29,6 +29,15 @@ F32_MAN_MASK = 0x007FFFFF
 F32_INF_BITS = 0x7F800000
 F32_QNAN_BITS = 0x7FC00000
 F32_BIAS = 127
+F32_MAX_BITS = 0x7F7FFFFF
+F32_SIGN_BIT = -(1 << 31)  # 0x80000000 as an int32
+
+# float64 layout (IEEE 754 binary64), for the round-to-odd narrowing of float64 inputs
+F64_ABS_MASK = 0x7FFFFFFFFFFFFFFF
+F64_MAN_BITS = 52
+F64_MAN_MASK = (1 << 52) - 1
+F64_EXP_ALL_ONES = 0x7FF
+F64_BIAS = 1023
 
 # lowbias32 (C. Wellons' integer hash: xorshift-multiply twice then xorshift, a bijection).
 # Multipliers above 2^31 are written as their wrapped int32 value: int32 products wrap the same
@@ -39,8 +48,15 @@ _GOLDEN = 0x9E3779B9 - (1 << 32)  # 2^32 / golden ratio: spreads consecutive ind
 
 
 def f32_bits(value: float) -> int:
-    """The float32 bit pattern of a Python float (rounded to float32), as a non-negative int."""
-    return struct.unpack("<I", struct.pack("<f", value))[0]
+    """The float32 bit pattern of a value >= 0 that float32 holds exactly (the kernels' format
+    constants), as a non-negative int. Plain arithmetic, not struct: torch.compile also traces
+    this when a user's compiled model casts a format for the first time."""
+    mant, exp = math.frexp(value)  # value = mant * 2^exp, 0.5 <= mant < 1
+    field = max(exp - 1 + F32_BIAS, 0) if value else 0  # 0: subnormal or zero
+    man = value * 2.0 ** (F32_MAN_BITS - max(exp - 1, 1 - F32_BIAS)) - (field > 0) * 2**F32_MAN_BITS
+    if not (value >= 0 and field < 255 and man == int(man)):
+        raise ValueError(f"{value!r} is no float32 value >= 0")
+    return (field << F32_MAN_BITS) | int(man)
 
 
 def _lsr(h: torch.Tensor, k: int) -> torch.Tensor:
@@ -80,7 +96,11 @@ def random_bits(idx: torch.Tensor, seed: torch.Tensor, words: int = 1):
     neighbouring elements are decorrelated, see the tests). The second word hashes another
     counter value, so it is not a function of the first word. Tensors up to 2^31 elements.
     """
-    c = idx * _GOLDEN + seed[0]
+    # (idx + seed) * golden, not idx * golden + seed: inductor's CPU code turns arange * constant
+    # into Vectorized::arange(base, golden), whose lanes overflow int32 (undefined behaviour in
+    # C++; with a static size the compiled loop stopped after 16 elements and left garbage).
+    # The same family of streams: seed s here is seed s * golden there.
+    c = (idx + seed[0]) * _GOLDEN
     first = _mix(c) ^ seed[1]
     if words == 1:
         return first
@@ -103,9 +123,13 @@ def random_bits(idx: torch.Tensor, seed: torch.Tensor, words: int = 1):
 # Parameters (see float_params): s0, s_top = s0 + (float32 exponent field of the smallest normal),
 # so that s = max(s_top - field, s0); clamp_pat = bits(max + ulp(max)) (the first pattern that
 # always overflows), max_pat = bits(max), ovf_pat = what an overflow becomes, q_pat /
-# half_q_pat = bits of the smallest subnormal and of half of it.
+# half_q_pat = bits of the smallest subnormal and of half of it; NaN comes out (as float32's
+# default NaN, never with a sign) for magnitudes above nan_pat in nearest mode (NaN inputs, and
+# for E4M3 non-saturating everything that rounds above max), and ovf_sign = 0 drops the sign of
+# a stochastic overflow to NaN (-1 keeps it: +-inf, +-max).
 # ----------------------------------------------------------------------------------------------
-FLOAT_PARAM_NAMES = ("s0", "s_top", "clamp_pat", "max_pat", "ovf_pat", "q_pat", "half_q_pat")
+FLOAT_PARAM_NAMES = ("s0", "s_top", "clamp_pat", "max_pat", "ovf_pat", "q_pat", "half_q_pat",
+                     "nan_pat", "ovf_sign")
 
 
 def float_params(fmt, saturate: bool) -> tuple:
@@ -122,12 +146,17 @@ def float_params(fmt, saturate: bool) -> tuple:
         ovf_pat = F32_INF_BITS
     else:  # OCP E4M3 non-saturating: overflow to NaN (its only special value)
         ovf_pat = F32_QNAN_BITS
+    nan_pat, ovf_sign = F32_INF_BITS, -1
+    if ovf_pat == F32_QNAN_BITS:  # max's last mantissa bit is 0: max + ulp/2 still rounds down
+        assert m >= 1 and (fmt.max / 2.0 ** (fmt.max_exp - m)) % 2 == 0
+        nan_pat, ovf_sign = f32_bits(fmt.max + 2.0 ** (fmt.max_exp - m - 1)), 0
     if fmt.exp_bits < 8:
         q_pat, half_q_pat = f32_bits(fmt.min_subnormal), f32_bits(fmt.min_subnormal / 2)
     else:  # unused: s never exceeds 23 (and half of 2^-149 is no float32)
         q_pat = half_q_pat = 0
     s0 = F32_MAN_BITS - m
-    return (s0, s0 + (1 - fmt.bias) + F32_BIAS, clamp_pat, max_pat, ovf_pat, q_pat, half_q_pat)
+    return (s0, s0 + (1 - fmt.bias) + F32_BIAS, clamp_pat, max_pat, ovf_pat, q_pat, half_q_pat,
+            nan_pat, ovf_sign)
 
 
 def _float_split(bits: torch.Tensor, s0, s_top, clamp_pat):
@@ -144,15 +173,15 @@ def _float_split(bits: torch.Tensor, s0, s_top, clamp_pat):
     return mag, sign, magc, s, sc
 
 
-def _float_finish(bits, mag, sign, r, max_pat, ovf_pat):
+def _float_finish(mag, sign, r, max_pat, ovf_pat, nan_pat=F32_INF_BITS):
     out = torch.where(r > max_pat, ovf_pat, r) | sign
-    return torch.where(mag > F32_INF_BITS, bits, out)  # NaN passes through, payload and all
+    return torch.where(mag > nan_pat, F32_QNAN_BITS, out)
 
 
 def float_nearest(bits: torch.Tensor, p) -> torch.Tensor:
     """Round float32 patterns to the float format of parameters p, to nearest, ties to even
     (the even pattern: for formats without mantissa bits, the even exponent field)."""
-    s0, s_top, clamp_pat, max_pat, ovf_pat, q_pat, half_q_pat = p
+    s0, s_top, clamp_pat, max_pat, ovf_pat, q_pat, half_q_pat, nan_pat, ovf_sign = p
     mag, sign, magc, s, sc = _float_split(bits, s0, s_top, clamp_pat)
     nz = (sc > 0).to(torch.int32)  # sc == 0 (23 mantissa bits, normal range): nothing dropped
     half_m1 = ((1 << sc) >> 1) - nz
@@ -162,7 +191,7 @@ def float_nearest(bits: torch.Tensor, p) -> torch.Tensor:
     r = ((magc + half_m1 + odd) >> sc) << sc
     # below the smallest subnormal Q: Q if more than Q/2 (a tie goes to 0), else 0
     r = torch.where(s >= 24, ((s == 24) & (magc > half_q_pat)).to(torch.int32) * q_pat, r)
-    return _float_finish(bits, mag, sign, r, max_pat, ovf_pat)
+    return _float_finish(mag, sign, r, max_pat, ovf_pat, nan_pat)
 
 
 def float_stochastic(bits: torch.Tensor, p, rand: torch.Tensor) -> torch.Tensor:
@@ -173,7 +202,7 @@ def float_stochastic(bits: torch.Tensor, p, rand: torch.Tensor) -> torch.Tensor:
     the gap). Below the smallest subnormal Q, x becomes Q with probability x / Q resolved to
     2^-30 of Q (exact down to Q / 2^7; a value more than 2^30 times smaller than Q rounds to 0).
     """
-    s0, s_top, clamp_pat, max_pat, ovf_pat, q_pat, half_q_pat = p
+    s0, s_top, clamp_pat, max_pat, ovf_pat, q_pat, half_q_pat, nan_pat, ovf_sign = p
     mag, sign, magc, s, sc = _float_split(bits, s0, s_top, clamp_pat)
     low = (-1 << sc) ^ -1  # the pattern bits below the quantum
     r = (magc + (rand & low)) & ~low
@@ -183,19 +212,20 @@ def float_stochastic(bits: torch.Tensor, p, rand: torch.Tensor) -> torch.Tensor:
     frac = (((magc & F32_MAN_MASK) | (1 << F32_MAN_BITS)) << 6) >> torch.clamp(s - 24, 0, 31)
     below_q = (((rand & ((1 << 30) - 1)) - frac) >> 31) & q_pat
     r = torch.where(s >= 24, below_q, r)
-    return _float_finish(bits, mag, sign, r, max_pat, ovf_pat)
+    out = torch.where(r > max_pat, ovf_pat | (sign & ovf_sign), r | sign)
+    return torch.where(mag > F32_INF_BITS, F32_QNAN_BITS, out)
 
 
 def float_stochastic_e8(bits: torch.Tensor, p, rand: torch.Tensor) -> torch.Tensor:
     """float_stochastic for formats with 8 exponent bits (bf16, e8mY): their quantum below the
     normal range is float32's own, so adding random bits below the kept mantissa and truncating
     the pattern is the whole rounding (float32 subnormals included); a third of the work."""
-    s0, s_top, clamp_pat, max_pat, ovf_pat, q_pat, half_q_pat = p
+    s0, s_top, clamp_pat, max_pat, ovf_pat, q_pat, half_q_pat, nan_pat, ovf_sign = p
     mag = bits & F32_ABS_MASK
     sign = bits ^ mag
     magc = torch.clamp(mag, max=clamp_pat)
     r = (magc + (rand & ((1 << s0) - 1))) & -(1 << s0)
-    return _float_finish(bits, mag, sign, r, max_pat, ovf_pat)
+    return _float_finish(mag, sign, r, max_pat, ovf_pat)  # (never an overflow to NaN)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -310,7 +340,7 @@ def posit_nearest(bits: torch.Tensor, p, shift=0) -> torch.Tensor:
 
 
 def posit_stochastic(bits: torch.Tensor, p, rand: torch.Tensor, rand2: torch.Tensor, shift=0):
-    """Round float32 patterns to posit(n, es) stochastically, unbiased in value.
+    """Round float32 patterns to posit(n, es) stochastically, unbiased in value (es <= 4).
 
     Only fraction bits dropped (d <= 23): lo and hi are a fraction ulp apart, so adding d random
     bits to the dropped ones and carrying is exact. Exponent bits cut (lo = 2^L, hi = 2^(L+g),
@@ -319,9 +349,10 @@ def posit_stochastic(bits: torch.Tensor, p, rand: torch.Tensor, rand2: torch.Ten
     fraction), then 2^(L+m) to lo or hi with probability (2^m - 1) / (2^g - 1), against a 31-bit
     random integer. That probability's binary expansion repeats the block 2^m - 1 every g bits,
     so its 31-bit truncation is (2^m - 1) * "a one every g bits": resolved to 2^-31, exact in
-    expectation to that; gaps of g >= 32 (es >= 5) keep only m == g. Never 0, never beyond
-    maxpos: |x| < minpos gives minpos and |x| >= maxpos gives maxpos (as in nearest mode).
-    `shift` scales as in posit_nearest.
+    expectation to that. Gaps of g >= 32 (es >= 5) cannot be resolved this way: quant.py refuses
+    them. Below minpos, zero is the lower neighbour: |x| becomes minpos with probability
+    |x| / minpos, else 0 (sign kept), resolved to 2^-30 as in float_stochastic; |x| >= maxpos
+    gives maxpos. `shift` scales as in posit_nearest.
     """
     n1, es, emask, w, kmax, maxpos_bits, minpos_bits = p
     mag, sign, special, sat_hi, sat_lo, scale, kc, a, d, dl, de, lo, step = _posit_split(
@@ -332,23 +363,73 @@ def posit_stochastic(bits: torch.Tensor, p, rand: torch.Tensor, rand2: torch.Ten
     # exponent bits cut: binade step, then the ladder probability
     m = (scale & ((1 << de) - 1)) + up_frac  # 2^m = (binade end) / lo, 0 <= m <= g
     g = 1 << de
-    # (the innermost operand is an int32 tensor so that no step promotes to int64)
+    # (the innermost operand, de >> 2 = [de == 4] for de <= es <= 4, is an int32 tensor so that
+    # no step promotes to int64)
     ones = torch.where(de == 1, _ONES_EVERY[0], torch.where(de == 2, _ONES_EVERY[1], torch.where(
-        de == 3, _ONES_EVERY[2], (de == 4).to(torch.int32) * _ONES_EVERY[3])))
+        de == 3, _ONES_EVERY[2], (de >> 2) * _ONES_EVERY[3])))
     threshold = ((1 << torch.clamp(m, max=30)) - 1) * ones  # <= 2^31 - 1 for m <= g <= 16
     up_exp = ((rand2 & F32_ABS_MASK) < threshold) | (m == g)
     up = torch.where(de > 0, up_exp.to(torch.int32), up_frac)
-    return _posit_finish(lo + up * step, mag, sign, special, sat_hi, sat_lo, maxpos_bits,
-                         minpos_bits, shift)
+    # below minpos, |x*s| / minpos = sig * 2^-(23 + t) with t = log2(minpos) - binade(x*s) >= 0
+    # (float32 subnormals: no implicit bit, binade of field 1), as a 30-bit fixed-point fraction
+    # p30 against 30 random bits: keep = -1 (minpos) where they are smaller, else 0 (zero). In
+    # range t < 0 gives p30 >= 2^30 (keep = -1), and x = 0 gives p30 = 0 (keep = 0).
+    normal = torch.clamp(mag >> F32_MAN_BITS, max=1)
+    t = normal - (scale + ((kmax << es) + 1))
+    p30 = ((frac | (normal << F32_MAN_BITS)) << 7) >> torch.clamp(t, 0, 31)
+    keep = ((rand & ((1 << 30) - 1)) - p30) >> 31
+    val = torch.where(sat_hi, maxpos_bits, torch.where(sat_lo, minpos_bits, lo + up * step))
+    out = ((val - (shift << F32_MAN_BITS)) & keep) | sign
+    return torch.where(special, F32_QNAN_BITS, out)
 
 
 # ----------------------------------------------------------------------------------------------
 # Native casts: exact where torch's own conversion is exactly the contract's rounding.
 # ----------------------------------------------------------------------------------------------
-def cast_nearest(x: torch.Tensor, dtype: torch.dtype, clamp_max) -> torch.Tensor:
-    """Round via torch's RNE cast to `dtype`; clamp first (saturating mode) so the cast never
-    overflows and every back-end agrees (torch's CPU e4m3 cast saturates, its e5m2 cast does not,
-    Triton's float8 casts saturate). clamp propagates NaN; -0.0 stays -0.0."""
-    if clamp_max is not None:
-        x = torch.clamp(x, min=-clamp_max, max=clamp_max)
-    return x.to(dtype).to(torch.float32)
+_FLOAT8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def cast_nearest(x: torch.Tensor, dtype: torch.dtype, bound: float) -> torch.Tensor:
+    """Round via torch's RNE cast to `dtype` (eager). bound: the format's max (saturating) or
+    inf. bf16/fp16 overflow to inf like IEEE, then inf becomes +-bound; float8 is clamped to
+    +-bound first (torch's CPU e4m3 cast saturates, its e5m2 cast does not, Triton's float8
+    casts saturate). NaN becomes float32's default NaN: torch's casts keep payloads and signs,
+    differently on their vector and scalar paths. -0.0 stays -0.0."""
+    if dtype in _FLOAT8_DTYPES:
+        x = torch.clamp(x, min=-bound, max=bound)
+    return x.to(dtype).to(torch.float32).nan_to_num_(math.nan, bound, -bound)
+
+
+def cast_nearest_fused(x: torch.Tensor, dtype: torch.dtype, bound: torch.Tensor) -> torch.Tensor:
+    """cast_nearest for bf16/fp16 in a compiled kernel, with bound a 0-d float32 tensor (a
+    runtime input: one kernel serves both overflow modes). x != x, not isnan: inductor's CPU
+    code vectorises the comparison, not isnan (4x slower)."""
+    y = torch.clamp(x, -bound, bound).to(dtype).to(torch.float32)
+    return torch.where(x != x, math.nan, y)
+
+
+# ----------------------------------------------------------------------------------------------
+# float64 inputs: narrowed to float32 by round-to-odd, so that the format's rounding of the
+# float32 value equals the rounding of the float64 value (no double rounding) for every format
+# with at most 21 mantissa bits.
+# ----------------------------------------------------------------------------------------------
+def f64_to_f32_round_to_odd(x: torch.Tensor) -> torch.Tensor:
+    """float64 -> float32 rounded to odd: truncate toward zero, then set the last bit where
+    anything nonzero was cut (beyond float32's range: +-max, odd already). Integer arithmetic on
+    the bit patterns, so that no compiler can fold it away. inf stays inf, NaN gives NaN."""
+    b = x.view(torch.int64)
+    mag = b & F64_ABS_MASK
+    field = mag >> F64_MAN_BITS
+    sig = (mag & F64_MAN_MASK) | ((field != 0).to(torch.int64) << F64_MAN_BITS)
+    e = field - F64_BIAS
+    # bits of the 53-bit significand that float32 cannot keep: 29, plus one per binade below
+    # float32's smallest normal (a float64 subnormal keeps none)
+    cut = torch.clamp(F64_MAN_BITS - F32_MAN_BITS + torch.clamp(1 - F32_BIAS - e, min=0), max=62)
+    sticky = ((sig & ((1 << cut) - 1)) != 0).to(torch.int64)
+    # normal: (field - 1) << 23 plus the significand with its implicit bit carries into field
+    pat = ((torch.clamp(e + F32_BIAS, min=1) - 1) << F32_MAN_BITS) + (sig >> cut) | sticky
+    pat = torch.where(e > F32_BIAS, F32_MAX_BITS, pat)
+    pat = torch.where(field == F64_EXP_ALL_ONES,
+                      torch.where(mag == field << F64_MAN_BITS, F32_INF_BITS, F32_QNAN_BITS), pat)
+    sign = (b >> 32).to(torch.int32) & F32_SIGN_BIT  # the high word's sign bit
+    return (pat.to(torch.int32) | sign).view(torch.float32)

@@ -12,30 +12,45 @@ Block-scaled formats (``mxfp8``, ``mxfp4``, ``nvfp4``, ...: a Format with ``is_b
 routed to common/blocks.py by ``quantize``; they carry their own scaling, so ``quantize_scaled``
 takes them only with scaling "none".
 
-Semantics are those of ../shared/NUMERICS.md: round to nearest with ties to even, or unbiased
-stochastic rounding; subnormals kept; saturation (default) or the OCP non-saturating overflow;
-NaN stays NaN in every format and mode, also in formats without a NaN code (e2m1, e2m3, e3m2),
-because a fake-quantized tensor must never hide a divergence; -0.0 stays -0.0 (also for posits,
-whose single zero it equals); posits never round to 0 nor beyond maxpos, and ±inf gives NaR
-(NaN) for posits whatever ``saturate`` says (the posit standard has no infinity to saturate).
+Semantics are those of docs/formats.md (the user-facing reference): round to nearest with ties
+to even, or unbiased stochastic rounding; subnormals kept; saturation (default) or the OCP
+non-saturating overflow; NaN stays NaN in every format and mode, also in formats without a NaN
+code (e2m1, e2m3, e3m2), because a fake-quantized tensor must never hide a divergence; -0.0
+stays -0.0 (also for posits, whose single zero it equals); posits never round to 0 nor beyond
+maxpos in nearest mode, and ±inf gives NaR (NaN) for posits whatever ``saturate`` says (the
+posit standard has no infinity to saturate).
 Ties go to the even bit pattern; for formats without mantissa bits (eXm0) that is the even
-exponent field (ml_dtypes' float8_e8m0fnu rounds such ties up instead). Stochastic rounding is
-exact in expectation where the dropped bits are the probability (floats, posits while no
-exponent bit is cut); elsewhere the probability is resolved to 2^-30 (floats below their
-smallest subnormal) or 2^-31 (posits across cut exponent bits; es >= 5 posits, whose gaps
-exceed 2^31, keep only the coarse part).
+exponent field (ml_dtypes' float8_e8m0fnu rounds such ties up instead). ``e8m0`` is the eXmY
+rule with no mantissa (signed, inf and NaN, values 2^-126 .. 2^127), not OCP MX's unsigned E8M0
+scale format (2^-127 .. 2^127, no sign, no inf). Every NaN that comes out is float32's default
+quiet NaN 0x7FC00000 (sign and payload dropped), whatever the path or the tensor size.
+
+Stochastic rounding is exact in expectation where the dropped bits are the probability
+(floats, posits while no exponent bit is cut); elsewhere the probability is resolved to 2^-30
+(floats below their smallest subnormal Q, posits below minpos, where 0 is the lower neighbour:
+|x| < minpos gives minpos with probability |x|/minpos, else 0) or 2^-31 (posits across cut
+exponent bits). Posits with es >= 5 have gaps beyond 2^31: their stochastic rounding is refused
+(ValueError) rather than biased. Without saturation, x above max rounds up to the *virtual*
+next value (the one above max if the exponent went on) with its usual probability, and that
+rounding up is the overflow: e4m3 at 464 (halfway to a virtual 480) is NaN in half the draws.
 
 How a call runs (users never choose; ``QUANT_PATH=eager|compiled|auto`` overrides for debugging;
 every path gives the same bits, and the tests check each against the references):
 
 - fp32/none: ``x`` itself is returned.
 - Method "cast", where torch's native cast is exactly the contract: bf16 and fp16 (both overflow
-  modes: IEEE overflow to inf is theirs), e4m3 and e5m2 in saturating nearest mode (after a
-  clamp to ±max, so the cast never overflows: torch's CPU e4m3 cast saturates, its e5m2 cast
-  does not, Triton's float8 casts saturate).
+  modes: IEEE overflow to inf is theirs, saturation clamps it after the cast), e4m3 and e5m2 in
+  saturating nearest mode (after a clamp to ±max, so the cast never overflows: torch's CPU e4m3
+  cast saturates, its e5m2 cast does not, Triton's float8 casts saturate). NaN is reset to the
+  default NaN after the cast (torch's casts keep signs and payloads, differently on their vector
+  and scalar paths).
 - Method "bits", everything else: integer arithmetic on the float32 bit pattern
   (``_quant_kernels``): posits, the MX and other eXmY formats, non-saturating float8,
   stochastic rounding.
+- Inside a user's ``torch.compile`` (``torch.compiler.is_compiling()``) the eager ops are traced
+  into the user's graph, always with method "bits": inductor (``emulate_precision_casts=False``,
+  its default) removes the rounding of x.to(bfloat16).to(float32), so a "cast" there would
+  silently not round. The integer arithmetic survives any compiler.
 - Eager or compiled: small tensors (below ``_EAGER_CAST_BELOW`` elements for a cast,
   ``_EAGER_BITS_BELOW`` for the bit arithmetic), calls made while ``torch.compile`` traces a
   user's model, and platforms where compiling fails run eager PyTorch ops. Larger tensors run one
@@ -48,7 +63,9 @@ every path gives the same bits, and the tests check each against the references)
   and with the same bits.
 
 Scaling (``quantize_scaled``): a power-of-two s = 2^k from the tensor's (or channel's) absolute
-maximum. Floats round x*s and divide by s (exact float32 multiplications); posits pass k to their
+maximum (floats: amax*s in (max/2, max]) or root mean square (posits: rms*s the power of two
+nearest 1); a tensor or channel holding one inf or NaN gets s = 1, i.e. is cast unscaled.
+Floats round x*s and divide by s (exact float32 multiplications); posits pass k to their
 kernel, which adds it to the exponent field on the way in and takes it off on the way out: one
 pass instead of three, and exact also where x*s would underflow float32 (k is kept in the window
 where every posit value / 2^k is a float32 normal, see ``_pow2_exponent``).
@@ -56,13 +73,18 @@ where every posit value / 2^k is a float32 normal, see ``_pow2_exponent``).
 Stochastic rounding draws two 32-bit seed words per call from ``generator`` (default: the
 global generator of x's device, so ``torch.manual_seed`` makes runs reproducible) and derives
 each element's random bits from a counter-based hash of (element index, seed): the same seed gives
-the same bits on CPU and CUDA, eager and compiled. Under a user's ``torch.compile`` the seed words
-come from the compiler's random stream instead (still seeded by ``torch.manual_seed``).
+the same bits on CPU and CUDA, eager and compiled. The index is the position in memory, so the
+same values stored in another layout (channels-last, transposed) draw other bits. Under a user's
+``torch.compile`` the seed words come from the compiler's random stream instead (still seeded by
+``torch.manual_seed``).
 
-Inputs may be float32, float16, bfloat16 or float64; the work is done in float32 and the result
-is cast back to x's dtype (exact when the format's values fit that dtype; float64 inputs are
-rounded to float32 first). The result never requires grad: training wraps this in a
-straight-through autograd function.
+Inputs may be float32, float64, float16 or bfloat16; the result has x's dtype. float64 is
+narrowed to float32 by round-to-odd first, so that the format's rounding of it equals the
+rounding of the float64 value itself (no double rounding; exact for every format of up to 21
+mantissa bits; stochastic rounding sees the float32 value). float16 and bfloat16 are refused
+(one-line ValueError asking for a float32 input) for formats whose values they cannot all hold
+(``_fits``: bf16 or posit16es1 in float16, fp16 in bfloat16, ...), and for any scaled cast.
+The result never requires grad: training wraps this in a straight-through autograd function.
 """
 from __future__ import annotations
 
@@ -121,6 +143,64 @@ def _check_tensor(x) -> None:
         raise TypeError(f"quantize expects float32/float16/bfloat16/float64, got {x.dtype}")
 
 
+# Posit stochastic rounding resolves its probability to 2^-31 across gaps of up to 2^16 (es <= 4,
+# see _quant_kernels.posit_stochastic); wider gaps would be rounded with a biased probability.
+POSIT_STOCHASTIC_MAX_ES = 4
+
+
+def _check_stochastic(fmt: Format, rounding: str) -> None:
+    if rounding == "stochastic" and fmt.is_posit and fmt.es > POSIT_STOCHASTIC_MAX_ES:
+        raise ValueError(
+            f"stochastic rounding of {fmt} is refused: its values are up to 2^{2 ** fmt.es} "
+            f"apart, too far to draw the rounding probability exactly; accepted: posits with "
+            f"es <= {POSIT_STOCHASTIC_MAX_ES}, or rounding='nearest'")
+
+
+# Input dtypes narrower than float32, as the formats whose values they hold.
+_DTYPE_FORMATS = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+_FITS: dict = {}  # (format name, carrier name) -> bool
+
+
+def _fits(fmt: Format, carrier: Format) -> bool:
+    """Whether every value of `fmt` is a value of the IEEE-like float `carrier` (fp16, bf16).
+
+    It is when fmt's top binade is within carrier's range and, in every binade [2^e, 2^(e+1)),
+    fmt's quantum is a multiple of carrier's: with f fraction bits there, f <= M + min(0, e -
+    emin) (M, emin: carrier's mantissa bits and smallest normal exponent). Within a run of
+    binades with the same f the lowest is the strictest, so it suffices to check those:
+    floats: the lowest normal binade (subnormals share its quantum); posits: each regime's
+    lowest binade k * 2^es. Pure Python (no tensors): it also runs while torch.compile traces."""
+    key = (fmt.name, carrier.name)
+    ok = _FITS.get(key)
+    if ok is None:
+        if fmt.is_posit:
+            n, es = fmt.bits, fmt.es
+            top = (n - 2) << es
+            # regime k takes k + 2 bits (k >= 0) or 1 - k bits (k < 0) after the sign
+            runs = [(k << es, max(n - 1 - (k + 2 if k >= 0 else 1 - k) - es, 0))
+                    for k in range(2 - n, n - 2)]
+        else:
+            top, runs = fmt.max_exp, [(fmt.min_exp, fmt.man_bits)]
+        ok = top <= carrier.max_exp and all(
+            f <= carrier.man_bits + min(0, e - carrier.min_exp) for e, f in runs)
+        _FITS[key] = ok
+    return ok
+
+
+def _check_dtype(x: torch.Tensor, fmt: Format, scaling: str = "none") -> None:
+    """Refuse a float16/bfloat16 x whose dtype cannot hold every result exactly: the format's
+    values (unscaled), or its values divided by a data-dependent power of two (scaled)."""
+    carrier = _DTYPE_FORMATS.get(x.dtype)
+    if carrier is None or fmt.is_identity:
+        return
+    if scaling != "none":
+        raise ValueError(f"{scaling} scaling of a {x.dtype} tensor to {fmt}: scaled {fmt} values "
+                         f"do not all fit {x.dtype}; pass a float32 tensor (x.float())")
+    if not _fits(fmt, parse_format(carrier)):
+        raise ValueError(f"quantize to {fmt} of a {x.dtype} tensor: {fmt} values do not all fit "
+                         f"{x.dtype}; pass a float32 tensor (x.float())")
+
+
 # ---------------------------------------------------------------------------------------------
 # methods: which kernel computes a (format, rounding, saturate) case
 # ---------------------------------------------------------------------------------------------
@@ -157,7 +237,7 @@ def _compiled_cast_ok(fmt: Format, device: torch.device) -> bool:
         gen = torch.Generator().manual_seed(0)
         probe = torch.randint(-2**31, 2**31, (4096,), dtype=torch.int32, generator=gen)
         probe = probe.view(torch.float32).to(device)
-        want = K.cast_nearest(probe, _CAST_DTYPES[fmt.name], None)
+        want = K.cast_nearest(probe, _CAST_DTYPES[fmt.name], math.inf)
         try:
             got = _compiled_kernel(probe, fmt, "nearest", False, None, "cast", strict=True)
             ok = bool(((got.view(torch.int32) == want.view(torch.int32))
@@ -228,11 +308,11 @@ def _k_posit_stochastic(bits, p, shift, seed, lane=None):
 
 
 def _k_cast_bf16(x, bound):
-    return K.cast_nearest(x, torch.bfloat16, bound)
+    return K.cast_nearest_fused(x, torch.bfloat16, bound)
 
 
 def _k_cast_fp16(x, bound):
-    return K.cast_nearest(x, torch.float16, bound)
+    return K.cast_nearest_fused(x, torch.float16, bound)
 
 
 def _k_float_stochastic_e8(bits, p, seed, lane=None):
@@ -267,7 +347,7 @@ def _lane_tensor(device: torch.device) -> torch.Tensor:
 
 def _eager_kernel(flat, fmt, rounding, saturate, seed, method, shift=None):
     if method == "cast":
-        return K.cast_nearest(flat, _CAST_DTYPES[fmt.name], fmt.max if saturate else None)
+        return K.cast_nearest(flat, _CAST_DTYPES[fmt.name], fmt.max if saturate else math.inf)
     fn = _BITS_KERNELS[(_kind(fmt, rounding), rounding)]
     args = (flat.view(torch.int32), _params(fmt, saturate))
     if fmt.is_posit:
@@ -366,14 +446,24 @@ def _run(x, fmt, rounding, saturate, generator, path, method=None, seed=None, sh
         return x
     if fmt.is_block:  # blocks along dim 1 with their own scales
         return _blocks.quantize_block(x, fmt, rounding, saturate, generator, path, seed)
+    _check_stochastic(fmt, rounding)
+    _check_dtype(x, fmt)
     saturate = bool(saturate)
     if path != "auto" and method is not None:
         exact = _methods(fmt, rounding, saturate, compiled=path == "compiled")
         if method not in exact:
             raise ValueError(f"no {path} method {method!r} for {fmt} {rounding} "
                              f"saturate={saturate}; have {exact}")
+    # inside a user's torch.compile, the ops below become part of the user's graph: only the
+    # bit arithmetic is safe there (inductor drops the rounding of x.to(bfloat16).to(float32))
+    tracing = torch.compiler.is_compiling()
     x = x.detach()
-    x32 = x if x.dtype == torch.float32 else x.to(torch.float32)
+    if x.dtype == torch.float32:
+        x32 = x
+    elif x.dtype == torch.float64:  # round-to-odd: no double rounding on the way to the format
+        x32 = K.f64_to_f32_round_to_odd(x)
+    else:  # float16, bfloat16: exact
+        x32 = x.to(torch.float32)
     flat, unflatten = _flatten(x32)
     if shift is not None and shift.dim() > 0:  # per element: same layout as x, same flat order
         shift = _flatten(shift)[0]
@@ -389,7 +479,7 @@ def _run(x, fmt, rounding, saturate, generator, path, method=None, seed=None, sh
         eager_cast = method in (None, "cast") and _methods(fmt, rounding, saturate)[0] == "cast"
         table = _EAGER_CAST_BELOW if eager_cast else _EAGER_BITS_BELOW
         below = table.get(flat.device.type, table["cpu"])
-        compiled = flat.numel() >= below and not torch.compiler.is_compiling()
+        compiled = flat.numel() >= below and not tracing
     else:
         compiled = path == "compiled"
     y = None
@@ -400,10 +490,13 @@ def _run(x, fmt, rounding, saturate, generator, path, method=None, seed=None, sh
         y = _compiled_kernel(flat, fmt, rounding, saturate, seed, m, strict=path == "compiled",
                              shift=shift)
     if y is None:
-        m = method or _methods(fmt, rounding, saturate)[0]
+        m = method or ("bits" if tracing else _methods(fmt, rounding, saturate)[0])
         y = _eager_kernel(flat, fmt, rounding, saturate, seed, m, shift)
     y = unflatten(y)
-    return y if y.dtype == x.dtype else y.to(x.dtype)
+    if x.dtype == torch.bfloat16:  # exact (_check_dtype): the top half of the float32 pattern;
+        # torch's and inductor's float32 -> bfloat16 casts turn NaN into 0xFFFF
+        return (y.view(torch.int32) >> 16).to(torch.int16).view(torch.bfloat16)
+    return y if y.dtype == x.dtype else y.to(x.dtype)  # exact, NaN stays the default NaN
 
 
 # ---------------------------------------------------------------------------------------------
@@ -547,6 +640,7 @@ def quantize_scaled(x: torch.Tensor, fmt: Union[str, Format], scaling: str = "no
     cast = cast or quantize
     if scaling == "none" or fmt.is_identity or x.numel() == 0:
         return cast(x, fmt, rounding, saturate, generator)
+    _check_dtype(x, fmt, scaling)
     xd = x.detach()
     dims = _scale_dims(xd, scaling, channel_dim)
     if fmt.is_posit:            # statistic -> scale exponent k; the cast comes next

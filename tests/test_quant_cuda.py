@@ -116,3 +116,24 @@ def test_cuda_layouts_dtypes_and_scaling():
         for scaling in ("tensor", "channel"):
             assert torch.equal(quantize_scaled(xc, spec, scaling).cpu(),
                                quantize_scaled(x, spec, scaling))
+
+
+@pytest.mark.parametrize("spec", ["bf16", "fp16", "e4m3", "e5m2", "e2m1", "posit8es1",
+                                  "posit16es1"])
+def test_cuda_nan_float64_and_user_compile_same_bits_as_cpu(spec):
+    """Issue 14 on the device: NaN of any sign and payload comes out as float32's default NaN
+    on every CUDA path, float64 inputs round once (round-to-odd first) and quantize inside a
+    user's torch.compile rounds, all bit for bit as on the CPU (checked there by test_oracle)."""
+    from common.quant import _quantize_compiled
+    from test_oracle import F32_QNAN, _bit_set, _nans, inputs32, inputs64, user_compile
+    for fn in (_quantize_eager, _quantize_compiled):
+        for rounding in ("nearest", "stochastic"):
+            for saturate in (True, False):
+                got = fn(_nans(1 << 12).cuda(), spec, rounding, saturate).cpu()
+                assert _bit_set(got) == {F32_QNAN}, (fn.__name__, rounding, saturate)
+        x64 = torch.from_numpy(inputs64(spec))
+        assert torch.equal(fn(x64.cuda(), spec).cpu().view(torch.int64),
+                           _quantize_eager(x64, spec).view(torch.int64)), fn.__name__
+    x = torch.from_numpy(inputs32(spec))
+    got = user_compile(lambda v: quantize(v, spec))(x.cuda()).cpu()
+    assert torch.equal(got.view(torch.int32), quantize(x, spec).view(torch.int32))
