@@ -248,6 +248,7 @@ POSIT_PARAM_NAMES = ("n1", "es", "emask", "w", "kmax", "maxpos_bits", "minpos_bi
 # floor(2^31 / (2^g - 1)) as the bit pattern "a one every g bits" for g = 2, 4, 8, 16 (index
 # log2 g - 1); posit stochastic rounding across cut exponent bits compares against it.
 _ONES_EVERY = (0x2AAAAAAA, 0x08888888, 0x00808080, 0x00008000)
+assert _ONES_EVERY[3] == 1 << 15
 
 
 def posit_params(fmt) -> tuple:
@@ -298,7 +299,9 @@ def _posit_split(bits: torch.Tensor, p, shift=0):
     sat_hi = k >= kmax  # at or beyond maxpos
     sat_lo = k < -kmax  # below minpos: never rounds to 0
     kc = torch.clamp(k, min=-kmax, max=kmax - 1)  # in range from here on (others saturate)
-    rlen = torch.where(kc >= 0, kc + 2, 1 - kc)  # regime bits including the terminating bit
+    # regime bits including the terminating bit: kc + 2 for kc >= 0, 1 - kc below (= ~kc + 2;
+    # kc ^ (kc >> 31) is kc or ~kc by its sign: three integer ops, no compare and select)
+    rlen = (kc ^ (kc >> 31)) + 2
     a = torch.clamp(n1 - rlen, min=0)  # tail bits kept (<= n - 3)
     d = w - a  # tail bits dropped (>= 1 since a <= 13 < w)
     dl = torch.clamp(d, max=F32_MAN_BITS)  # ... of them fraction bits
@@ -363,10 +366,10 @@ def posit_stochastic(bits: torch.Tensor, p, rand: torch.Tensor, rand2: torch.Ten
     # exponent bits cut: binade step, then the ladder probability
     m = (scale & ((1 << de) - 1)) + up_frac  # 2^m = (binade end) / lo, 0 <= m <= g
     g = 1 << de
-    # (the innermost operand, de >> 2 = [de == 4] for de <= es <= 4, is an int32 tensor so that
-    # no step promotes to int64)
+    # (the innermost operand, (de >> 2) << 15 = [de == 4] * 0x8000 for de <= es <= 4, is an int32
+    # tensor so that no step promotes to int64)
     ones = torch.where(de == 1, _ONES_EVERY[0], torch.where(de == 2, _ONES_EVERY[1], torch.where(
-        de == 3, _ONES_EVERY[2], (de >> 2) * _ONES_EVERY[3])))
+        de == 3, _ONES_EVERY[2], (de >> 2) << 15)))
     threshold = ((1 << torch.clamp(m, max=30)) - 1) * ones  # <= 2^31 - 1 for m <= g <= 16
     up_exp = ((rand2 & F32_ABS_MASK) < threshold) | (m == g)
     up = torch.where(de > 0, up_exp.to(torch.int32), up_frac)
