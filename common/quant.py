@@ -654,7 +654,9 @@ def quantize_scaled(x: torch.Tensor, fmt: Union[str, Format], scaling: str = "no
             k = torch.empty_like(xd, dtype=torch.int32).copy_(k.expand(xd.shape))
         return _run(x, fmt, rounding, saturate, generator, "auto", shift=k)
     s = _pow2(k)
-    xs = (xd.to(torch.float32) * s)
+    # float64 stays float64 (times a power of two: exact), so the cast rounds it once, as
+    # quantize does; narrower inputs are widened to float32 first, where x*s cannot underflow
+    xs = xd * s if xd.dtype == torch.float64 else xd.to(torch.float32) * s
     y = cast(xs, fmt, rounding, saturate, generator) / s
     return y.to(x.dtype)
 

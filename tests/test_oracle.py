@@ -679,6 +679,24 @@ def test_float64_audit_cases_round_once(spec, x, want, path):
     assert oracle_nearest(spec, [x], True) == [want]
 
 
+@pytest.mark.parametrize("scaling", ["tensor", "channel"])
+@pytest.mark.parametrize("spec", ["e4m3", "e5m2", "fp16"])
+def test_float64_inputs_with_float_scaling_round_once(spec, scaling):
+    """A float scale keeps float64 inputs float64: each value is rounded once, like the oracle
+    rounding x*s itself. The second value lies a hair (below float32's resolution) above a
+    rounding midpoint: rounded through float32 first it would tie to even, the wrong way."""
+    fmt = parse_format(spec)
+    q = 2.0 ** -fmt.man_bits                       # quantum in [1, 2)
+    amax = fmt.max * 0.75                          # scale 1: amax*1 already in (max/2, max]
+    xs = [amax, 1.0 + q / 2 + 2.0 ** -40, -(1.0 + 3 * q / 2 - 2.0 ** -40)]
+    x = torch.tensor(xs, dtype=torch.float64).reshape(1, 3)
+    got = quantize_scaled(x, spec, scaling, channel_dim=0)
+    want = oracle_nearest(spec, xs, True)
+    assert got.dtype == torch.float64
+    assert got.flatten().tolist() == want
+    assert want[1] == 1.0 + q and want[2] == -(1.0 + q)     # the midpoints were not ties
+
+
 # --- item 6: one NaN out of every path ---------------------------------------------------------
 NAN_PATTERNS = [0x7FC00000, 0xFFC00000, 0x7F800001, 0xFF800001, 0x7FFFFFFF, 0x7FA12345]
 
