@@ -32,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scalings", default=",".join(ptq.SCALING_MODES), metavar="LIST",
                    help="none = the format's own range; scaled = power-of-two scale (floats: from "
                         "the absolute maximum; posits: from the rms, to 1), weights per --weight-scaling, activations per tensor "
-                        f"(per test batch) (default: {','.join(ptq.SCALING_MODES)})")
+                        "(per test batch); a block format (mxfp8, mxfp4, nvfp4, ...) gets one row, "
+                        "none, whatever this says: it carries its own scale per block "
+                        f"(default: {','.join(ptq.SCALING_MODES)})")
     g.add_argument("--weight-scaling", choices=ptq.WEIGHT_SCALINGS, default="channel",
                    help="granularity of the weights' scale in scaled rows (default: channel)")
     g.add_argument("--first-last-fp32", action="store_true",

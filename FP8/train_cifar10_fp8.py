@@ -3,10 +3,13 @@
     cd FP8 && python train_cifar10_fp8.py                                   # e4m3 w/a, e5m2 g
     cd FP8 && python train_cifar10_fp8.py --w-fmt e5m2 --a-fmt e4m3 --first-last-fp32
     cd FP8 && python train_cifar10_fp8.py --w-fmt e4m3 --a-fmt e4m3 --first-last-fp32
+    cd FP8 && python train_cifar10_fp8.py --w-fmt mxfp8 --a-fmt mxfp8 --g-fmt mx-e5m2  # OCP MX
 
 Formats are exactly OCP FP8 (e4m3: max 448, no inf; e5m2: IEEE-like, max 57344), rounded to
-nearest-even. --w-fmt/--a-fmt/--g-fmt take any format of at most 8 bits (e3m4, posit8es1, ...)
-or fp32 (unquantized); --wg-fmt and --master-fmt take any spec. Run folder:
+nearest-even. --w-fmt/--a-fmt/--g-fmt take any format of at most 8 bits (e3m4, posit8es1, ...),
+the block formats of such elements (mxfp8 = 32 e4m3 elements per power-of-two scale, mx-e5m2,
+...; docs/block-formats.md; cast with scaling none, since they scale each block themselves) or
+fp32 (unquantized); --wg-fmt and --master-fmt take any spec. Run folder:
 runs/fp8_w-<fmt>_a-<fmt>_g-<fmt>[_fl32]_<model>_<recipe>_e<epochs>_s<seed>/.
 """
 import os
@@ -26,7 +29,8 @@ WHY = ("Defaults: e4m3 (more precision) for the forward operands, e5m2 (more ran
        "a power of two that puts the tensor's largest value in the format's top binade: unscaled,\n"
        "most conv weights (|w| < 2^-6) fall into e4m3's subnormals and small gradients flush to 0\n"
        "in e5m2. Activations are not scaled: each layer's input comes out of BatchNorm+ReLU, O(1),\n"
-       "well inside e4m3's normal range (2^-6 .. 448); --a-scaling tensor scales them too.")
+       "well inside e4m3's normal range (2^-6 .. 448); --a-scaling tensor scales them too.\n"
+       "A role given a block format (mxfp8, mx-e5m2) is cast with scaling none instead.")
 
 
 def plan(argv=None):

@@ -6,7 +6,9 @@
 
 Posits as the posit standard and SoftPosit round them: to nearest on the bit string, ties to the
 even pattern, never to 0 and never past maxpos. Any role can still take another format
-(e.g. --g-fmt e5m2). Run folder: runs/posit<n>es<k>_..._<model>_<recipe>_e<epochs>_s<seed>/.
+(e.g. --g-fmt e5m2; a block format such as --g-fmt mxfp8 is cast with scaling none, since it
+scales each block itself: there is no block posit format). Run folder:
+runs/posit<n>es<k>_..._<model>_<recipe>_e<epochs>_s<seed>/.
 """
 import os
 import sys

@@ -17,6 +17,8 @@ weights loaded, and the test set evaluated
   range; ``scaled`` multiplies by a power of two (floats: from the absolute maximum, so it lands in
   the format's top binade; posits: from the rms, so it lands near 1, see ``quant.quantize_scaled``): weights per output channel (``--weight-scaling``), activations per tensor,
   which in evaluation means per test batch (so ``--eval-batch-size`` matters for scaled rows).
+  Block formats (``mxfp8``, ``mxfp4``, ``nvfp4``, ...) carry their own scale per block: they get
+  one row, scaling ``none`` (no scale on top of theirs), whatever the scaling modes asked for.
   BatchNorm, residual adds and the head's pooling stay float32, as in training.
 
 The result goes to ``ptq.json`` in the run's folder (next to ``last.pt``); ``report.py`` puts it
@@ -39,15 +41,17 @@ from . import runs
 from .cli import CHANNELS_LAST_DEFAULT, DEFAULT_RUNS_DIR, RunConfig
 from .errors import UserError
 from .formats import parse_format
-from .qat import QuantConfig, RoleQuant, quantize_model
+from .qat import QuantConfig, RoleQuant, quantize_model, storage_bits
 from .resnet import build_model
 from .train import _device_name, evaluate, resolve_device
 
 __all__ = ["DEFAULT_FORMATS", "SCALING_MODES", "WEIGHT_SCALINGS", "PTQ_FILE", "resolve_checkpoint",
            "load_model", "ptq_qconfig", "evaluate_formats", "run_ptq", "parse_formats"]
 
-# The formats of the seed set, widest first: bf16, the two OCP FP8s, OCP MX FP4, posits 16/8/4.
-DEFAULT_FORMATS = ("bf16", "e5m2", "e4m3", "e2m1", "posit16es1", "posit8es1", "posit4es0")
+# The formats of the seed set, widest first: bf16, the two OCP FP8s, OCP MX FP4; the block
+# formats OCP MXFP8/MXFP6/MXFP4 and NVFP4 (docs/block-formats.md); posits 16/8/4.
+DEFAULT_FORMATS = ("bf16", "e5m2", "e4m3", "e2m1", "mxfp8", "mxfp6", "mxfp4", "nvfp4",
+                   "posit16es1", "posit8es1", "posit4es0")
 SCALING_MODES = ("none", "scaled")
 WEIGHT_SCALINGS = ("channel", "tensor")
 PTQ_FILE = "ptq.json"
@@ -113,6 +117,9 @@ def ptq_qconfig(fmt: str, scaling: str, weight_scaling: str = "channel",
     """Weights and activations in ``fmt`` (round to nearest), gradients untouched (none flow)."""
     if scaling not in SCALING_MODES:
         raise UserError(f"scaling {scaling!r}: accepted: {', '.join(SCALING_MODES)}")
+    if scaling != "none" and parse_format(fmt).is_block:
+        raise UserError(f"scaling {scaling!r} of {fmt}: a block format carries its own scale per "
+                        f"block; accepted: none")
     w_scaling, a_scaling = ("none", "none") if scaling == "none" else (weight_scaling, "tensor")
     return QuantConfig(weight=RoleQuant(fmt, scaling=w_scaling), act=RoleQuant(fmt, scaling=a_scaling),
                        first_last_fp32=first_last_fp32)
@@ -133,12 +140,12 @@ def evaluate_formats(model: nn.Module, data: data_mod.DeviceData, normalizer: da
         log(rows[-1])
     for fmt in formats:
         f = parse_format(fmt)
-        for scaling in scalings:
+        for scaling in (("none",) if f.is_block else scalings):
             q = ptq_qconfig(f.name, scaling, weight_scaling, first_last_fp32)
             qmodel = quantize_model(copy.deepcopy(model), q)
             t0 = time.perf_counter()
             ev = evaluate(qmodel, data, normalizer, batch_size)
-            rows.append({"format": f.name, "bits": f.bits, "scaling": scaling,
+            rows.append({"format": f.name, "bits": storage_bits(f), "scaling": scaling,
                          "weight_scaling": q.weight.scaling, "act_scaling": q.act.scaling,
                          **ev, "seconds": round(time.perf_counter() - t0, 3)})
             if log:
@@ -180,7 +187,8 @@ def run_ptq(checkpoint: Path, formats: Sequence[str] = DEFAULT_FORMATS,
         "weight_scaling": weight_scaling, "first_last_fp32": first_last_fp32,
         "casts": "weights and input activations of every Conv2d/Linear"
                  + (" except the first conv and the last Linear" if first_last_fp32 else "")
-                 + ", round to nearest even; BatchNorm, residual adds and pooling in float32",
+                 + ", round to nearest even; block formats with their own block scales only; "
+                   "BatchNorm, residual adds and pooling in float32",
         "torch_version": torch.__version__, "python_version": platform.python_version(),
         "git": runs.git_info(Path(__file__).resolve().parent.parent),
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -17,7 +17,7 @@ parity with results made with those libraries).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -34,11 +34,20 @@ __all__ = [
     "quantize_model",
     "master_cast",
     "quantized_layers",
+    "storage_bits",
     "BACKENDS",
 ]
 
 BACKENDS = ("native", "qtorch")
 ROLES = ("weight", "act", "grad", "weight_grad")
+
+
+def storage_bits(fmt: Format) -> Union[int, float]:
+    """Storage bits per element as run configs and PTQ rows record them: block scales included
+    (mxfp4: 4.25, nvfp4: 4.5), an int where whole (8, not 8.0, as recorded before block formats
+    existed, so that old and new records compare equal)."""
+    bits = fmt.bits_per_element
+    return int(bits) if bits.is_integer() else bits
 
 
 @dataclass(frozen=True)

@@ -9,16 +9,20 @@ Every format script accepts the same per-role flags; it only changes their defau
     --first-last-fp32                               keep the first conv and the last Linear float32
     --backend                                       native (this project's casts) | qtorch
 
-A bad value exits 2 with one line naming what is accepted (argparse's own error path).
+A block format (mxfp8, mxfp4, nvfp4, ...; docs/block-formats.md) carries its own scale per block,
+so its role is cast with scaling none: the script's default scaling gives way to none, and an
+explicit --<role>-scaling other than none is refused. A bad value exits 2 with one line naming
+what is accepted.
 """
 from __future__ import annotations
 
 import argparse
-from typing import Callable, Dict, Optional
+from typing import Dict, Optional, Union
 
 from common import cli
 from common.formats import Format, parse_format
-from common.qat import BACKENDS, QuantConfig, RoleQuant, master_cast, quantize_model
+from common.qat import (BACKENDS, QuantConfig, RoleQuant, master_cast, quantize_model,
+                        storage_bits)
 from common.quant import ROUNDINGS, SCALINGS
 
 # role key -> (QuantConfig field, what the flag casts)
@@ -39,18 +43,33 @@ def format_type(spec: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-# Named formats listed in --help, with their widths in bits.
-NAMED_FORMATS = (("bf16", 16), ("fp16", 16), ("e4m3", 8), ("e5m2", 8), ("e2m1", 4))
+# Named formats listed in --help: element formats, then block formats (docs/block-formats.md).
+NAMED_FORMATS = ("bf16", "fp16", "e4m3", "e5m2", "e2m1")
+NAMED_BLOCK_FORMATS = ("mxfp8", "mx-e5m2", "mxfp6", "mx-e3m2", "mxfp4", "nvfp4")
 
 
 def accepted_formats(max_bits: Optional[int] = None) -> str:
     """The --<role>-fmt values a script takes, for --help: every spec, or those of at most
-    ``max_bits`` bits (what ``check_widths`` lets through) plus fp32."""
+    ``max_bits`` bits (what ``check_widths`` lets through; a block format's width is its
+    element's) plus fp32."""
+    def named(names):
+        return ", ".join(n for n in names if max_bits is None or parse_format(n).bits <= max_bits)
+
     if max_bits is None:
-        return "fp32, " + ", ".join(n for n, _ in NAMED_FORMATS) + ", eXmY, posit<n>es<k>"
-    named = [n for n, bits in NAMED_FORMATS if bits <= max_bits]
-    return (f"fp32 (unquantized), {', '.join(named)}, eXmY with X+Y <= {max_bits - 1}, "
-            f"posit<n>es<k> with n <= {max_bits}")
+        return (f"fp32, {named(NAMED_FORMATS)}, eXmY, posit<n>es<k>, block formats "
+                f"{named(NAMED_BLOCK_FORMATS)}, mx<k>-eXmY")
+    return (f"fp32 (unquantized), {named(NAMED_FORMATS)}, eXmY with X+Y <= {max_bits - 1}, "
+            f"posit<n>es<k> with n <= {max_bits}, block formats {named(NAMED_BLOCK_FORMATS)}, "
+            f"mx<k>-eXmY with X+Y <= {max_bits - 1}")
+
+
+class _ScalingFlag(argparse.Action):
+    """Store a --<role>-scaling value and remember that it was given: a block format replaces a
+    default scaling by none but refuses an explicit one (``role_scaling``)."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        setattr(namespace, self.dest, value)
+        namespace.scalings_given = set(getattr(namespace, "scalings_given", ())) | {self.dest}
 
 
 def add_quant_args(parser: argparse.ArgumentParser, defaults: Dict[str, str],
@@ -78,12 +97,13 @@ def add_quant_args(parser: argparse.ArgumentParser, defaults: Dict[str, str],
     for role in ("w", "a", "g", "wg"):
         d = defaults.get(f"{role}_scaling", "none")
         choices = SCALINGS if role == "w" else tuple(s for s in SCALINGS if s != "channel")
-        g.add_argument(f"--{role}-scaling", choices=choices, default=d,
+        g.add_argument(f"--{role}-scaling", choices=choices, default=d, action=_ScalingFlag,
                        help=f"power-of-two scaling of the {role} cast (floats: absolute maximum "
                             f"to the format's max; posits: rms to 1): none = the format's own "
                             f"range, tensor = per tensor"
                             + (", channel = per output channel" if role == "w" else "")
-                            + f" (default: {shown.get(f'{role}_scaling', d)})")
+                            + f"; a block format takes none only (default: "
+                              f"{shown.get(f'{role}_scaling', d)}; none for a block format)")
     d = defaults.get("first_last_fp32", False)
     g.add_argument("--first-last-fp32", action=argparse.BooleanOptionalAction, default=d,
                    help=f"keep the first conv and the last Linear in float32 "
@@ -107,13 +127,28 @@ def check_widths(parser: argparse.ArgumentParser, args: argparse.Namespace,
                          f"it unquantized)")
 
 
+def role_scaling(args: argparse.Namespace, role: str) -> str:
+    """The scaling of one role's cast: its --<role>-scaling, except that a block format, which
+    carries its own scale per block, gets none: in place of a default scaling, while an explicit
+    other scaling is refused (exit 2, one line)."""
+    scaling = getattr(args, f"{role}_scaling")
+    fmt = parse_format(getattr(args, f"{role}_fmt"))
+    if not fmt.is_block or scaling == "none":
+        return scaling
+    if f"{role}_scaling" in getattr(args, "scalings_given", ()):
+        cli.fail(f"--{role}-scaling {scaling}: --{role}-fmt {fmt.name} is a block format with its "
+                 f"own scale per block of {fmt.block_size}; accepted with a block format: "
+                 f"--{role}-scaling none (or leave the flag out)")
+    return "none"
+
+
 def quant_config(args: argparse.Namespace) -> QuantConfig:
     """The QuantConfig that the parsed flags describe (bad combinations exit 2, one line)."""
     roles = {}
     for role, (field, _) in ROLE_FLAGS.items():
         kw = {"fmt": getattr(args, f"{role}_fmt"), "rounding": getattr(args, f"{role}_rounding")}
         if role != "master":
-            kw["scaling"] = getattr(args, f"{role}_scaling")
+            kw["scaling"] = role_scaling(args, role)
         roles[field] = RoleQuant(**kw)
     try:
         return QuantConfig(first_last_fp32=args.first_last_fp32, backend=args.backend, **roles)
@@ -135,9 +170,11 @@ def run_tag(q: QuantConfig) -> str:
     return "_".join(parts)
 
 
-def bits_per_element(q: QuantConfig) -> int:
-    """Storage bits of the forward operands (the wider of weight and activation formats)."""
-    return max(q.weight.fmt.bits, q.act.fmt.bits)
+def bits_per_element(q: QuantConfig) -> Union[int, float]:
+    """Storage bits per element of the forward operands (the wider of weight and activation
+    formats), block scales included: 4.25 for mxfp4, 4.5 for nvfp4; an int where it is whole
+    (as recorded before block formats existed, so that old and new runs group together)."""
+    return max(storage_bits(q.weight.fmt), storage_bits(q.act.fmt))
 
 
 def describe(q: QuantConfig) -> str:

@@ -55,13 +55,16 @@ def _libs():
 
 def require_qtorch(qconfig) -> None:
     """Check up front that every role of `qconfig` can run on this backend (exit 2 otherwise)."""
-    _libs()
     for role in ("weight", "act", "grad", "weight_grad", "master"):
         r = getattr(qconfig, role)
+        if r.active and r.fmt.is_block:
+            raise UserError(f"--backend qtorch: QPyTorch has no block formats; {role} is "
+                            f"{r.fmt.name}: use --backend native")
         if r.active and r.fmt.is_posit and r.rounding == "stochastic":
             raise UserError(f"--backend qtorch: qtorch-plus has no stochastic posit rounding (it "
                             f"silently rounds to nearest); {role} is {r.fmt.name} stochastic: use "
                             f"--backend native")
+    _libs()
 
 
 def qtorch_cast(x: torch.Tensor, fmt: Format, rounding: str = "nearest", saturate: bool = True,

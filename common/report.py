@@ -591,7 +591,8 @@ class PtqGroup:
                 + (" except the first and last" if fl == {True} else "")
                 + ", round to nearest even; scaled = power-of-two scale (floats: absolute maximum at the top binade; posits: rms near 1), "
                 f"weights per {'/'.join(sorted(map(str, ws)))}, activations per tensor (per test "
-                f"batch of {'/'.join(sorted(map(str, eb)))})")
+                f"batch of {'/'.join(sorted(map(str, eb)))}); block formats (mx..., nvfp4) "
+                f"carry their own block scales: their row is under 'unscaled', with nothing on top")
         if len(fl) > 1:
             text += "; mixed --first-last-fp32 settings"
         return text
@@ -685,7 +686,8 @@ def _legend_below(ax) -> None:
                   ncol=2, frameon=False)
 
 
-FAMILY_TITLES = {"bf16": "BF16", "fp8": "FP8", "fp4": "FP4 (4-bit floats)", "posit": "Posits",
+FAMILY_TITLES = {"bf16": "BF16", "fp8": "FP8", "fp4": "FP4 (E2M1 elements: scaled, MXFP4, NVFP4)",
+                 "posit": "Posits",
                  "other": "Other formats"}
 
 

@@ -78,6 +78,13 @@ CONFIGS: Dict[str, SweepConfig] = {
                              ("--w-fmt", "e4m3", "--a-fmt", "e4m3", "--first-last-fp32"),
                              "FP8: e4m3 weights and activations, e5m2 gradients, first/last fp32"),
     "fp4": SweepConfig("FP4/train_cifar10_fp4.py", (), "FP4 E2M1, scaled (the script's defaults)"),
+    "fp4-mx": SweepConfig("FP4/train_cifar10_fp4.py",
+                          ("--w-fmt", "mxfp4", "--a-fmt", "mxfp4", "--g-fmt", "mxfp4"),
+                          "MXFP4 (32 E2M1 per E8M0 scale) w/a/g, gradients stochastic"),
+    "fp4-nv": SweepConfig("FP4/train_cifar10_fp4.py",
+                          ("--w-fmt", "nvfp4", "--a-fmt", "nvfp4", "--g-fmt", "nvfp4"),
+                          "NVFP4 (16 E2M1 per E4M3 scale, float32 per tensor) w/a/g, "
+                          "gradients stochastic"),
     "posit4": SweepConfig("Posit/train_cifar10_posit.py",
                           ("--bits", "4", "--es", "0", "--first-last-fp32"),
                           "posit(4,0), scaled, first/last fp32"),
@@ -93,6 +100,7 @@ CONFIGS: Dict[str, SweepConfig] = {
 SETS: Dict[str, Tuple[str, ...]] = {
     "seed": ("fp32", "bf16", "fp8-e5m2w", "fp8-e4m3w", "fp4", "posit4", "posit8", "posit16"),
     "smoke": ("fp32", "fp8-e4m3w"),
+    "fp4-all": ("fp32", "fp4", "fp4-mx", "fp4-nv"),   # the FP4 script's three configurations
     "all": tuple(CONFIGS),
 }
 
@@ -547,8 +555,9 @@ def summary_lines(res: SweepResult) -> List[str]:
 def list_lines() -> List[str]:
     """``--list``: the sets and the configurations with their commands."""
     lines = ["sets:"]
+    set_width = max(map(len, SETS))
     for name, keys in SETS.items():
-        lines.append(f"  {name:<6} {', '.join(keys)}")
+        lines.append(f"  {name:<{set_width}}  {', '.join(keys)}")
     lines.append("configurations:")
     width = max(map(len, CONFIGS))
     cmds = {k: f"{c.script} {shlex.join(c.flags)}".rstrip() for k, c in CONFIGS.items()}

@@ -112,3 +112,29 @@ def test_cli_and_errors(trained, tmp_path, capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+
+
+def test_block_formats_get_one_unscaled_row(trained):
+    """mxfp8/mxfp6/mxfp4/nvfp4 are default rows; each gets one row, scaling none (its own block
+    scales), with its bits per element, whatever the scaling modes asked for; asking for a block
+    format scaled is refused."""
+    assert {"mxfp8", "mxfp6", "mxfp4", "nvfp4"} <= set(ptq.DEFAULT_FORMATS)
+    ckpt = runs.load_checkpoint(trained / "last.pt")
+    config = cli.RunConfig.from_dict(ckpt["config"])
+    dev = torch.device("cpu")
+    model = ptq.load_model(config, ckpt["model"], dev, channels_last=True)
+    data = data_mod.load_device_data(dev, None, synthetic=True)
+    norm = data_mod.Normalizer(dev, channels_last=True)
+    rows = ptq.evaluate_formats(model, data, norm, 256, ["mxfp4", "nvfp4", "e2m1"],
+                                ["none", "scaled"])
+    got = [(r["format"], r["scaling"], r["bits"]) for r in rows[1:]]
+    assert got == [("mxfp4", "none", 4.25), ("nvfp4", "none", 4.5), ("e2m1", "none", 4),
+                   ("e2m1", "scaled", 4)]
+    fp32 = rows[0]
+    for r in rows[1:]:
+        assert math.isfinite(r["test_loss"]) and r["test_loss"] != fp32["test_loss"]
+    for r in rows[1:3]:
+        assert r["weight_scaling"] == r["act_scaling"] == "none"
+    assert rows[1]["test_loss"] != rows[2]["test_loss"]      # two block formats, two casts
+    with pytest.raises(cli.UserError, match="block format"):
+        ptq.ptq_qconfig("mxfp4", "scaled")

@@ -209,3 +209,85 @@ def test_qtorch_backend_refuses_stochastic_posits_and_reports_missing_libraries(
     monkeypatch.setattr(qtorch_backend, "import_isolated", broken)
     with pytest.raises(UserError, match="pip install qtorch"):
         qtorch_backend.require_qtorch(QuantConfig(weight=RoleQuant("e4m3"), backend="qtorch"))
+
+
+# --- block formats in the layers: blocks along dim 1, whatever the memory layout -------------
+
+E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])   # OCP MX FP4 magnitudes
+
+
+def _mxfp4_reference(t: torch.Tensor, k: int = 32) -> torch.Tensor:
+    """OCP MX FP4 written out from the spec (independent of common.blocks): blocks of k along
+    dim 1 (the last one shorter), scale X = 2^(floor(log2 amax) - 2), each x/X to the nearest
+    E2M1 value (random inputs: no ties), saturating at 6. Returns a contiguous tensor."""
+    moved = t.detach().movedim(1, -1).contiguous()
+    out = torch.empty_like(moved)
+    for start in range(0, moved.shape[-1], k):
+        block = moved[..., start:start + k]
+        amax = block.abs().amax(dim=-1, keepdim=True)
+        scale = torch.exp2(torch.floor(torch.log2(amax)) - 2)
+        scaled = (block / scale).abs().clamp(max=6.0)
+        nearest = E2M1_VALUES[(scaled.unsqueeze(-1) - E2M1_VALUES).abs().argmin(-1)]
+        out[..., start:start + k] = torch.copysign(nearest, block) * scale
+    return out.movedim(-1, 1).contiguous()
+
+
+def test_block_format_conv_channels_last_blocks_along_input_channels():
+    """mxfp4 weights [out, in, kh, kw], channels-last activations and gradients: every cast
+    blocks along dim 1 (48 channels: a block of 32 and a short one of 16), so the layer equals a
+    float conv on operands cast by the spec's rule; the gradients are that rule applied to the
+    float gradients (straight-through)."""
+    torch.manual_seed(5)
+    conv = nn.Conv2d(48, 16, 3, padding=1, bias=False).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 48, 6, 6).to(memory_format=torch.channels_last).requires_grad_(True)
+    upstream = torch.randn(2, 16, 6, 6).to(memory_format=torch.channels_last)
+    fp4 = RoleQuant("mxfp4")
+    qconv = quantize_model(nn.Sequential(conv), QuantConfig(weight=fp4, act=fp4, grad=fp4,
+                                                            weight_grad=fp4))[0]
+    y = qconv(x)
+    y.backward(upstream)
+
+    cl = torch.channels_last
+    xq = _mxfp4_reference(x).to(memory_format=cl).requires_grad_(True)
+    wq = _mxfp4_reference(conv.weight).to(memory_format=cl).requires_grad_(True)
+    ref = F.conv2d(xq, wq, padding=1)
+    ref.backward(upstream)
+    assert torch.equal(_bits(y), _bits(ref))
+    assert torch.equal(_bits(x.grad), _bits(_mxfp4_reference(xq.grad)))
+    assert torch.equal(_bits(conv.weight.grad), _bits(_mxfp4_reference(wq.grad)))
+    assert y.is_contiguous(memory_format=cl)            # the layout is kept
+
+
+def test_block_format_linear_blocks_along_in_features():
+    """Linear [out, in] and its input [N, in]: nvfp4 blocks of 16 along in-features, equal to
+    quantize() of each operand (the cast tested bit for bit against torchao in test_blocks)."""
+    torch.manual_seed(6)
+    lin = nn.Linear(80, 10)
+    x = torch.randn(4, 80, requires_grad=True)
+    upstream = torch.randn(4, 10)
+    nv = RoleQuant("nvfp4")
+    qlin = quantize_model(nn.Sequential(lin), QuantConfig(weight=nv, act=nv, grad=nv))[0]
+    y = qlin(x)
+    y.backward(upstream)
+    wq, xq = quantize(lin.weight.detach(), "nvfp4"), quantize(x.detach(), "nvfp4")
+    assert torch.equal(_bits(y), _bits(F.linear(xq, wq, lin.bias)))
+    assert torch.equal(_bits(x.grad), _bits(quantize(upstream @ wq, "nvfp4")))
+    # blocks run along dim 1: growing in-features 16..31 changes MX block 0..31 only
+    x2 = x.detach().clone()
+    x2[:, 16:32] *= 1024.0
+    mx = quantize(x2, "mxfp4")
+    assert torch.equal(mx[:, 32:64], quantize(x.detach(), "mxfp4")[:, 32:64])
+    assert not torch.equal(mx[:, :32], quantize(x.detach(), "mxfp4")[:, :32])
+
+
+def test_qtorch_backend_refuses_block_formats_before_importing(monkeypatch):
+    """QPyTorch has no block formats: refused up front (its libraries are not even needed)."""
+    from common import qtorch_backend
+    from common.errors import UserError
+
+    def unavailable(pkg):
+        raise AssertionError("imported the libraries before checking the formats")
+
+    monkeypatch.setattr(qtorch_backend, "import_isolated", unavailable)
+    with pytest.raises(UserError, match="no block formats; act is mxfp8"):
+        qtorch_backend.require_qtorch(QuantConfig(act=RoleQuant("mxfp8"), backend="qtorch"))

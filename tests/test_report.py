@@ -311,3 +311,44 @@ def test_corrupt_summary_is_named_unreadable_not_missing(runs_dir, tmp_path):
     _, lost = table_rows((out / "results.md").read_text(), "## Runs not in the means")
     assert lost["junk"]["status"] == "unreadable" and "summary.json" in lost["junk"]["message"]
     assert "fp8_s1" in lost and lost["fp8_s1"]["status"] == "unreadable"
+
+
+def test_fp4_configurations_share_a_panel_at_their_own_bit_widths(tmp_path):
+    """Runs of the sweep's fp4, fp4-mx and fp4-nv, with the formats and labels the FP4 script
+    records: three rows told apart by label and config key, one FP4 panel beside FP32, and the
+    bits plot puts E2M1 at 4, MXFP4 at 4.25 and NVFP4 at 4.5 bits (block scales included), as
+    their PTQ rows."""
+    import importlib.util
+
+    from common import sweep
+
+    spec = importlib.util.spec_from_file_location("fp4_script", cli.REPO_ROOT / "FP4" / "train_cifar10_fp4.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    rd = tmp_path / "runs"
+    rd.mkdir()
+    fp32 = write_run(rd, "fp32_resnet20_paper_e3_s0", "FP32", FP32, 0, "finished",
+                     [50.0, 60.0, 70.0], 100.0, "A")
+    labels = {}
+    for key, acc in (("fp4", 60.0), ("fp4-mx", 65.0), ("fp4-nv", 68.0)):
+        config = script.plan(list(sweep.CONFIGS[key].flags))["config"]
+        labels[key] = config.label
+        write_run(rd, f"{key}_resnet20_paper_e3_s0", config.label, config.format, 0, "finished",
+                  [40.0, 50.0, acc], 100.0, "A")
+    assert len(set(labels.values())) == 3
+    write_ptq(rd, "fp32_resnet20_paper_e3_s0", [("fp32", 32, "none", 70.0), ("mxfp4", 4.25, "none", 61.0),
+                                               ("nvfp4", 4.5, "none", 66.0)], fp32["config"])
+    sections = report.build_sections(report.load_runs(rd)[0])
+    points = report.plot_bits(sections, report.group_ptq(report.load_ptq(rd)), tmp_path / "b.png")
+    x_of = {label: x for x, _, label in points}
+    assert (x_of["fp4"], x_of["fp4-mx"], x_of["fp4-nv"]) == (4, 4.25, 4.5)
+    assert (x_of["mxfp4 PTQ"], x_of["nvfp4 PTQ"]) == (4.25, 4.5)
+    panels = report.plot_epochs(sections, tmp_path / "e.png")
+    assert len(panels) == 1 and panels[0]["title"].startswith("FP4")
+    lines = [line.split(" (n=")[0] for line in panels[0]["lines"]]
+    assert lines[0] == "FP32" and sorted(lines[1:]) == sorted(labels.values())
+    out = tmp_path / "results"
+    report.make_report(rd, out, plots=False)
+    _, rows = table_rows((out / "results.md").read_text(), "## resnet20")
+    assert {rows[labels[k]]["config"] for k in labels} == set(labels)
+    assert [rows[labels[k]]["bits"] for k in ("fp4", "fp4-mx", "fp4-nv")] == ["4", "4.25", "4.5"]

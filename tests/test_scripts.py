@@ -78,6 +78,14 @@ def test_script_runs_from_repo_root(tmp_path):
     ("FP4", "train_cifar10_fp4.py", ["--w-rounding", "up"], "invalid choice"),
     ("BF16", "bf16_train.py", ["--w-fmt", "e4m3"], "--mode emulated"),
     ("BF16", "bf16_train.py", ["--mode", "fast"], "invalid choice"),
+    # a block format carries its own scales: an explicit other scaling is refused
+    ("FP8", "train_cifar10_fp8.py", ["--w-fmt", "mxfp8", "--w-scaling", "tensor"],
+     "--w-scaling tensor: --w-fmt mxfp8 is a block format"),
+    ("FP4", "train_cifar10_fp4.py", ["--g-scaling", "tensor", "--g-fmt", "nvfp4"],
+     "accepted with a block format: --g-scaling none"),
+    ("Posit", "train_cifar10_posit.py", ["--a-fmt", "mxfp8", "--a-scaling", "tensor"],
+     "--a-fmt mxfp8 is a block format"),
+    ("FP4", "train_cifar10_fp4.py", ["--w-fmt", "mxfp8"], "at most 4 bits"),
 ])
 def test_bad_flags_exit_2_with_one_clear_line(folder, script, args, needle, tmp_path):
     r = _run(folder, script, *args, tmp_path=tmp_path)
@@ -181,3 +189,94 @@ def test_readme_relative_data_path_works_from_a_format_folder(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "final test accuracy:" in r.stdout.strip().splitlines()[-1]
     assert os.path.exists(in_repo) == existed       # looking for data made no folder
+
+
+# script, flags, run name, (w, a, g) formats, (w, a, g) scalings, bits per element
+BLOCK_PLANS = [
+    ("FP8", "train_cifar10_fp8.py", ["--w-fmt", "mxfp8", "--a-fmt", "mxfp8", "--g-fmt", "mx-e5m2"],
+     "fp8_w-mxfp8_a-mxfp8_g-mx-e5m2", ("mxfp8", "mxfp8", "mx-e5m2"), ("none",) * 3, 8.25),
+    ("FP8", "train_cifar10_fp8.py", ["--w-fmt", "mxfp8"],     # a, g keep their default scalings
+     "fp8_w-mxfp8_a-e4m3_g-e5m2-t", ("mxfp8", "e4m3", "e5m2"), ("none", "none", "tensor"), 8.25),
+    ("FP4", "train_cifar10_fp4.py", ["--w-fmt", "mxfp4", "--a-fmt", "mxfp4", "--g-fmt", "mxfp4"],
+     "fp4_w-mxfp4_a-mxfp4_g-mxfp4-sr", ("mxfp4",) * 3, ("none",) * 3, 4.25),
+    ("FP4", "train_cifar10_fp4.py", ["--w-fmt", "nvfp4", "--a-fmt", "nvfp4", "--g-fmt", "nvfp4",
+                                     "--w-scaling", "none"],
+     "fp4_w-nvfp4_a-nvfp4_g-nvfp4-sr", ("nvfp4",) * 3, ("none",) * 3, 4.5),
+    ("FP4", "train_cifar10_fp4.py", ["--a-fmt", "nvfp4"],
+     "fp4_w-e2m1-c_a-nvfp4_g-e2m1-sr-t", ("e2m1", "nvfp4", "e2m1"), ("channel", "none", "tensor"),
+     4.5),
+    ("Posit", "train_cifar10_posit.py", ["--bits", "4", "--es", "0", "--g-fmt", "mxfp8"],
+     "posit4es0_w-posit4es0-c_a-posit4es0-t_g-mxfp8", ("posit4es0", "posit4es0", "mxfp8"),
+     ("channel", "tensor", "none"), 4),
+]
+
+
+@pytest.mark.parametrize("folder,script,args,tag,fmts,scalings,bits", BLOCK_PLANS,
+                         ids=[f"{p[0]}-{p[3]}" for p in BLOCK_PLANS])
+def test_plan_with_block_formats(folder, script, args, tag, fmts, scalings, bits):
+    """Each script takes block formats of its width in every role; a role with a block format
+    is cast with scaling none, where the script's default (or --scaling auto) would scale it;
+    the name, the label and the bits per element (block scales included) record it."""
+    config = load_script(folder, script).plan(args)["config"]
+    assert config.name == f"{tag}_resnet20_paper_e164_s0"
+    f = config.format
+    assert tuple(f[r]["fmt"] for r in ("weight", "act", "grad")) == fmts
+    assert tuple(f[r]["scaling"] for r in ("weight", "act", "grad")) == scalings
+    assert f["bits_per_element"] == bits
+    for role, fmt in zip("wag", fmts):
+        assert f"{role}={fmt}" in config.label
+
+
+def test_block_format_scaling_refused_in_plan_with_one_line():
+    from common.errors import UserError
+
+    with pytest.raises(UserError) as e:
+        load_script("FP4", "train_cifar10_fp4.py").plan(["--w-fmt", "mxfp4", "--w-scaling",
+                                                         "channel"])
+    msg = str(e.value)
+    assert "\n" not in msg and "--w-scaling channel" in msg and "--w-scaling none" in msg
+
+
+def test_fp4_help_documents_the_three_configurations(capsys):
+    """--help's epilogue names the sweep's three FP4 configurations with their exact flags."""
+    with pytest.raises(SystemExit):
+        load_script("FP4", "train_cifar10_fp4.py").plan(["--help"])
+    out = capsys.readouterr().out
+    epilog = out[out.index("Three configurations"):]
+    for key in ("fp4", "fp4-mx", "fp4-nv"):
+        assert f"\n    {key} " in epilog
+    doc = load_script("FP4", "train_cifar10_fp4.py").__doc__
+    for key in ("fp4-mx", "fp4-nv"):
+        command = next(line for line in doc.splitlines() if line.rstrip().endswith(f"# {key}"))
+        assert " ".join(sweep.CONFIGS[key].flags) in command
+    assert "none for a block format" in " ".join(out.split())
+
+
+@pytest.mark.parametrize("key", ["fp4-mx", "fp4-nv"])
+def test_one_training_step_with_block_formats(key):
+    """The sweep's MXFP4 / NVFP4 configurations, built by the FP4 script: one SGD step on
+    synthetic data in channels-last (as training runs) gives a finite loss and finite
+    gradients and changes every quantized layer's weights."""
+    import torch
+    import torch.nn.functional as F
+
+    from common.qat import quantized_layers
+    from common.resnet import resnet8
+
+    plan = load_script("FP4", "train_cifar10_fp4.py").plan(
+        [*sweep.CONFIGS[key].flags, "--model", "resnet8"])
+    torch.manual_seed(0)
+    model = plan["model_transform"](resnet8().to(memory_format=torch.channels_last))
+    layers = quantized_layers(model)
+    fmt = sweep.CONFIGS[key].flags[1]
+    assert layers and all(m.qconfig.weight.fmt.name == fmt for _, m in layers)
+    before = [m.weight.detach().clone() for _, m in layers]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(16, 3, 32, 32).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (16,))
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    opt.step()
+    assert all(not torch.equal(b, m.weight) for b, (_, m) in zip(before, layers))

@@ -304,3 +304,24 @@ def test_jobs_per_gpu_with_fake_device_counts(monkeypatch, tmp_path):
     monkeypatch.setattr(sweep.os, "cpu_count", lambda: 16)
     res = sweep.execute(jobs, gpus=["0", "0", "0"], out=lambda msg: None)
     assert res.counts == {"finished": 6} and peak[0] == 3 and shares == {16 // 3}
+
+
+@pytest.mark.parametrize("key,fmt", [("fp4", "e2m1"), ("fp4-mx", "mxfp4"), ("fp4-nv", "nvfp4")])
+def test_fp4_configurations_resolve_to_their_formats(key, fmt, tmp_path):
+    """The sweep's three FP4 keys: the command each job runs, parsed by the FP4 script itself,
+    trains its format for weights, activations and gradients, gradients stochastic, every layer
+    quantized (as the seed's fp4), block formats unscaled on top of their block scales."""
+    job = sweep.plan([key], [0], ["--epochs", "2"], tmp_path)[0]
+    assert job.cmd[1] == str(ROOT / "FP4" / "train_cifar10_fp4.py")
+    assert key in sweep.SETS["fp4-all"]
+    spec = importlib.util.spec_from_file_location("fp4_script", ROOT / "FP4" / "train_cifar10_fp4.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    config = script.plan(job.cmd[2:])["config"]
+    assert config.name == f"{key}_resnet20_paper_e2_s0"
+    f = config.format
+    assert [f[r]["fmt"] for r in ("weight", "act", "grad")] == [fmt] * 3
+    assert f["grad"]["rounding"] == "stochastic" and f["first_last_fp32"] is False
+    block = fmt != "e2m1"
+    assert ({f[r]["scaling"] for r in ("weight", "act", "grad")} == {"none"}) == block
+    assert f["bits_per_element"] == {"e2m1": 4, "mxfp4": 4.25, "nvfp4": 4.5}[fmt]
