@@ -84,7 +84,8 @@ def main(argv=None):
         src = res["source"]
         trained = (f"; the run's own last evaluation: {src['trained_test_acc']:.2f}%"
                    if src["trained_test_acc"] is not None else "")
-        print(f"  {res['test_images']} test images on {res['device_name']}, epoch {src['epoch']}/"
+        print(f"  {res['test_images']} test images on {res['device_name']}; checkpoint of run "
+              f"{src['name']} ({src['model']}, recipe {src['recipe']}), epoch {src['epoch']}/"
               f"{src['epochs']}{trained}; wrote {res['path']}", flush=True)
 
 

@@ -177,7 +177,8 @@ def run_ptq(checkpoint: Path, formats: Sequence[str] = DEFAULT_FORMATS,
     result = {
         "source": {
             "name": config.name, "checkpoint": str(checkpoint), "label": config.label,
-            "format": config.format, "model": config.model, "epoch": ckpt.get("epoch"),
+            "format": config.format, "model": config.model, "recipe": config.recipe,
+            "epoch": ckpt.get("epoch"),
             "epochs": config.epochs, "status": summary.get("status"),
             "autocast": ckpt.get("autocast"), "trained_test_acc": last.get("test_acc"),
             "trained_test_loss": last.get("test_loss"), "config": config.to_dict(),

@@ -638,7 +638,8 @@ def ptq_lines(pg: PtqGroup, sections: Sequence[Section]) -> List[str]:
     c = pg.config
     names = [d["source"].get("name", "?") for d in pg.files]
     lines = [f"### Post-training quantization of {pg.label} ({c.get('model')}, "
-             f"{_epochs(c.get('epochs'))}{', synthetic data' if c.get('synthetic') else ''})", "",
+             f"{_epochs(c.get('epochs'))}, recipe {c.get('recipe', 'paper')}"
+             f"{', synthetic data' if c.get('synthetic') else ''})", "",
              f"{n} checkpoint{'s' if n != 1 else ''} ({', '.join(names)})"
              f"{'; NOT finished: epoch ' + ', '.join(unfinished) if unfinished else ''}; "
              f"{', '.join(map(str, imgs))} test images on {'; '.join(hw)}. Cast: {pg.settings()}. "
