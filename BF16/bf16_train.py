@@ -25,6 +25,7 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 from common import cli, hardware, qat_cli, train  # noqa: E402  (after the sys.path line)
+from common.qat import ROLES  # noqa: E402
 
 DEFAULTS = {"w_fmt": "bf16", "a_fmt": "bf16", "g_fmt": "bf16"}
 WHY = "Used by --mode emulated only (autocast decides its own casts)."
@@ -61,8 +62,8 @@ def plan(argv=None):
                         "short probe)")
     qat_cli.add_quant_args(parser, DEFAULTS, WHY)
     args = cli.parse_args(parser, argv)
-    changed = [f for f in ("w", "a", "g", "wg", "master")
-               if getattr(args, f"{f}_fmt") != parser.get_default(f"{f}_fmt")]
+    changed = [r.key for r in ROLES
+               if getattr(args, f"{r.key}_fmt") != parser.get_default(f"{r.key}_fmt")]
     emulation_flags = changed or args.first_last_fp32 or args.backend != "native"
     if args.mode is None and not emulation_flags:
         args.mode = choose_mode(args.device)

@@ -20,7 +20,7 @@ if ROOT not in sys.path:
 from common import cli, qat_cli, train  # noqa: E402  (after the sys.path line, so it runs from any folder)
 from common.formats import parse_format  # noqa: E402
 
-ROLES = ("w", "a", "g")
+POSIT_ROLES = ("w", "a", "g")  # in posit(--bits, --es) unless a --<role>-fmt says otherwise
 WHY = ("Formats: posit(--bits, --es) for weights, activations and gradients unless a --<role>-fmt\n"
        "flag says otherwise. --scaling auto picks per role: posit(<=5 bits) cannot train unscaled\n"
        "(posit4es0 holds only +-1/4 .. +-4), so all three are scaled (weights per output channel);\n"
@@ -48,17 +48,18 @@ def plan(argv=None):
     g.add_argument("--scaling", choices=("auto", "none", "tensor"), default="auto",
                    help="scaling of the w/a/g casts where no --<role>-scaling flag is given: auto "
                         "(see 'quantization' below), none, or tensor (default: auto)")
-    shown = {f"{r}_fmt": "posit<bits>es<es>" for r in ROLES}
-    shown |= {f"{r}_scaling": "from --scaling" for r in ROLES}
-    qat_cli.add_quant_args(parser, {f"{r}_fmt": None for r in ROLES}
-                           | {f"{r}_scaling": None for r in ROLES}, WHY, shown)
+    shown = {f"{r}_fmt": "posit<bits>es<es>" for r in POSIT_ROLES}
+    shown |= {f"{r}_scaling": "from --scaling" for r in POSIT_ROLES}
+    qat_cli.add_quant_args(parser, {f"{r}_fmt": None for r in POSIT_ROLES}
+                           | {f"{r}_scaling": None for r in POSIT_ROLES}, WHY, shown)
     args = cli.parse_args(parser, argv)
     try:
         posit = parse_format(f"posit{args.bits}es{args.es}")
     except ValueError as e:
         parser.error(f"--bits {args.bits} --es {args.es}: {e}")
-    scaling = auto_scaling(args.bits) if args.scaling == "auto" else dict.fromkeys(ROLES, args.scaling)
-    for role in ROLES:
+    scaling = (auto_scaling(args.bits) if args.scaling == "auto"
+               else dict.fromkeys(POSIT_ROLES, args.scaling))
+    for role in POSIT_ROLES:
         if getattr(args, f"{role}_fmt") is None:
             setattr(args, f"{role}_fmt", posit.name)
         if getattr(args, f"{role}_scaling") is None:

@@ -50,6 +50,8 @@ __all__ = [
     "Format",
     "parse_format",
     "ACCEPTED_SPECS",
+    "NAMED_FLOAT_SPECS",
+    "NAMED_BLOCK_SPECS",
     "FP32_MAX",
     "BF16_MAX",
     "FP16_MAX",
@@ -104,6 +106,11 @@ _FLOAT32_MIN_NORMAL_EXP = -126
 _MAX_POSIT_BITS = 16
 _MAX_EXP_BITS = 8
 _MAX_MAN_BITS = 23
+
+# The named specs that help texts list (the script flags' --help), in that order: floats, then
+# block formats. A new named format is parsed below and listed here.
+NAMED_FLOAT_SPECS = ("bf16", "fp16", "e4m3", "e5m2", "e2m1")
+NAMED_BLOCK_SPECS = ("mxfp8", "mx-e5m2", "mxfp6", "mx-e3m2", "mxfp4", "nvfp4")
 
 ACCEPTED_SPECS = (
     "fp32/none, bf16, fp16, e4m3, e5m2, e2m1 (fp4), e2m3, e3m2, "

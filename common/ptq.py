@@ -117,12 +117,12 @@ def ptq_qconfig(fmt: str, scaling: str, weight_scaling: str = "channel",
     """Weights and activations in ``fmt`` (round to nearest), gradients untouched (none flow)."""
     if scaling not in SCALING_MODES:
         raise UserError(f"scaling {scaling!r}: accepted: {', '.join(SCALING_MODES)}")
-    if scaling != "none" and parse_format(fmt).is_block:
-        raise UserError(f"scaling {scaling!r} of {fmt}: a block format carries its own scale per "
-                        f"block; accepted: none")
     w_scaling, a_scaling = ("none", "none") if scaling == "none" else (weight_scaling, "tensor")
-    return QuantConfig(weight=RoleQuant(fmt, scaling=w_scaling), act=RoleQuant(fmt, scaling=a_scaling),
-                       first_last_fp32=first_last_fp32)
+    try:
+        return QuantConfig(weight=RoleQuant(fmt, scaling=w_scaling),
+                           act=RoleQuant(fmt, scaling=a_scaling), first_last_fp32=first_last_fp32)
+    except ValueError as e:          # e.g. a block format, which carries its own scaling
+        raise UserError(f"PTQ {scaling!r} of {fmt}: {e}") from None
 
 
 def evaluate_formats(model: nn.Module, data: data_mod.DeviceData, normalizer: data_mod.Normalizer,
@@ -146,7 +146,7 @@ def evaluate_formats(model: nn.Module, data: data_mod.DeviceData, normalizer: da
             t0 = time.perf_counter()
             ev = evaluate(qmodel, data, normalizer, batch_size)
             rows.append({"format": f.name, "bits": storage_bits(f), "scaling": scaling,
-                         "weight_scaling": q.weight.scaling, "act_scaling": q.act.scaling,
+                         "weight_scaling": q.weight.scaling.flag, "act_scaling": q.act.scaling.flag,
                          **ev, "seconds": round(time.perf_counter() - t0, 3)})
             if log:
                 log(rows[-1])

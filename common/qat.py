@@ -16,8 +16,8 @@ parity with results made with those libraries).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Optional, Union
+from dataclasses import dataclass, field, fields
+from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -25,8 +25,11 @@ import torch.nn.functional as F
 
 from common.formats import Format, parse_format
 from common.quant import ROUNDINGS, SCALINGS, quantize_scaled
+from common.scaling import Scaling
 
 __all__ = [
+    "Role",
+    "ROLES",
     "RoleQuant",
     "QuantConfig",
     "QuantConv2d",
@@ -39,7 +42,42 @@ __all__ = [
 ]
 
 BACKENDS = ("native", "qtorch")
-ROLES = ("weight", "act", "grad", "weight_grad")
+
+
+@dataclass(frozen=True)
+class Role:
+    """One tensor role of a quantized model, as every part of the code names it.
+
+    key: the flags' prefix (--w-fmt, --w-rounding, --w-scaling) and the label's (w=e4m3);
+    field: the QuantConfig field; name_tag: the run name's prefix (w-e4m3); what: what the cast
+    applies to, for --help; scalings: the scalings it accepts (only "none": no --<key>-scaling
+    flag); always_named: run names and labels name it even unquantized (else only when active);
+    in_layer: the quantized layer casts it (the master weights are cast by ``master_cast``).
+    """
+
+    key: str
+    field: str
+    name_tag: str
+    what: str
+    scalings: Tuple[str, ...]
+    always_named: bool
+    in_layer: bool = True
+
+
+# The roles, in the order of flags, run names and labels. Adding a role: one row here and its
+# QuantConfig field (checked at import); the flags, names, labels, checks and backends follow.
+ROLES = (
+    Role("w", "weight", "w", "weight of each Conv2d/Linear (forward)",
+         SCALINGS, True),
+    Role("a", "act", "a", "input activation of each Conv2d/Linear (forward)",
+         ("none", "tensor"), True),
+    Role("g", "grad", "g", "gradient flowing to each layer's input, the error (backward)",
+         ("none", "tensor"), True),
+    Role("wg", "weight_grad", "wg", "weight gradient (backward)",
+         ("none", "tensor"), False),
+    Role("master", "master", "m", "weights kept by the optimizer, cast after every step",
+         ("none",), False, in_layer=False),
+)
 
 
 def storage_bits(fmt: Format) -> Union[int, float]:
@@ -56,14 +94,14 @@ class RoleQuant:
 
     fmt: Format = field(default_factory=lambda: parse_format("fp32"))
     rounding: str = "nearest"
-    scaling: str = "none"
+    scaling: Scaling = Scaling()     # a string ("tensor") is parsed into one
 
     def __post_init__(self):
         object.__setattr__(self, "fmt", parse_format(self.fmt))
         if self.rounding not in ROUNDINGS:
             raise ValueError(f"unknown rounding {self.rounding!r}; accepted: {', '.join(ROUNDINGS)}")
-        if self.scaling not in SCALINGS:
-            raise ValueError(f"unknown scaling {self.scaling!r}; accepted: {', '.join(SCALINGS)}")
+        object.__setattr__(self, "scaling", Scaling.parse(self.scaling))
+        self.scaling.for_format(self.fmt)    # a block format refuses tensor/channel scaling
 
     @property
     def active(self) -> bool:
@@ -74,12 +112,12 @@ class RoleQuant:
         s = self.fmt.name
         if self.rounding == "stochastic":
             s += "-sr"
-        if self.scaling != "none":
-            s += "-" + self.scaling[0]
+        if self.scaling.tag:
+            s += "-" + self.scaling.tag
         return s
 
     def to_dict(self) -> dict:
-        return {"fmt": self.fmt.name, "rounding": self.rounding, "scaling": self.scaling}
+        return {"fmt": self.fmt.name, "rounding": self.rounding, "scaling": self.scaling.flag}
 
 
 @dataclass(frozen=True)
@@ -102,33 +140,50 @@ class QuantConfig:
     def __post_init__(self):
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; accepted: {', '.join(BACKENDS)}")
-        if self.master.scaling != "none":
-            raise ValueError("the master weights are cast unscaled; accepted master scaling: none")
-        for role in ("act", "grad", "weight_grad"):
-            if getattr(self, role).scaling == "channel":
-                raise ValueError(
-                    f"per-channel scaling is for weights only; accepted for {role}: none, tensor")
+        for role, rq in self.roles():
+            if rq.scaling.flag not in role.scalings:
+                raise ValueError(f"{rq.scaling} scaling of the {role.what}: accepted for "
+                                 f"{role.field}: {', '.join(role.scalings)}")
+
+    def roles(self) -> List[Tuple[Role, RoleQuant]]:
+        """(role, its settings) for every role of ``ROLES``, in order."""
+        return [(role, getattr(self, role.field)) for role in ROLES]
+
+    def named_roles(self) -> List[Tuple[Role, RoleQuant]]:
+        """The roles run names and labels name: the always-named ones and the active others."""
+        return [(role, rq) for role, rq in self.roles() if role.always_named or rq.active]
 
     @property
     def active(self) -> bool:
-        return any(getattr(self, r).active for r in ROLES + ("master",))
+        return any(rq.active for _, rq in self.roles())
 
     def to_dict(self) -> dict:
-        d = {r: getattr(self, r).to_dict() for r in ROLES + ("master",)}
+        d = {role.field: rq.to_dict() for role, rq in self.roles()}
         d.update(first_last_fp32=self.first_last_fp32, backend=self.backend)
         return d
 
 
-def _cast(x: torch.Tensor, role: RoleQuant, backend: str, channel_dim: int = 0) -> torch.Tensor:
-    """Cast one tensor per its role; identity for fp32 roles."""
+def _check_role_table() -> None:
+    """ROLES and QuantConfig's RoleQuant fields name the same roles in the same order."""
+    config_fields = [f.name for f in fields(QuantConfig) if f.type == "RoleQuant"]
+    if config_fields != [role.field for role in ROLES]:
+        raise AssertionError(f"qat.ROLES {[r.field for r in ROLES]} and QuantConfig's role "
+                             f"fields {config_fields} differ")
+
+
+_check_role_table()
+
+
+def _cast(x: torch.Tensor, role: RoleQuant, backend: str) -> torch.Tensor:
+    """Cast one tensor per its role (channel scaling: per output channel, dim 0); identity for
+    fp32 roles."""
     if not role.active:
         return x
     if backend == "qtorch":
         from common.qtorch_backend import qtorch_quantize_scaled
 
-        return qtorch_quantize_scaled(x, role.fmt, role.scaling, role.rounding, channel_dim)
-    return quantize_scaled(x, role.fmt, scaling=role.scaling, rounding=role.rounding,
-                           channel_dim=channel_dim)
+        return qtorch_quantize_scaled(x, role.fmt, role.scaling, role.rounding)
+    return quantize_scaled(x, role.fmt, scaling=role.scaling, rounding=role.rounding)
 
 
 class _FakeQuant(torch.autograd.Function):
@@ -165,9 +220,9 @@ class _QuantMixin:
         return x, w
 
     def extra_repr(self) -> str:
-        q = self.qconfig
-        return (super().extra_repr() + f", w={q.weight.short()}, a={q.act.short()}, "
-                f"g={q.grad.short()}, wg={q.weight_grad.short()}")
+        roles = ", ".join(f"{role.key}={rq.short()}" for role, rq in self.qconfig.roles()
+                          if role.in_layer)
+        return f"{super().extra_repr()}, {roles}"
 
 
 class QuantConv2d(_QuantMixin, nn.Conv2d):

@@ -1,6 +1,7 @@
 """Flags of the quantized-training scripts (FP8, FP4, Posit, BF16 emulated): one place for all.
 
-Every format script accepts the same per-role flags; it only changes their defaults:
+Every format script accepts the same per-role flags, one set per row of ``common.qat.ROLES``;
+it only changes their defaults:
 
     --w-fmt/--a-fmt/--g-fmt/--wg-fmt/--master-fmt   formats of weight, activation (layer input),
                                                     error gradient, weight gradient, master weights
@@ -20,19 +21,15 @@ import argparse
 from typing import Dict, Optional, Union
 
 from common import cli
-from common.formats import Format, parse_format
-from common.qat import (BACKENDS, QuantConfig, RoleQuant, master_cast, quantize_model,
-                        storage_bits)
-from common.quant import ROUNDINGS, SCALINGS
+from common.formats import NAMED_BLOCK_SPECS, NAMED_FLOAT_SPECS, parse_format
+from common.qat import (BACKENDS, ROLES, QuantConfig, Role, RoleQuant, master_cast,
+                        quantize_model, storage_bits)
+from common.quant import ROUNDINGS
+from common.scaling import Scaling
 
-# role key -> (QuantConfig field, what the flag casts)
-ROLE_FLAGS = {
-    "w": ("weight", "weight of each Conv2d/Linear (forward)"),
-    "a": ("act", "input activation of each Conv2d/Linear (forward)"),
-    "g": ("grad", "gradient flowing to each layer's input, the error (backward)"),
-    "wg": ("weight_grad", "weight gradient (backward)"),
-    "master": ("master", "weights kept by the optimizer, cast after every step"),
-}
+# What each scaling means, for --help.
+SCALING_HELP = {"none": "the format's own range", "tensor": "per tensor",
+                "channel": "per output channel"}
 
 
 def format_type(spec: str) -> str:
@@ -43,11 +40,6 @@ def format_type(spec: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-# Named formats listed in --help: element formats, then block formats (docs/block-formats.md).
-NAMED_FORMATS = ("bf16", "fp16", "e4m3", "e5m2", "e2m1")
-NAMED_BLOCK_FORMATS = ("mxfp8", "mx-e5m2", "mxfp6", "mx-e3m2", "mxfp4", "nvfp4")
-
-
 def accepted_formats(max_bits: Optional[int] = None) -> str:
     """The --<role>-fmt values a script takes, for --help: every spec, or those of at most
     ``max_bits`` bits (what ``check_widths`` lets through; a block format's width is its
@@ -56,10 +48,10 @@ def accepted_formats(max_bits: Optional[int] = None) -> str:
         return ", ".join(n for n in names if max_bits is None or parse_format(n).bits <= max_bits)
 
     if max_bits is None:
-        return (f"fp32, {named(NAMED_FORMATS)}, eXmY, posit<n>es<k>, block formats "
-                f"{named(NAMED_BLOCK_FORMATS)}, mx<k>-eXmY")
-    return (f"fp32 (unquantized), {named(NAMED_FORMATS)}, eXmY with X+Y <= {max_bits - 1}, "
-            f"posit<n>es<k> with n <= {max_bits}, block formats {named(NAMED_BLOCK_FORMATS)}, "
+        return (f"fp32, {named(NAMED_FLOAT_SPECS)}, eXmY, posit<n>es<k>, block formats "
+                f"{named(NAMED_BLOCK_SPECS)}, mx<k>-eXmY")
+    return (f"fp32 (unquantized), {named(NAMED_FLOAT_SPECS)}, eXmY with X+Y <= {max_bits - 1}, "
+            f"posit<n>es<k> with n <= {max_bits}, block formats {named(NAMED_BLOCK_SPECS)}, "
             f"mx<k>-eXmY with X+Y <= {max_bits - 1}")
 
 
@@ -85,25 +77,25 @@ def add_quant_args(parser: argparse.ArgumentParser, defaults: Dict[str, str],
     shown = fmt_defaults_shown or {}
     max_bits = max_bits or {}
     g = parser.add_argument_group("quantization", why or None)
-    for role, (_, what) in ROLE_FLAGS.items():
-        fmt_d = defaults.get(f"{role}_fmt", "fp32")
-        g.add_argument(f"--{role}-fmt", type=format_type, default=fmt_d, metavar="FMT",
-                       help=f"format of the {what}: {accepted_formats(max_bits.get(role))} "
-                            f"(default: {shown.get(f'{role}_fmt', fmt_d)})")
-    for role in ROLE_FLAGS:
-        d = defaults.get(f"{role}_rounding", "nearest")
-        g.add_argument(f"--{role}-rounding", choices=ROUNDINGS, default=d,
-                       help=f"rounding of the {role} cast (default: {d})")
-    for role in ("w", "a", "g", "wg"):
-        d = defaults.get(f"{role}_scaling", "none")
-        choices = SCALINGS if role == "w" else tuple(s for s in SCALINGS if s != "channel")
-        g.add_argument(f"--{role}-scaling", choices=choices, default=d, action=_ScalingFlag,
-                       help=f"power-of-two scaling of the {role} cast (floats: absolute maximum "
-                            f"to the format's max; posits: rms to 1): none = the format's own "
-                            f"range, tensor = per tensor"
-                            + (", channel = per output channel" if role == "w" else "")
-                            + f"; a block format takes none only (default: "
-                              f"{shown.get(f'{role}_scaling', d)}; none for a block format)")
+    for role in ROLES:
+        fmt_d = defaults.get(f"{role.key}_fmt", "fp32")
+        accepted = accepted_formats(max_bits.get(role.key))
+        g.add_argument(f"--{role.key}-fmt", type=format_type, default=fmt_d, metavar="FMT",
+                       help=f"format of the {role.what}: {accepted} "
+                            f"(default: {shown.get(f'{role.key}_fmt', fmt_d)})")
+    for role in ROLES:
+        d = defaults.get(f"{role.key}_rounding", "nearest")
+        g.add_argument(f"--{role.key}-rounding", choices=ROUNDINGS, default=d,
+                       help=f"rounding of the {role.key} cast (default: {d})")
+    for role in (r for r in ROLES if has_scaling_flag(r)):
+        d = defaults.get(f"{role.key}_scaling", "none")
+        meanings = ", ".join(f"{s} = {SCALING_HELP[s]}" for s in role.scalings)
+        g.add_argument(f"--{role.key}-scaling", choices=role.scalings, default=d,
+                       action=_ScalingFlag,
+                       help=f"power-of-two scaling of the {role.key} cast (floats: absolute "
+                            f"maximum to the format's max; posits: rms to 1): {meanings}; a block "
+                            f"format takes none only (default: "
+                            f"{shown.get(f'{role.key}_scaling', d)}; none for a block format)")
     d = defaults.get("first_last_fp32", False)
     g.add_argument("--first-last-fp32", action=argparse.BooleanOptionalAction, default=d,
                    help=f"keep the first conv and the last Linear in float32 "
@@ -127,30 +119,36 @@ def check_widths(parser: argparse.ArgumentParser, args: argparse.Namespace,
                          f"it unquantized)")
 
 
-def role_scaling(args: argparse.Namespace, role: str) -> str:
-    """The scaling of one role's cast: its --<role>-scaling, except that a block format, which
+def has_scaling_flag(role: Role) -> bool:
+    """Whether the role has a --<key>-scaling flag: it accepts more than "none"."""
+    return role.scalings != ("none",)
+
+
+def role_scaling(args: argparse.Namespace, role: Role) -> Scaling:
+    """The scaling of one role's cast: its --<key>-scaling, except that a block format, which
     carries its own scale per block, gets none: in place of a default scaling, while an explicit
     other scaling is refused (exit 2, one line)."""
-    scaling = getattr(args, f"{role}_scaling")
-    fmt = parse_format(getattr(args, f"{role}_fmt"))
-    if not fmt.is_block or scaling == "none":
-        return scaling
-    if f"{role}_scaling" in getattr(args, "scalings_given", ()):
-        cli.fail(f"--{role}-scaling {scaling}: --{role}-fmt {fmt.name} is a block format with its "
-                 f"own scale per block of {fmt.block_size}; accepted with a block format: "
-                 f"--{role}-scaling none (or leave the flag out)")
-    return "none"
+    if not has_scaling_flag(role):
+        return Scaling()
+    value = getattr(args, f"{role.key}_scaling")
+    requested = Scaling.parse(value)
+    fmt = parse_format(getattr(args, f"{role.key}_fmt"))
+    if not (fmt.is_block and requested.rescales):
+        return requested
+    if f"{role.key}_scaling" in getattr(args, "scalings_given", ()):
+        cli.fail(f"--{role.key}-scaling {value}: --{role.key}-fmt {fmt.name} is a block format "
+                 f"with its own scale per block of {fmt.block_size}; accepted with a block "
+                 f"format: --{role.key}-scaling none (or leave the flag out)")
+    return Scaling()
 
 
 def quant_config(args: argparse.Namespace) -> QuantConfig:
     """The QuantConfig that the parsed flags describe (bad combinations exit 2, one line)."""
-    roles = {}
-    for role, (field, _) in ROLE_FLAGS.items():
-        kw = {"fmt": getattr(args, f"{role}_fmt"), "rounding": getattr(args, f"{role}_rounding")}
-        if role != "master":
-            kw["scaling"] = role_scaling(args, role)
-        roles[field] = RoleQuant(**kw)
     try:
+        roles = {role.field: RoleQuant(fmt=getattr(args, f"{role.key}_fmt"),
+                                       rounding=getattr(args, f"{role.key}_rounding"),
+                                       scaling=role_scaling(args, role))
+                 for role in ROLES}
         return QuantConfig(first_last_fp32=args.first_last_fp32, backend=args.backend, **roles)
     except ValueError as e:
         cli.fail(str(e))
@@ -158,11 +156,7 @@ def quant_config(args: argparse.Namespace) -> QuantConfig:
 
 def run_tag(q: QuantConfig) -> str:
     """Run-name part from the config, e.g. 'w-e5m2_a-e4m3_g-e5m2-t_fl32'."""
-    parts = [f"w-{q.weight.short()}", f"a-{q.act.short()}", f"g-{q.grad.short()}"]
-    if q.weight_grad.active:
-        parts.append(f"wg-{q.weight_grad.short()}")
-    if q.master.active:
-        parts.append(f"m-{q.master.short()}")
+    parts = [f"{role.name_tag}-{rq.short()}" for role, rq in q.named_roles()]
     if q.first_last_fp32:
         parts.append("fl32")
     if q.backend != "native":
@@ -179,16 +173,11 @@ def bits_per_element(q: QuantConfig) -> Union[int, float]:
 
 def describe(q: QuantConfig) -> str:
     """Human label for tables, e.g. 'w=e5m2 a=e4m3 g=e5m2(t), first/last fp32'."""
-    def one(key, role):
-        tag = role.fmt.name + ("(sr)" if role.rounding == "stochastic" else "")
-        tag += {"none": "", "tensor": "(t)", "channel": "(c)"}[role.scaling]
-        return f"{key}={tag}"
-    parts = [one("w", q.weight), one("a", q.act), one("g", q.grad)]
-    if q.weight_grad.active:
-        parts.append(one("wg", q.weight_grad))
-    if q.master.active:
-        parts.append(one("master", q.master))
-    text = " ".join(parts)
+    def one(role, rq):
+        tag = rq.fmt.name + ("(sr)" if rq.rounding == "stochastic" else "")
+        tag += f"({rq.scaling.tag})" if rq.scaling.tag else ""
+        return f"{role.key}={tag}"
+    text = " ".join(one(role, rq) for role, rq in q.named_roles())
     if q.first_last_fp32:
         text += ", first/last fp32"
     if q.backend != "native":

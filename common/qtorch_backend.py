@@ -12,12 +12,14 @@ imported only when this backend is asked for.
 from __future__ import annotations
 
 import os
+from typing import Union
 
 import torch
 
 from common.errors import UserError
 from common.formats import Format
 from common.quant import quantize_scaled
+from common.scaling import Scaling
 
 INSTALL = "pip install qtorch==0.3.0 qtorch-plus==0.2.0 ninja"
 
@@ -55,15 +57,14 @@ def _libs():
 
 def require_qtorch(qconfig) -> None:
     """Check up front that every role of `qconfig` can run on this backend (exit 2 otherwise)."""
-    for role in ("weight", "act", "grad", "weight_grad", "master"):
-        r = getattr(qconfig, role)
+    for role, r in qconfig.roles():
         if r.active and r.fmt.is_block:
-            raise UserError(f"--backend qtorch: QPyTorch has no block formats; {role} is "
+            raise UserError(f"--backend qtorch: QPyTorch has no block formats; {role.field} is "
                             f"{r.fmt.name}: use --backend native")
         if r.active and r.fmt.is_posit and r.rounding == "stochastic":
             raise UserError(f"--backend qtorch: qtorch-plus has no stochastic posit rounding (it "
-                            f"silently rounds to nearest); {role} is {r.fmt.name} stochastic: use "
-                            f"--backend native")
+                            f"silently rounds to nearest); {role.field} is {r.fmt.name} "
+                            f"stochastic: use --backend native")
     _libs()
 
 
@@ -77,8 +78,9 @@ def qtorch_cast(x: torch.Tensor, fmt: Format, rounding: str = "nearest", saturat
     return float_quantize(x, exp=fmt.exp_bits, man=fmt.man_bits, rounding=rounding)
 
 
-def qtorch_quantize_scaled(x: torch.Tensor, fmt: Format, scaling: str, rounding: str,
-                           channel_dim: int = 0) -> torch.Tensor:
-    """This project's power-of-two scaling around the library's cast."""
+def qtorch_quantize_scaled(x: torch.Tensor, fmt: Format, scaling: Union[str, Scaling],
+                           rounding: str, channel_dim: int = 0) -> torch.Tensor:
+    """This project's power-of-two scaling around the library's cast (``quantize_scaled``'s
+    arguments)."""
     return quantize_scaled(x, fmt, scaling=scaling, rounding=rounding, channel_dim=channel_dim,
                            cast=qtorch_cast)

@@ -6,7 +6,8 @@ Public API (the one place in the project that knows a bit layout):
 - ``quantize_scaled(x, fmt, scaling="none", rounding="nearest", saturate=True, generator=None,
   channel_dim=0)``
 - ``representable_values(fmt)``
-- ``ROUNDINGS``, ``SCALINGS``
+- ``ROUNDINGS``, ``SCALINGS`` (the strings ``scaling`` takes), ``Scaling`` (the typed form,
+  common/scaling.py)
 
 Block-scaled formats (``mxfp8``, ``mxfp4``, ``nvfp4``, ...: a Format with ``is_block``) are
 routed to common/blocks.py by ``quantize``; they carry their own scaling, so ``quantize_scaled``
@@ -64,7 +65,9 @@ every path gives the same bits, and the tests check each against the references)
 
 Scaling (``quantize_scaled``): a power-of-two s = 2^k from the tensor's (or channel's) absolute
 maximum (floats: amax*s in (max/2, max]) or root mean square (posits: rms*s the power of two
-nearest 1); a tensor or channel holding one inf or NaN gets s = 1, i.e. is cast unscaled.
+nearest 1); a tensor or channel holding one inf or NaN gets s = 1, i.e. is cast unscaled. Three
+named steps: ``_scale_statistic`` (amax or rms over the scale's elements), ``_scale_exponent``
+(k from the statistic, by the scaling's rule) and ``_cast_with_scale``.
 Floats round x*s and divide by s (exact float32 multiplications); posits pass k to their
 kernel, which adds it to the exponent field on the way in and takes it off on the way out: one
 pass instead of three, and exact also where x*s would underflow float32 (k is kept in the window
@@ -98,11 +101,12 @@ import torch
 
 from . import _quant_kernels as K
 from .formats import Format, parse_format
+from .scaling import AMAX_TO_MAX, RMS_TO_ONE, SCALINGS, Scaling
 
-__all__ = ["quantize", "quantize_scaled", "representable_values", "ROUNDINGS", "SCALINGS"]
+__all__ = ["quantize", "quantize_scaled", "representable_values", "ROUNDINGS", "SCALINGS",
+           "Scaling"]
 
 ROUNDINGS = ("nearest", "stochastic")
-SCALINGS = ("none", "tensor", "channel")
 
 _log = logging.getLogger(__name__)
 
@@ -187,13 +191,13 @@ def _fits(fmt: Format, carrier: Format) -> bool:
     return ok
 
 
-def _check_dtype(x: torch.Tensor, fmt: Format, scaling: str = "none") -> None:
+def _check_dtype(x: torch.Tensor, fmt: Format, scaling: Scaling = Scaling()) -> None:
     """Refuse a float16/bfloat16 x whose dtype cannot hold every result exactly: the format's
     values (unscaled), or its values divided by a data-dependent power of two (scaled)."""
     carrier = _DTYPE_FORMATS.get(x.dtype)
     if carrier is None or fmt.is_identity:
         return
-    if scaling != "none":
+    if scaling.rescales:
         raise ValueError(f"{scaling} scaling of a {x.dtype} tensor to {fmt}: scaled {fmt} values "
                          f"do not all fit {x.dtype}; pass a float32 tensor (x.float())")
     if not _fits(fmt, parse_format(carrier)):
@@ -551,14 +555,15 @@ def _pow2_exponent(amax: torch.Tensor, fmt: Format) -> torch.Tensor:
     return torch.where(ok, exp, 0).to(torch.int32)
 
 
-def _scale_dims(xd: torch.Tensor, scaling: str, channel_dim: int) -> Optional[list]:
-    """Dimensions a scale statistic reduces over: None for "tensor" (all), every dim but
-    ``channel_dim`` for "channel" ([] for a 1-D tensor: each element is its own channel)."""
-    if scaling == "tensor":
+def _scale_dims(xd: torch.Tensor, scaling: Scaling) -> Optional[list]:
+    """Dimensions a scale statistic reduces over: None for tensor scaling (all), every dim but
+    the scaling's axis for channel scaling ([] for a 1-D tensor: each element is its own
+    channel)."""
+    if scaling.granularity == "tensor":
         return None
     if xd.dim() == 0:
         raise ValueError("channel scaling needs a tensor with at least one dimension")
-    dim = channel_dim % xd.dim()
+    dim = scaling.axis % xd.dim()
     return [d for d in range(xd.dim()) if d != dim]
 
 
@@ -609,7 +614,45 @@ def _pow2(k: torch.Tensor) -> torch.Tensor:
     return ((k + 127) << 23).to(torch.int32).view(torch.float32)
 
 
-def quantize_scaled(x: torch.Tensor, fmt: Union[str, Format], scaling: str = "none",
+# Each power-of-two rule: the statistic it reads and how it turns it into the exponent k.
+_RULES = {AMAX_TO_MAX: (_amax, _pow2_exponent), RMS_TO_ONE: (_rms, _posit_rms_exponent)}
+
+
+def _scale_statistic(xd: torch.Tensor, scaling: Scaling) -> torch.Tensor:
+    """Step 1: the scaling rule's statistic (amax or rms) over each scale's elements (keepdim)."""
+    statistic, _ = _RULES[scaling.rule]
+    return statistic(xd, _scale_dims(xd, scaling))
+
+
+def _scale_exponent(stat: torch.Tensor, fmt: Format, scaling: Scaling) -> torch.Tensor:
+    """Step 2: the exponent k (int32) of each scale s = 2^k, from the statistic by the rule."""
+    _, exponent = _RULES[scaling.rule]
+    return exponent(stat, fmt)
+
+
+def _cast_with_scale(x: torch.Tensor, fmt: Format, k: torch.Tensor, scaling: Scaling,
+                     rounding: str, saturate: bool, generator, cast: Callable) -> torch.Tensor:
+    """Step 3: cast(x * 2^k) / 2^k, both exact.
+
+    Posits cast by ``quantize`` take k into their kernel, which scales on the exponent field:
+    one pass, and exact also where x*s would underflow float32 (a float rescale would then
+    round a nonzero x to 0). Otherwise float64 stays float64 (times a power of two: exact), so
+    the cast rounds it once, as quantize does; narrower inputs are widened to float32 first,
+    where x*s cannot underflow.
+    """
+    xd = x.detach()
+    if fmt.is_posit and cast is quantize:
+        if scaling.granularity == "channel":   # one shift per element, in x's memory layout
+            k = torch.empty_like(xd, dtype=torch.int32).copy_(k.expand(xd.shape))
+        return _run(x, fmt, rounding, saturate, generator, "auto", shift=k)
+    s = _pow2(k)
+    xs = xd * s if xd.dtype == torch.float64 else xd.to(torch.float32) * s
+    y = cast(xs, fmt, rounding, saturate, generator) / s
+    return y.to(x.dtype)
+
+
+def quantize_scaled(x: torch.Tensor, fmt: Union[str, Format],
+                    scaling: Union[str, Scaling] = "none",
                     rounding: str = "nearest", saturate: bool = True,
                     generator: Optional[torch.Generator] = None,
                     channel_dim: int = 0, cast: Optional[Callable] = None) -> torch.Tensor:
@@ -629,36 +672,19 @@ def quantize_scaled(x: torch.Tensor, fmt: Union[str, Format], scaling: str = "no
     in it) uses s = 1, so zeros stay zeros and NaN/inf behave as in plain quantize (NaN stays
     NaN).
     `cast(x, fmt, rounding, saturate, generator)` replaces `quantize` (the qtorch backend).
+    `scaling` may also be a ``Scaling`` (common/scaling.py); a string is parsed into one here.
     """
-    if scaling not in SCALINGS:
-        raise ValueError(f"unknown scaling {scaling!r}; accepted: {', '.join(SCALINGS)}")
+    requested = Scaling.parse(scaling, channel_dim)
     fmt = parse_format(fmt)
     _check_tensor(x)
-    if fmt.is_block and scaling != "none":
-        raise ValueError(f"{scaling} scaling of {fmt}: a block format carries its own scaling "
-                         f"(one scale per block of {fmt.block_size}); accepted: scaling='none'")
+    plan = requested.for_format(fmt)       # the rule; a block format refuses tensor/channel
     cast = cast or quantize
-    if scaling == "none" or fmt.is_identity or x.numel() == 0:
+    if not plan.rescales or x.numel() == 0:
         return cast(x, fmt, rounding, saturate, generator)
-    _check_dtype(x, fmt, scaling)
-    xd = x.detach()
-    dims = _scale_dims(xd, scaling, channel_dim)
-    if fmt.is_posit:            # statistic -> scale exponent k; the cast comes next
-        k = _posit_rms_exponent(_rms(xd, dims), fmt)
-    else:
-        k = _pow2_exponent(_amax(xd, dims), fmt)
-    if fmt.is_posit and cast is quantize:
-        # one pass: the posit kernel scales on the exponent field. Also exact where x*s would
-        # underflow float32 to 0 (a float rescale would then round a nonzero x to 0)
-        if scaling == "channel":   # one shift per element, in x's memory layout
-            k = torch.empty_like(xd, dtype=torch.int32).copy_(k.expand(xd.shape))
-        return _run(x, fmt, rounding, saturate, generator, "auto", shift=k)
-    s = _pow2(k)
-    # float64 stays float64 (times a power of two: exact), so the cast rounds it once, as
-    # quantize does; narrower inputs are widened to float32 first, where x*s cannot underflow
-    xs = xd * s if xd.dtype == torch.float64 else xd.to(torch.float32) * s
-    y = cast(xs, fmt, rounding, saturate, generator) / s
-    return y.to(x.dtype)
+    _check_dtype(x, fmt, plan)
+    stat = _scale_statistic(x.detach(), plan)
+    k = _scale_exponent(stat, fmt, plan)
+    return _cast_with_scale(x, fmt, k, plan, rounding, saturate, generator, cast)
 
 
 def representable_values(fmt: Union[str, Format]) -> torch.Tensor:
