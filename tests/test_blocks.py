@@ -51,9 +51,9 @@ def assert_same_bits(got, want, what):
 # =============================================================================================
 # the oracle, from the contract
 # =============================================================================================
-# NUMERICS.md, "Spec strings": maxima of the named OCP formats; other eXmY are IEEE-like
+# the format contract (docs/formats.md, "Formats"): maxima of the named OCP formats; other eXmY are IEEE-like
 NAMED_MAX = {"e4m3": 448, "e5m2": 57344, "e2m1": 6, "e2m3": Fraction(15, 2), "e3m2": 28}
-# NUMERICS.md, "Block-scaled formats": element and block size of each spec
+# docs/block-formats.md, "Specs": element and block size of each spec
 MX_TABLE = {"mxfp8": ("e4m3", 32), "mx-e4m3": ("e4m3", 32), "mx-e5m2": ("e5m2", 32),
             "mxfp6": ("e2m3", 32), "mx-e2m3": ("e2m3", 32), "mx-e3m2": ("e3m2", 32),
             "mxfp4": ("e2m1", 32), "mx-e2m1": ("e2m1", 32)}
@@ -216,7 +216,7 @@ def test_oracle_worked_values():
     assert [float(E2M1.nearest(Fraction(v))) for v in (0.25, 0.75, 2.5, 5.0, 7.0, 100.0)] == \
         [0.0, 1.0, 2.0, 4.0, 6.0, 6.0]
     assert (E4M3.emax, Elem("e5m2").emax, Elem("e2m3").emax, Elem("e3m2").emax, E2M1.emax) == \
-        (8, 15, 2, 4, 2)  # NUMERICS.md's emax_elem
+        (8, 15, 2, 4, 2)  # docs/block-formats.md's emax of the element
     # amax 448 -> X = 1; amax 511 (floor rule) -> X = 1 too, 511 saturates to 448
     assert mx_oracle_block([448.0, 1.0], E4M3) == [448.0, 1.0]
     assert mx_oracle_block([511.0, -3.0], E4M3) == [448.0, -3.0]

@@ -35,7 +35,7 @@ def test_float_fields_match_ml_dtypes(spec):
 
 
 def test_special_values_per_layout():
-    # NUMERICS.md table: which formats have inf / NaN
+    # docs/formats.md table: which formats have inf / NaN
     assert (parse_format("e4m3").has_inf, parse_format("e4m3").has_nan) == (False, True)
     assert (parse_format("e5m2").has_inf, parse_format("e5m2").has_nan) == (True, True)
     for spec in ("e2m1", "e2m3", "e3m2"):

@@ -1,12 +1,13 @@
 """common/quant.py checked against independent references, never against itself.
 
-References (../shared/NUMERICS.md): ml_dtypes casts and torch's own casts (floats), softposit
-(posit8 = posit(8,0), posit16 = posit(16,1), pX2 = posit(n,2)), qtorch-plus ``posit_quantize``,
-qtorch ``float_quantize`` (inside its valid range only), and two oracles written here from the
-definitions, separately from the implementation: floats by float64 arithmetic (quantum, rint, the
-overflow rule) and posits by decoding every bit pattern from the definition and rounding at the
-posit(n+1, es) decision points. Every test runs each implementation path: the eager bit
-arithmetic, the eager native cast (where quantize uses one) and the compiled kernel.
+References (the format contract, restated for users in docs/formats.md): ml_dtypes casts and
+torch's own casts (floats), softposit (posit8 = posit(8,0), posit16 = posit(16,1), pX2 =
+posit(n,2)), qtorch-plus ``posit_quantize``, qtorch ``float_quantize`` (inside its valid range
+only), and two oracles written here from the definitions, separately from the implementation:
+floats by float64 arithmetic (quantum, rint, the overflow rule) and posits by decoding every bit
+pattern from the definition and rounding at the posit(n+1, es) decision points. Every test runs
+each implementation path: the eager bit arithmetic, the eager native cast (where quantize uses one)
+and the compiled kernel.
 """
 import functools
 import math
@@ -77,7 +78,7 @@ def assert_same_bits(got, want, x, what):
 def float_oracle(x, fmt, saturate):
     """Round float32 x to float format fmt: quantum q = 2^(max(floor(log2|x|), emin) - man_bits),
     numpy rint (half to even) of |x|/q in float64 (exact here), then the overflow rule of
-    NUMERICS.md. Ties go to the even bit pattern: for man_bits >= 1 that is rint's even multiple
+    docs/formats.md. Ties go to the even bit pattern: for man_bits >= 1 that is rint's even multiple
     of q; with no mantissa bits (eXm0) the pattern's last bit is the exponent field's."""
     with np.errstate(invalid="ignore"):  # signalling-NaN bit patterns raise the flag
         x64 = np.asarray(x, dtype=np.float32).astype(np.float64)
@@ -211,7 +212,7 @@ def ml_dtypes_reference(x, spec, saturate):
 @pytest.mark.parametrize("spec,saturate,path", float_cases(list(ML_DTYPES) + OTHER_FLOATS))
 def test_float_nearest_matches_oracle_and_ml_dtypes(spec, saturate, path):
     """Each path against the float64 oracle and, where it has the format, ml_dtypes. Formats
-    without a NaN code: ml_dtypes turns NaN into a number, NUMERICS.md keeps NaN, so NaN inputs
+    without a NaN code: ml_dtypes turns NaN into a number, docs/formats.md keeps NaN, so NaN inputs
     are left to the oracle there."""
     x, want = float_reference(spec, saturate)
     got = run_path(path, torch.from_numpy(x), spec, "nearest", saturate).numpy()
@@ -408,7 +409,7 @@ def _n_es(spec):
 
 
 def test_posit_decoder_reproduces_numerics_worked_values():
-    # NUMERICS.md: posit(4,0) = {0, +-1/4, +-1/2, +-3/4, +-1, +-3/2, +-2, +-4}
+    # docs/formats.md: posit(4,0) = {0, +-1/4, +-1/2, +-3/4, +-1, +-3/2, +-2, +-4}
     vals, dps = posit_table(4, 0)
     assert vals.tolist() == [0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0]
     assert dps.tolist() == [0.375, 0.625, 0.875, 1.25, 1.75, 3.0]
@@ -425,7 +426,7 @@ def test_posit_nearest_matches_oracle(spec, path):
     assert_same_bits(got, want, x, f"{spec} {path}")
 
 
-# NUMERICS.md worked values
+# docs/formats.md worked values
 POSIT_CASES = [
     ("posit4es0", 1.25, 1.0), ("posit4es0", 1.75, 2.0), ("posit4es0", 3.0, 2.0),
     ("posit4es0", 5.0, 4.0), ("posit4es0", 1e-30, 0.25), ("posit8es0", 100.0, 64.0),
@@ -800,7 +801,7 @@ def _pow2_reference(amax, fmax):
 def _scale_window(fmt):
     """Scales quantize_scaled may use (its docstring): float32 normal powers of two; for posits
     those with every posit value / s a float32 normal: s in [2^(K-127), 2^(126-K)],
-    K = log2(maxpos) = (n-2) * 2^es (from the posit definition, NUMERICS.md)."""
+    K = log2(maxpos) = (n-2) * 2^es (from the posit definition, docs/formats.md)."""
     if fmt.is_posit:
         big = (fmt.bits - 2) * 2**fmt.es
         return 2.0 ** (big - 127), 2.0 ** (126 - big)
@@ -808,7 +809,7 @@ def _scale_window(fmt):
 
 
 def _posit_scale_reference(x, fmt):
-    """NUMERICS.md's posit scale: 2^round(-log2(rms)) from a float64 rms (every float32 squared
+    """docs/formats.md's posit scale: 2^round(-log2(rms)) from a float64 rms (every float32 squared
     is exact-range in float64), clamped to the exact-rescale window; 1 for an all-zero tensor."""
     v = x.double().numpy().ravel()
     rms = math.sqrt(float(np.mean(v * v)))
@@ -855,7 +856,7 @@ def _scaled_inputs(seed):
 @pytest.mark.parametrize("path", ["eager", "compiled"])
 def test_posit_tensor_scaling_on_exponent_field_equals_float_rescale(spec, rounding, path,
                                                                      monkeypatch):
-    """Posit tensor scaling (s from the rms, NUMERICS.md) runs in the kernel (exponent-field
+    """Posit tensor scaling (s from the rms, docs/formats.md) runs in the kernel (exponent-field
     shift): same bits as rounding x * s with the plain cast and dividing by s, for tensors
     anywhere in float32's range."""
     fmt = parse_format(spec)
@@ -866,7 +867,7 @@ def test_posit_tensor_scaling_on_exponent_field_equals_float_rescale(spec, round
         got = quantize_scaled(x, fmt, "tensor", rounding, generator=g1)
         want = quantize(x * s, fmt, rounding, generator=g2) / s
         # where x*s underflows float32 to 0, the float rescale loses x != 0: a posit never
-        # rounds a nonzero x to 0, so the answer there is +-minpos / s (NUMERICS.md)
+        # rounds a nonzero x to 0, so the answer there is +-minpos / s (docs/formats.md)
         # (stochastic: +-minpos / s with probability |x*s| / minpos < 2^-23, else +-0)
         lost = (x * s == 0) & (x != 0)
         want[lost] = torch.copysign(torch.tensor(fmt.min_subnormal / s), x[lost])
