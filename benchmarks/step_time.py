@@ -16,9 +16,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 
@@ -107,6 +109,52 @@ def machine(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
+def measure(pairs, args, device) -> dict:
+    """Median seconds per step of every (config, mode) pair, timed in interleaved rounds here."""
+    steppers = {}
+    for key, mode in pairs:
+        script, flags, _ = CONFIGS[key]
+        kw = load_plan(script)(list(flags) + ["--model", args.model, "--device", args.device,
+                                              "--batch-size", str(args.batch_size), "--synthetic"])
+        name = key if mode == "eager" else f"{key} ({mode})"
+        steppers[name] = Stepper(kw, device, args.batch_size, mode)
+        t0 = time.perf_counter()
+        for _ in range(args.warmup):
+            steppers[name].step()
+        print(f"# {name}: warm-up {time.perf_counter() - t0:.1f} s", flush=True)
+    times = {k: [] for k in steppers}
+    for _ in range(args.rounds):
+        for name, stepper in steppers.items():
+            times[name].append(stepper.time(args.steps))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def measure_compiled(keys, modes, args, fp32_eager: float) -> dict:
+    """Each (config, compiled mode) timed in a process of its own, beside FP32 eager.
+
+    A compiled model shares code objects with every other model in its process (ResNet's blocks,
+    the cast kernels): with several, dynamo's guards and recompiles cost more than the model
+    (seen: FP32 compiled 0.57x of eager beside three other compiled models, 1.07x alone; eager
+    quantized steps 5x slower beside compiled ones). Each row's ratio to FP32 comes from its own
+    process and is put onto this process's FP32 eager time."""
+    rows = {}
+    for mode in modes:
+        for key in keys:
+            cmd = [sys.executable, os.path.abspath(__file__), "--json", "--configs", key,
+                   "--modes", mode, "--device", args.device, "--model", args.model,
+                   "--batch-size", str(args.batch_size), "--steps", str(args.steps),
+                   "--warmup", str(args.warmup), "--rounds", str(args.rounds)]
+            if args.threads:
+                cmd += ["--threads", str(args.threads)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            med = json.loads(out.strip().splitlines()[-1])
+            name = f"{key} ({mode})"
+            rows[name] = med[name] / med["fp32"] * fp32_eager
+            print(f"# {name}: own process, {med[name] * 1e3:.1f} ms/step beside FP32 eager "
+                  f"{med['fp32'] * 1e3:.1f}", flush=True)
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -121,18 +169,22 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--modes", default="eager",
                    help="comma-separated: eager, compile (the whole model, as --compile), graphs "
-                        "(compile with CUDA graphs, CUDA only); every config runs in each "
-                        "(default: eager)")
+                        "(compile with CUDA graphs, CUDA only); every config runs in each; "
+                        "with compile or graphs each config is timed in its own process, beside "
+                        "FP32 eager (default: eager)")
+    p.add_argument("--json", action="store_true",
+                   help="print the medians as one JSON line, no table (used for the per-process "
+                        "runs of compiled modes) (default: off)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     keys = args.configs.split(",")
     unknown = [k for k in keys if k not in CONFIGS]
-    if unknown or "fp32" not in keys:
+    if unknown or ("fp32" not in keys and not args.json):
         p.error(f"--configs: unknown {unknown}; accepted: {', '.join(CONFIGS)} "
                 f"(fp32 is needed as the reference)")
     modes = args.modes.split(",")
-    if not set(modes) <= {"eager", "compile", "graphs"} or "eager" not in modes:
+    if not set(modes) <= {"eager", "compile", "graphs"} or ("eager" not in modes and not args.json):
         p.error(f"--modes {args.modes!r}: give eager plus any of compile, graphs")
     if "graphs" in modes and args.device != "cuda":
         p.error("--modes graphs needs --device cuda (CUDA graphs)")
@@ -140,28 +192,24 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
-    steppers, targets = {}, dict(TARGETS)
-    for key in keys:
-        script, flags, _ = CONFIGS[key]
-        for mode in modes:
-            kw = load_plan(script)(list(flags) + ["--model", args.model, "--device", args.device,
-                                                  "--batch-size", str(args.batch_size),
-                                                  "--synthetic"])
-            name = key if mode == "eager" else f"{key} ({mode})"
-            steppers[name] = Stepper(kw, device, args.batch_size, mode)
-            t0 = time.perf_counter()
-            for _ in range(args.warmup):
-                steppers[name].step()
-            print(f"# {name}: warm-up {time.perf_counter() - t0:.1f} s", flush=True)
+    if args.json:   # one compiled (config, mode) beside FP32 eager, for measure_compiled
+        pairs = [("fp32", "eager")] + [(k, m) for k in keys for m in modes]
+        print(json.dumps(measure(pairs, args, device)))
+        return
+    med = measure([(k, "eager") for k in keys], args, device)
+    compiled = [m for m in modes if m != "eager"]
+    if compiled:
+        rows = measure_compiled(keys, compiled, args, med["fp32"])
+        med = {n: t for k in keys for n, t in [(k, med[k])] + [(f"{k} ({m})", rows[f"{k} ({m})"])
+                                                                for m in compiled]}
+    targets = dict(TARGETS)
 
-    times = {k: [] for k in steppers}
-    for _ in range(args.rounds):
-        for key, stepper in steppers.items():
-            times[key].append(stepper.time(args.steps))
-    med = {k: statistics.median(v) for k, v in times.items()}
-
+    how = "eager rows in one process" + (
+        "; each compiled row in its own process, its ratio to FP32 eager from there" if compiled
+        else "")
     print(f"\nstep time, {args.model}, batch {args.batch_size}, {machine(device)}, torch "
-          f"{torch.__version__}; median of {args.rounds} interleaved rounds x {args.steps} steps")
+          f"{torch.__version__}; median of {args.rounds} interleaved rounds x {args.steps} steps; "
+          f"{how}")
     print(f"CPU instruction set (torch): {torch.backends.cpu.get_cpu_capability()}")
     print("| config | ms/step | x FP32 (eager) | target | met | speed-up over its eager step |")
     print("| --- | ---: | ---: | ---: | --- | ---: |")
