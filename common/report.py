@@ -787,6 +787,29 @@ def _spread_labels(ys: Sequence[float], gap: float) -> List[float]:
     return out
 
 
+def _label_gaps(points: Sequence[Tuple]) -> List[List[Tuple]]:
+    """Labels grouped by the gap between bit widths they are written into, each with its anchor.
+
+    Bit widths each within 30% of the next (6.25, 8, 8.25) form one column. A label goes right of its
+    column (side +1, trained runs) or left (-1, PTQ), so the right-hand labels of one column and
+    the left-hand labels of the next share a gap: spreading each gap's labels together keeps
+    them from overwriting each other. Returns per gap [(x, y, text, side, color, anchor x)]."""
+    columns: List[List[float]] = []
+    for x in sorted({p[0] for p in points}):
+        if columns and x <= columns[-1][-1] * 1.3:
+            columns[-1].append(x)
+        else:
+            columns.append([x])
+    col_of = {x: i for i, col in enumerate(columns) for x in col}
+    gaps: Dict[int, List[Tuple]] = {}
+    for x, y, text, side, color in points:
+        col = columns[col_of[x]]
+        anchor = max(col) if side > 0 else min(col)
+        gaps.setdefault(col_of[x] + (0 if side > 0 else -1), []).append(
+            (x, y, text, side, color, anchor))
+    return [gaps[k] for k in sorted(gaps)]
+
+
 def plot_bits(sections: Sequence[Section], ptq_groups: Sequence[PtqGroup],
               path: Path) -> List[Tuple[float, float, str]]:
     """Final accuracy against bits per element (log2 axis): trained configurations (filled, error
@@ -830,10 +853,12 @@ def plot_bits(sections: Sequence[Section], ptq_groups: Sequence[PtqGroup],
         ys = [p[1] for p in points] or [0.0, 100.0]
         lo, hi = min(ys), max(ys)
         gap = max(hi - lo, 10.0) * 0.045
-        for x, side in {(p[0], p[3]) for p in points}:
-            here = [p for p in points if p[0] == x and p[3] == side]
-            for (px, py, text, _, color), ly in zip(here, _spread_labels([p[1] for p in here], gap)):
-                ax.annotate(text, (px, py), xytext=(px * 2 ** (0.2 * side), ly),
+        top = hi + 3 * gap
+        for gap_points in _label_gaps(points):
+            ly_all = _spread_labels([p[1] for p in gap_points], gap)
+            excess = max(max(ly_all) - top, 0.0)      # keep the stack inside the axes
+            for (px, py, text, side, color, anchor), ly in zip(gap_points, ly_all):
+                ax.annotate(text, (px, py), xytext=(anchor * 2 ** (0.2 * side), ly - excess),
                             textcoords="data", fontsize=8, color=color, va="center",
                             ha="left" if side > 0 else "right",
                             arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.6})

@@ -352,3 +352,21 @@ def test_fp4_configurations_share_a_panel_at_their_own_bit_widths(tmp_path):
     _, rows = table_rows((out / "results.md").read_text(), "## resnet20")
     assert {rows[labels[k]]["config"] for k in labels} == set(labels)
     assert [rows[labels[k]]["bits"] for k in ("fp4", "fp4-mx", "fp4-nv")] == ["4", "4.25", "4.5"]
+
+
+def test_bit_plot_labels_share_a_gap_with_the_next_columns_labels():
+    """Trained labels go right of their bit width, PTQ labels left: the right-hand labels at 8
+    bits and the left-hand ones at 16 are spread together (they were drawn over each other),
+    and 6.25, 8 and 8.25 bits form one column anchored at its ends."""
+    points = [(8, 90.2, "fp8-e5m2w", 1, "r"), (16, 90.3, "posit16es1 PTQ", -1, "k"),
+              (6.25, 90.4, "mxfp6 PTQ", -1, "k"), (8.25, 89.6, "mxfp8 PTQ", -1, "k"),
+              (4, 9.8, "e2m1 PTQ", -1, "k"), (4.5, 87.9, "nvfp4 PTQ", -1, "k")]
+    gaps = report._label_gaps(points)
+    texts = [sorted(p[2] for p in g) for g in gaps]
+    assert texts == [["e2m1 PTQ", "nvfp4 PTQ"], ["mxfp6 PTQ", "mxfp8 PTQ"],
+                     ["fp8-e5m2w", "posit16es1 PTQ"]]
+    anchors = {p[2]: p[5] for g in gaps for p in g}
+    assert anchors["mxfp8 PTQ"] == 6.25 and anchors["fp8-e5m2w"] == 8.25
+    assert anchors["nvfp4 PTQ"] == 4 and anchors["posit16es1 PTQ"] == 16
+    spread = report._spread_labels([p[1] for p in gaps[2]], 3.6)
+    assert abs(spread[0] - spread[1]) >= 3.6 - 1e-9
