@@ -20,12 +20,12 @@ step() { echo "=== $1"; shift; "$@" 2>&1 | tee -a "$OUT/$LOG"; }
 tests="tests/test_quant_cuda.py tests/test_qat.py tests/test_formats.py"
 for t in tests/test_blocks.py tests/test_oracle.py; do [ -f "$t" ] && tests="$tests $t"; done
 LOG=tests.log step "CUDA parity tests" \
-  timeout 150 python3 -m pytest -q -x -k "cuda or compile" $tests
+  timeout 120 python3 -m pytest -q -x -k "cuda or compile" $tests
 LOG=quant_speed.log step "quantizer throughput, 64M elements" \
-  timeout 90 python3 benchmarks/quant_speed.py --device cuda --numel 64M --no-references
+  timeout 80 python3 benchmarks/quant_speed.py --device cuda --numel 64M --no-references
 LOG=step_time.log step "training step per configuration, eager vs CUDA graphs" \
-  timeout 130 python3 benchmarks/step_time.py --device cuda --steps 20 --rounds 3 --modes eager,graphs \
-    --configs fp32,bf16,fp8-e4m3w,fp4,posit8
+  timeout 190 python3 benchmarks/step_time.py --device cuda --steps 20 --rounds 3 --modes eager,graphs \
+    --configs fp32,fp8-e4m3w,posit8
 LOG=epoch.log step "FP32 loop epoch time with --compile (CUDA graphs), random CIFAR-sized data" \
   timeout 90 python3 benchmarks/pipeline_speed.py --device cuda --fake-data --compile --epochs 2
 LOG=jobs.log step "concurrent runs on one GPU" \
