@@ -37,7 +37,7 @@ from . import runs
 from .cli import REPO_ROOT
 from .errors import UserError
 from .stats import PairedDiff, paired_bootstrap
-from .sweep import CONFIGS, DEFAULT_RECORDS_DIR, compared_values
+from .sweep import CONFIGS, compared_values
 
 RESULTS_MD = "results.md"
 RESULTS_CSV = "results.csv"
@@ -583,13 +583,13 @@ class PtqGroup:
     files: List[Dict[str, Any]] = field(default_factory=list)
 
     def settings(self) -> str:
-        f = self.files[0]
         ws = {d.get("weight_scaling") for d in self.files}
         fl = {bool(d.get("first_last_fp32")) for d in self.files}
         eb = {d.get("eval_batch_size") for d in self.files}
-        text = (f"weights and input activations of every conv/linear layer"
+        text = ("weights and input activations of every conv/linear layer"
                 + (" except the first and last" if fl == {True} else "")
-                + ", round to nearest even; scaled = power-of-two scale (floats: absolute maximum at the top binade; posits: rms near 1), "
+                + ", round to nearest even; scaled = power-of-two scale (floats: absolute maximum "
+                "at the top binade; posits: rms near 1), "
                 f"weights per {'/'.join(sorted(map(str, ws)))}, activations per tensor (per test "
                 f"batch of {'/'.join(sorted(map(str, eb)))}); block formats (mx..., nvfp4) "
                 f"carry their own block scales: their row is under 'unscaled', with nothing on top")

@@ -35,14 +35,7 @@ from common import cli, runs, train  # noqa: E402
 
 TOLERANCE_NO_BN = 1e-4          # max |w_ddp - w_single| after 4 steps, summation order only
 TOLERANCE_BN_LOSS = 0.05        # |loss_ddp - loss_single| (nats), 1 epoch, per-rank BN (seen: 1e-3)
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread for these tiny models: on a shared 2-core machine two OpenMP threads
-    stall each other (steps seen 15x slower), one thread runs steadily."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py
 
 
 FLAGS = ["--synthetic", "--model", "resnet8", "--batch-size", "64", "--epochs", "1",

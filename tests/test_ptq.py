@@ -14,12 +14,7 @@ SMOKE = ["--synthetic", "--model", "resnet8", "--batch-size", "32", "--epochs", 
          "--max-steps-per-epoch", "3", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -26,13 +26,7 @@ SMOKE = ["--synthetic", "--model", "resnet8", "--batch-size", "64", "--device", 
          "--epochs", "1", "--max-steps-per-epoch", "1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two OpenMP threads stall each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py
 
 
 def make_config(runs_dir, *flags, name="t", format=None):

@@ -22,14 +22,7 @@ FP32_SCRIPT = ROOT / "FP32" / "train_cifar10_fp32.py"
 TIMING_KEYS = {"epoch_seconds", "train_seconds", "images_per_s", "wall_seconds"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread for these tiny models: on a shared 2-core machine two OpenMP threads
-    stall each other (steps seen 15x slower), one thread runs steadily."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py
 
 
 def make_config(runs_dir, *flags, name="t"):
