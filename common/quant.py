@@ -588,13 +588,16 @@ def _rms(xd: torch.Tensor, dims: Optional[list]) -> torch.Tensor:
     if dims == []:
         return xd.abs().to(torch.float64)
     xd = xd.to(torch.float32)
-    count = xd.numel() if dims is None else math.prod(xd.shape[d] for d in dims)
+    count = xd.numel() if dims is None else math.prod([xd.shape[d] for d in dims])
     norm = (lambda dtype: torch.linalg.vector_norm(xd, 2, dim=dims, keepdim=dims is not None,
                                                   dtype=dtype))
     if xd.device.type == "cpu":
         total = norm(torch.float32).double()
         bad = (total == 0) | torch.isinf(total)
-        if bool(bad.any()):         # free on the CPU; rare (zeros, inf, rms beyond 2^+-63)
+        # eager: redo in float64 only when needed (rare: zeros, inf, rms beyond 2^+-63; the test
+        # is free on the CPU); under torch.compile always, so the graph has no data-dependent
+        # branch: the same values either way
+        if torch.compiler.is_compiling() or bool(bad.any()):
             total = torch.where(bad, norm(torch.float64), total)
         return total / math.sqrt(count)
     return norm(torch.float64) / math.sqrt(count)

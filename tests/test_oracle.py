@@ -697,6 +697,27 @@ def test_float64_inputs_with_float_scaling_round_once(spec, scaling):
     assert want[1] == 1.0 + q and want[2] == -(1.0 + q)     # the midpoints were not ties
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", ["posit8es1", "e4m3"])
+@pytest.mark.parametrize("scaling", ["tensor", "channel"])
+def test_scaled_casts_compile_without_a_graph_break(spec, scaling):
+    """The posit scale's rms has a float64 redo for all-zero or extreme slices; under a user's
+    torch.compile (fullgraph: a graph break is an error) it runs branch-free with the same bits
+    as eager: ordinary slices, an all-zero one (s = 1), one holding inf (s = 1). Floats' amax
+    path likewise."""
+    x = torch.randn(4, 64) * torch.tensor([[1e-3], [1.0], [1e3], [1.0]])
+    x[1] = 0.0
+    x[3, 5] = float("inf")
+    if scaling == "tensor":
+        x = x[:3]                                       # inf would set the tensor's one s to 1
+
+    def fn(v):
+        return quantize_scaled(v, spec, scaling, channel_dim=0)
+
+    got = user_compile(fn)(x)
+    want = quantize_scaled(x, spec, scaling, channel_dim=0)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
 # --- item 6: one NaN out of every path ---------------------------------------------------------
 NAN_PATTERNS = [0x7FC00000, 0xFFC00000, 0x7F800001, 0xFF800001, 0x7FFFFFFF, 0x7FA12345]
 
