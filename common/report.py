@@ -950,6 +950,13 @@ def make_report(runs_dirs: Union[Path, Sequence[Path]], out_dir: Path, model: Op
             lines += ["", f"One epoch{f' (capped at {capped} steps)' if capped else ''} of every "
                           f"configuration above, one seed each: {fmt_duration(sum(per_epoch))} ({len(per_epoch)} "
                           f"configuration{'s' if len(per_epoch) != 1 else ''}; hardware: {'; '.join(hw)})."]
+        finished = [r for g in sec.groups for r in g.finished]
+        walls = [r.summary.get("wall_seconds") for r in finished]
+        if finished and all(walls):
+            lines += ["", f"The {len(finished)} finished run{'s' if len(finished) != 1 else ''} "
+                          f"of this table took {fmt_duration(sum(walls))} of wall time in all "
+                          f"(one after another; a run that shared its machine counts its slower "
+                          f"time)."]
         lines.append("")
     if plots and sections:
         plot_epochs(sections, out_dir / PLOT_EPOCHS)

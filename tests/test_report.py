@@ -370,3 +370,12 @@ def test_bit_plot_labels_share_a_gap_with_the_next_columns_labels():
     assert anchors["nvfp4 PTQ"] == 4 and anchors["posit16es1 PTQ"] == 16
     spread = report._spread_labels([p[1] for p in gaps[2]], 3.6)
     assert abs(spread[0] - spread[1]) >= 3.6 - 1e-9
+
+
+def test_table_states_the_wall_time_of_its_finished_runs(runs_dir, tmp_path):
+    """The cost of a table: the wall time of its finished runs summed (300 + 330 + 600 + 640 s);
+    the interrupted and diverged runs are not counted."""
+    out = tmp_path / "results"
+    report.make_report(runs_dir, out, plots=False)
+    md = (out / "results.md").read_text()
+    assert "The 4 finished runs of this table took 31m10s of wall time in all" in md
