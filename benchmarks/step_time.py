@@ -146,9 +146,12 @@ def measure_compiled(keys, modes, args, fp32_eager: float) -> dict:
                    "--warmup", str(args.warmup), "--rounds", str(args.rounds)]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            med = json.loads(out.strip().splitlines()[-1])
             name = f"{key} ({mode})"
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+                sys.exit(f"step_time: {name} failed in its own process: {last}")
+            med = json.loads(done.stdout.strip().splitlines()[-1])
             rows[name] = med[name] / med["fp32"] * fp32_eager
             print(f"# {name}: own process, {med[name] * 1e3:.1f} ms/step beside FP32 eager "
                   f"{med['fp32'] * 1e3:.1f}", flush=True)
@@ -200,8 +203,8 @@ def main(argv=None):
     compiled = [m for m in modes if m != "eager"]
     if compiled:
         rows = measure_compiled(keys, compiled, args, med["fp32"])
-        med = {n: t for k in keys for n, t in [(k, med[k])] + [(f"{k} ({m})", rows[f"{k} ({m})"])
-                                                                for m in compiled]}
+        order = [n for k in keys for n in [k] + [f"{k} ({m})" for m in compiled]]
+        med = {n: {**med, **rows}[n] for n in order}     # each config's rows together
     targets = dict(TARGETS)
 
     how = "eager rows in one process" + (

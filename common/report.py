@@ -790,10 +790,10 @@ def _spread_labels(ys: Sequence[float], gap: float) -> List[float]:
 def _label_gaps(points: Sequence[Tuple]) -> List[List[Tuple]]:
     """Labels grouped by the gap between bit widths they are written into, each with its anchor.
 
-    Bit widths each within 30% of the next (6.25, 8, 8.25) form one column. A label goes right of its
-    column (side +1, trained runs) or left (-1, PTQ), so the right-hand labels of one column and
-    the left-hand labels of the next share a gap: spreading each gap's labels together keeps
-    them from overwriting each other. Returns per gap [(x, y, text, side, color, anchor x)]."""
+    Bit widths each within 30% of the next (6.25, 8, 8.25) form one column. A label goes right
+    of its column (side +1, trained runs) or left (-1, PTQ), so the right-hand labels of one
+    column and the left-hand labels of the next share a gap: spreading each gap's labels
+    together keeps them from overwriting each other. Returns per gap [(x, y, text, side, color, anchor x)]."""
     columns: List[List[float]] = []
     for x in sorted({p[0] for p in points}):
         if columns and x <= columns[-1][-1] * 1.3:
