@@ -42,7 +42,7 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from common import cli, data, train  # noqa: E402
+from common import cli, data, hardware, train  # noqa: E402
 from common.resnet import MODELS, build_model  # noqa: E402
 
 AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -157,7 +157,7 @@ def main():
         data.load_cifar10 = fake
     dd = data.load_device_data(device, args.data_dir)
     steps = args.steps or data.steps_per_epoch(dd.train_x.shape[0], args.batch_size)
-    print(f"device {device} ({train._device_name(device)}), torch {torch.__version__}, "
+    print(f"device {device} ({hardware.device_name(device)}), torch {torch.__version__}, "
           f"{args.model}, batch {args.batch_size}, {steps} steps/epoch, data {dd.source}", flush=True)
     results = []
     with tempfile.TemporaryDirectory() as runs_dir:
@@ -178,7 +178,7 @@ def main():
                 # best of each: the run least disturbed by other work on a shared machine
                 bare, loop = max(bares), max(loops)
                 row = rows[loops.index(loop)]
-                r = {"device": str(device), "device_name": train._device_name(device),
+                r = {"device": str(device), "device_name": hardware.device_name(device),
                      "model": args.model, "batch_size": args.batch_size, "steps": steps,
                      "bare_steps": bare_steps, "channels_last": cl, "autocast": ac_name,
                      "compile": args.compile,

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 
@@ -38,6 +37,7 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
+from common import hardware  # noqa: E402
 from common.formats import parse_format  # noqa: E402
 from common.quant import (_quantize_compiled, _quantize_eager, quantize,  # noqa: E402
                           quantize_scaled)
@@ -135,15 +135,8 @@ def import_reference(pkg: str):
 
 
 def machine_line(device: str) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    line = (f"CPU {cpu}, {os.cpu_count()} logical cores, capability "
-            f"{torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__} using "
-            f"{torch.get_num_threads()} threads")
+    line = (f"CPU {hardware.cpu_name()}, {os.cpu_count()} logical cores, torch "
+            f"{torch.__version__} using {torch.get_num_threads()} threads")
     if device == "cuda":
         line = f"GPU {torch.cuda.get_device_name()}; " + line
     return line

@@ -18,7 +18,6 @@ import contextlib
 import importlib.util
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,7 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from common import hardware  # noqa: E402
 from common.resnet import build_model  # noqa: E402
 from common.sweep import CONFIGS as SWEEP_CONFIGS, SweepConfig  # noqa: E402
 
@@ -101,12 +101,6 @@ class Stepper:
             self.step()
         sync()
         return (time.perf_counter() - t0) / steps
-
-
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
 def measure(pairs, args, device) -> dict:
@@ -210,7 +204,7 @@ def main(argv=None):
     how = "eager rows in one process" + (
         "; each compiled row in its own process, its ratio to FP32 eager from there" if compiled
         else "")
-    print(f"\nstep time, {args.model}, batch {args.batch_size}, {machine(device)}, torch "
+    print(f"\nstep time, {args.model}, batch {args.batch_size}, {hardware.device_name(device)}, torch "
           f"{torch.__version__}; median of {args.rounds} interleaved rounds x {args.steps} steps; "
           f"{how}")
     print(f"CPU instruction set (torch): {torch.backends.cpu.get_cpu_capability()}")

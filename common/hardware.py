@@ -16,6 +16,7 @@ made once per process and device.
 """
 from __future__ import annotations
 
+import platform
 import time
 from typing import Dict, Tuple
 
@@ -70,3 +71,24 @@ def bf16_autocast_speed(device: torch.device) -> Tuple[bool, float]:
         ratio = best[True] / best[False]
         _CACHE[key] = (ratio <= BF16_FAST_RATIO, ratio)
     return _CACHE[key]
+
+
+def cpu_name() -> str:
+    """The CPU's model name and the instruction set torch's kernels use, e.g. 'AMD EPYC, AVX512'.
+
+    Runs and benchmarks name their CPU because this project's machines change between sessions
+    (a Xeon with AMX one day, an EPYC with AVX2 the next) and speed differs several-fold."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):   # not Linux, or no model line: keep platform's name
+        pass
+    return f"{name}, {torch.backends.cpu.get_cpu_capability()}"
+
+
+def device_name(device: torch.device) -> str:
+    """What a run or benchmark ran on: the GPU's name, or the CPU's with torch's thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_name()} ({torch.get_num_threads()} threads)"

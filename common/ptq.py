@@ -38,12 +38,13 @@ import torch.nn as nn
 
 from . import data as data_mod
 from . import runs
+from .hardware import device_name
 from .cli import CHANNELS_LAST_DEFAULT, DEFAULT_RUNS_DIR, RunConfig
 from .errors import UserError
 from .formats import parse_format
 from .qat import QuantConfig, RoleQuant, quantize_model, storage_bits
 from .resnet import build_model
-from .train import _device_name, evaluate, resolve_device
+from .train import evaluate, resolve_device
 
 __all__ = ["DEFAULT_FORMATS", "SCALING_MODES", "WEIGHT_SCALINGS", "PTQ_FILE", "resolve_checkpoint",
            "load_model", "ptq_qconfig", "evaluate_formats", "run_ptq", "parse_formats"]
@@ -183,7 +184,7 @@ def run_ptq(checkpoint: Path, formats: Sequence[str] = DEFAULT_FORMATS,
             "autocast": ckpt.get("autocast"), "trained_test_acc": last.get("test_acc"),
             "trained_test_loss": last.get("test_loss"), "config": config.to_dict(),
         },
-        "device": str(dev), "device_name": _device_name(dev), "channels_last": channels_last,
+        "device": str(dev), "device_name": device_name(dev), "channels_last": channels_last,
         "eval_batch_size": batch, "data_source": data.source, "test_images": rows[0]["test_images"],
         "weight_scaling": weight_scaling, "first_last_fp32": first_last_fp32,
         "casts": "weights and input activations of every Conv2d/Linear"

@@ -957,6 +957,11 @@ def make_report(runs_dirs: Union[Path, Sequence[Path]], out_dir: Path, model: Op
                           f"of this table took {fmt_duration(sum(walls))} of wall time in all "
                           f"(one after another; a run that shared its machine counts its slower "
                           f"time)."]
+        cpu = [r.summary["cpu_seconds"] for r in finished if r.summary.get("cpu_seconds")]
+        if cpu:
+            lines += ["", f"{len(cpu)} of them count their CPU time (all threads of the run's "
+                          f"process, which other work on the machine does not inflate as it does "
+                          f"wall time): {fmt_duration(sum(cpu))} of CPU time in all."]
         lines.append("")
     if plots and sections:
         plot_epochs(sections, out_dir / PLOT_EPOCHS)

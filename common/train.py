@@ -58,6 +58,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import data as data_mod
+from . import hardware
 from . import runs
 from .cli import CHANNELS_LAST_DEFAULT, REPO_ROOT, RESUME_FREE_FIELDS, RunConfig
 from .errors import Diverged, Interrupted, RunFileError, UserError
@@ -223,12 +224,6 @@ class WeightEMA:
             e.copy_(m)
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
-
-
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
@@ -329,8 +324,12 @@ class _Trainer:
         self.metrics: List[Dict[str, Any]] = []
         self.wall_prev = 0.0            # seconds spent in earlier sessions of this run (resume)
         self.train_prev = 0.0
+        # CPU seconds of this process (all its threads) in earlier sessions; None when a session
+        # before this field existed left it unknown
+        self.cpu_prev: Optional[float] = 0.0
         self.started_at = _now()
         self.t_start = time.perf_counter()
+        self.cpu_start = time.process_time()
         self.train_seconds = 0.0
         self.resolved: Dict[str, Any] = {}
         self.lock = None                # the run folder's lock file (rank 0), see runs.lock_run
@@ -345,6 +344,13 @@ class _Trainer:
     def log(self, msg: str, err: bool = False) -> None:
         if self.rank0:
             print(msg, file=sys.stderr if err else sys.stdout, flush=True)
+
+    def cpu_seconds(self) -> Optional[float]:
+        """CPU time of this run so far, over all its sessions (None if one of them did not count
+        it): unlike wall time, it does not grow when other work shares the machine."""
+        if self.cpu_prev is None:
+            return None
+        return round(self.cpu_prev + time.process_time() - self.cpu_start, 1)
 
     def summary(self, status: str, message: str = "") -> Dict[str, Any]:
         last = self.metrics[-1] if self.metrics else {}
@@ -371,6 +377,7 @@ class _Trainer:
             "train_images_per_epoch": self.resolved.get("train_images_per_epoch"),
             "wall_seconds": round(self.wall_prev + time.perf_counter() - self.t_start, 3),
             "train_seconds": round(train_time, 3),
+            "cpu_seconds": self.cpu_seconds(),
             "mean_images_per_s": round(images / train_time, 1) if train_time > 0 and images else None,
             "device": self.resolved.get("device"),
             "device_name": self.resolved.get("device_name"),
@@ -500,7 +507,7 @@ class _Trainer:
         channels_last = (CHANNELS_LAST_DEFAULT[device.type] if cfg.channels_last is None
                          else cfg.channels_last)
         self.resolved = {
-            "device": str(device), "device_name": _device_name(device),
+            "device": str(device), "device_name": hardware.device_name(device),
             "channels_last": channels_last, "world_size": ctx.world_size,
             "autocast": str(self.autocast_dtype).replace("torch.", "") if self.autocast_dtype else None,
             "tf32": bool(cfg.tf32 and device.type == "cuda"),
@@ -543,6 +550,7 @@ class _Trainer:
             self.metrics = list(ckpt["metrics"])
             self.wall_prev = ckpt.get("wall_seconds", 0.0)
             self.train_prev = ckpt.get("train_seconds", 0.0)
+            self.cpu_prev = ckpt.get("cpu_seconds")
             self.started_at = ckpt.get("started_at", self.started_at)
             start_epoch = self.saved_epoch = ckpt["epoch"]
 
@@ -624,8 +632,10 @@ class _Trainer:
         self.metrics = list(ckpt["metrics"])
         self.wall_prev = ckpt.get("wall_seconds", 0.0)
         self.train_prev = ckpt.get("train_seconds", 0.0)
+        self.cpu_prev = ckpt.get("cpu_seconds")
         self.started_at = ckpt.get("started_at", self.started_at)
         self.t_start = time.perf_counter()
+        self.cpu_start = time.process_time()
         prev = runs.read_json(self.run_dir / runs.SUMMARY) or {}
         self.resolved.setdefault("params", prev.get("params"))
         self.resolved.setdefault("train_images_per_epoch", prev.get("train_images_per_epoch"))
@@ -634,6 +644,7 @@ class _Trainer:
         else:   # stopped after the last checkpoint but before its summary: finish the paperwork
             summary = self.summary("finished")
             summary["wall_seconds"] = round(self.wall_prev, 3)
+            summary["cpu_seconds"] = self.cpu_prev
             if self.rank0:
                 runs.write_json(self.run_dir / runs.SUMMARY, summary)
         last = self.metrics[-1]
@@ -740,6 +751,7 @@ class _Trainer:
                     "world_size": ctx.world_size, "autocast": self.resolved["autocast"],
                     "wall_seconds": row["wall_seconds"],
                     "train_seconds": self.train_prev + self.train_seconds,
+                    "cpu_seconds": self.cpu_seconds(),
                     "started_at": self.started_at,
                 })
                 self.saved_epoch = epoch + 1

@@ -379,3 +379,15 @@ def test_table_states_the_wall_time_of_its_finished_runs(runs_dir, tmp_path):
     report.make_report(runs_dir, out, plots=False)
     md = (out / "results.md").read_text()
     assert "The 4 finished runs of this table took 31m10s of wall time in all" in md
+
+
+def test_table_states_the_cpu_time_of_the_runs_that_count_it(runs_dir, tmp_path):
+    """CPU time is summed over the finished runs that record it (older records have none)."""
+    for name, cpu in (("fp32_s0", 1200.0), ("fp32_s1", 2400.5)):   # two runs of the main table
+        path = runs_dir / name / "summary.json"
+        s = json.loads(path.read_text())
+        path.write_text(json.dumps({**s, "cpu_seconds": cpu}))
+    out = tmp_path / "results"
+    report.make_report(runs_dir, out, plots=False)
+    md = (out / "results.md").read_text()
+    assert "2 of them count their CPU time" in md and "1h00m of CPU time in all" in md

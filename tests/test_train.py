@@ -136,6 +136,7 @@ def test_short_run_learns_and_writes_run_files(tmp_path, capsys):
     assert s["status"] == "finished" and s["epochs_done"] == 3
     assert s["final_test_acc"] == rows[-1]["test_acc"] and s["format"] == {"name": "fp32"}
     assert s["torch_version"] == torch.__version__ and s["device"] == "cpu" and s["params"] > 0
+    assert torch.backends.cpu.get_cpu_capability() in s["device_name"]   # names CPU and ISA
     cfg = json.loads((c.run_dir / "config.json").read_text())
     assert cfg["config"]["lr"] == 0.1 and cfg["resolved"]["device"] == "cpu"
     assert "hash" in cfg["resolved"]["git"] and cfg["torch_version"] == torch.__version__
@@ -181,6 +182,24 @@ def test_resume_equals_uninterrupted_run_bit_for_bit(tmp_path):
     assert strip(a["metrics"]) == strip(b["metrics"])
     assert strip(runs.read_jsonl(broken.run_dir / "metrics.jsonl")) == strip(a["metrics"])
     assert json.loads((broken.run_dir / "summary.json").read_text())["status"] == "finished"
+
+
+def test_cpu_time_adds_up_over_sessions_and_unknown_stays_unknown(tmp_path):
+    """cpu_seconds (the run's process time) carries over a resume; a checkpoint written before
+    it was counted (no cpu_seconds) leaves the total unknown rather than too small."""
+    flags = ("--epochs", "2", "--max-steps-per-epoch", "4")
+    for name, forget in (("counted", False), ("forgotten", True)):
+        cfg = make_config(tmp_path, *flags, name=name)
+        with pytest.raises(KeyboardInterrupt):
+            train.run(cfg, after_step=StopAt(6))
+        first = json.loads((cfg.run_dir / "summary.json").read_text())["cpu_seconds"]
+        assert first > 0
+        if forget:
+            ckpt = runs.load_checkpoint(cfg.run_dir / "last.pt")
+            del ckpt["cpu_seconds"]
+            runs.save_checkpoint(cfg.run_dir / "last.pt", ckpt)
+        total = train.run(make_config(tmp_path, *flags, "--resume", name=name))["cpu_seconds"]
+        assert total is None if forget else total > first
 
 
 def test_resume_finished_fresh_mismatch_and_overwrite(tmp_path, capsys):
