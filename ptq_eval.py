@@ -5,7 +5,8 @@ each format, with and without scaling, without retraining.
     python ptq_eval.py runs/fp32_resnet20_e164_s*                 # every seed of the baseline
     python ptq_eval.py runs/x/last.pt --formats e4m3,posit8es1 --scalings scaled
 
-Writes ptq.json into each run's folder; ``python report.py`` shows it beside the trained results.
+Writes ptq.json into each run's folder (ptq_first-last-fp32.json with that flag, ...); ``python
+report.py`` shows it beside the trained results.
 Details: common/ptq.py.
 """
 import argparse
@@ -51,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the run's own)")
     g.add_argument("--out", default=None, metavar="FILE",
                    help="where to write the JSON, for a single source (default: ptq.json next to "
-                        "the checkpoint)")
+                        "the checkpoint; ptq_first-last-fp32.json, ptq_wtensor.json, ... when "
+                        "those flags are given)")
     return p
 
 

@@ -21,8 +21,9 @@ weights loaded, and the test set evaluated
   one row, scaling ``none`` (no scale on top of theirs), whatever the scaling modes asked for.
   BatchNorm, residual adds and the head's pooling stay float32, as in training.
 
-The result goes to ``ptq.json`` in the run's folder (next to ``last.pt``); ``report.py`` puts it
-beside the trained results. A BF16-autocast run's own evaluation ran under autocast: its
+The result goes to ``ptq.json`` in the run's folder (next to ``last.pt``), or a name that says
+which non-default cast settings it used (``ptq_first-last-fp32.json``, ...), so evaluations with
+other settings sit beside it; ``report.py`` puts each beside the trained results. A BF16-autocast run's own evaluation ran under autocast: its
 float32 row here is the same weights evaluated in plain float32.
 """
 from __future__ import annotations
@@ -46,7 +47,7 @@ from .qat import QuantConfig, RoleQuant, quantize_model, storage_bits
 from .resnet import build_model
 from .train import evaluate, resolve_device
 
-__all__ = ["DEFAULT_FORMATS", "SCALING_MODES", "WEIGHT_SCALINGS", "PTQ_FILE", "resolve_checkpoint",
+__all__ = ["DEFAULT_FORMATS", "SCALING_MODES", "WEIGHT_SCALINGS", "PTQ_FILE", "ptq_file_name", "resolve_checkpoint",
            "load_model", "ptq_qconfig", "evaluate_formats", "run_ptq", "parse_formats"]
 
 # The formats of the seed set, widest first: bf16, the two OCP FP8s, OCP MX FP4; the block
@@ -155,6 +156,14 @@ def evaluate_formats(model: nn.Module, data: data_mod.DeviceData, normalizer: da
     return rows
 
 
+def ptq_file_name(weight_scaling: str = "channel", first_last_fp32: bool = False) -> str:
+    """ptq.json for the default cast settings; otherwise a name that lists the ones changed, so
+    one checkpoint's evaluations under different settings do not overwrite each other."""
+    parts = ([f"w{weight_scaling}"] if weight_scaling != "channel" else []) + \
+            (["first-last-fp32"] if first_last_fp32 else [])
+    return PTQ_FILE if not parts else f"ptq_{'_'.join(parts)}.json"
+
+
 def run_ptq(checkpoint: Path, formats: Sequence[str] = DEFAULT_FORMATS,
             scalings: Sequence[str] = SCALING_MODES, weight_scaling: str = "channel",
             first_last_fp32: bool = False, device: str = "auto", data_dir: Optional[str] = None,
@@ -196,7 +205,7 @@ def run_ptq(checkpoint: Path, formats: Sequence[str] = DEFAULT_FORMATS,
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "results": rows,
     }
-    path = Path(out) if out else checkpoint.parent / PTQ_FILE
+    path = Path(out) if out else checkpoint.parent / ptq_file_name(weight_scaling, first_last_fp32)
     runs.write_json(path, result)
     result["path"] = str(path)
     return result

@@ -4,7 +4,7 @@
     python report.py --model resnet20 --epochs 164 --data real
 
 What it reads: every ``runs/*/summary.json`` (with the run's ``metrics.jsonl`` for the curves) and
-every ``runs/*/ptq.json`` written by ``ptq_eval.py``.
+every ``runs/*/ptq*.json`` written by ``ptq_eval.py``.
 
 How runs are grouped: runs whose configs agree on everything that defines the experiment (model,
 epochs, batch, learning-rate schedule, data ..., see ``common.sweep.compared_values``) form a
@@ -137,11 +137,11 @@ def load_runs(runs_dirs: Union[Path, Sequence[Path]]) -> Tuple[List[Run], List[P
 
 
 def load_ptq(runs_dirs: Union[Path, Sequence[Path]]) -> List[Dict[str, Any]]:
-    """Every ``ptq.json`` one level under the ``runs_dirs`` (one per source run: a record's copy
-    wins over the run folder's), with its path."""
+    """Every ``ptq*.json`` one level under the ``runs_dirs`` (one per source run and cast settings:
+    a record's copy wins over the run folder's), with its path."""
     out, seen = [], set()
     dirs = [runs_dirs] if isinstance(runs_dirs, (str, Path)) else list(runs_dirs)
-    for p in (p for d in dirs for p in sorted(Path(d).glob("*/ptq.json"))):
+    for p in (p for d in dirs for p in sorted(Path(d).glob("*/ptq*.json"))):
         d = runs.read_json(p)
         if isinstance(d, dict) and d.get("results") and d.get("source"):
             ident = _key([d["source"].get("name"), d.get("first_last_fp32"),

@@ -85,6 +85,11 @@ CONFIGS: Dict[str, SweepConfig] = {
                           ("--w-fmt", "nvfp4", "--a-fmt", "nvfp4", "--g-fmt", "nvfp4"),
                           "NVFP4 (16 E2M1 per E4M3 scale, float32 per tensor) w/a/g, "
                           "gradients stochastic"),
+    "fp4-nv-fl": SweepConfig("FP4/train_cifar10_fp4.py",
+                             ("--w-fmt", "nvfp4", "--a-fmt", "nvfp4", "--g-fmt", "nvfp4",
+                              "--first-last-fp32"),
+                             "NVFP4 w/a/g, gradients stochastic, first/last fp32 (extra: the "
+                             "4-bit candidate closest to FP32 after training, by its PTQ)"),
     "posit4": SweepConfig("Posit/train_cifar10_posit.py",
                           ("--bits", "4", "--es", "0", "--first-last-fp32"),
                           "posit(4,0), scaled, first/last fp32"),

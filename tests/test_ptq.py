@@ -133,3 +133,22 @@ def test_block_formats_get_one_unscaled_row(trained):
     assert rows[1]["test_loss"] != rows[2]["test_loss"]      # two block formats, two casts
     with pytest.raises(cli.UserError, match="block format"):
         ptq.ptq_qconfig("mxfp4", "scaled")
+
+
+def test_other_cast_settings_get_their_own_file_and_report_table(trained, tmp_path):
+    """A --first-last-fp32 evaluation goes to ptq_first-last-fp32.json beside ptq.json instead of
+    overwriting it, and the report shows one table per setting."""
+    from common import report
+
+    ptq.run_ptq(trained / "last.pt", formats=["e4m3"], scalings=["none"], device="cpu",
+                eval_batch_size=256)
+    ptq.run_ptq(trained / "last.pt", formats=["e4m3"], scalings=["none"], device="cpu",
+                eval_batch_size=256, first_last_fp32=True)
+    both = json.loads((trained / "ptq_first-last-fp32.json").read_text())
+    assert both["first_last_fp32"] is True
+    assert json.loads((trained / "ptq.json").read_text())["first_last_fp32"] is False
+    assert ptq.ptq_file_name("tensor", True) == "ptq_wtensor_first-last-fp32.json"
+    report.make_report(trained.parent, tmp_path / "out", plots=False)
+    text = (tmp_path / "out" / "results.md").read_text()
+    assert text.count("### Post-training quantization of FP32") == 2
+    assert "except the first and last" in text

@@ -325,3 +325,16 @@ def test_fp4_configurations_resolve_to_their_formats(key, fmt, tmp_path):
     block = fmt != "e2m1"
     assert ({f[r]["scaling"] for r in ("weight", "act", "grad")} == {"none"}) == block
     assert f["bits_per_element"] == {"e2m1": 4, "mxfp4": 4.25, "nvfp4": 4.5}[fmt]
+
+
+def test_fp4_nv_fl_is_fp4_nv_with_first_and_last_fp32(tmp_path):
+    """The extra 4-bit candidate differs from fp4-nv only in keeping the first conv and the last
+    Linear in float32."""
+    spec = importlib.util.spec_from_file_location("fp4_script", ROOT / "FP4" / "train_cifar10_fp4.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    fmts = {key: script.plan(sweep.plan([key], [0], [], tmp_path)[0].cmd[2:])["config"].format
+            for key in ("fp4-nv", "fp4-nv-fl")}
+    assert fmts["fp4-nv-fl"]["first_last_fp32"] is True
+    assert {**fmts["fp4-nv-fl"], "first_last_fp32": False} == fmts["fp4-nv"]
+    assert "fp4-nv-fl" not in sweep.SETS["seed"] and "fp4-nv-fl" in sweep.SETS["all"]
