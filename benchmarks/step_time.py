@@ -204,8 +204,8 @@ def main(argv=None):
     how = "eager rows in one process" + (
         "; each compiled row in its own process, its ratio to FP32 eager from there" if compiled
         else "")
-    print(f"\nstep time, {args.model}, batch {args.batch_size}, {hardware.device_name(device)}, torch "
-          f"{torch.__version__}; median of {args.rounds} interleaved rounds x {args.steps} steps; "
+    print(f"\nstep time, {args.model}, batch {args.batch_size}, {hardware.device_name(device)}, "
+          f"torch {torch.__version__}; median of {args.rounds} interleaved rounds x {args.steps} steps; "
           f"{how}")
     print(f"CPU instruction set (torch): {torch.backends.cpu.get_cpu_capability()}")
     print("| config | ms/step | x FP32 (eager) | target | met | speed-up over its eager step |")

@@ -23,8 +23,9 @@ weights loaded, and the test set evaluated
 
 The result goes to ``ptq.json`` in the run's folder (next to ``last.pt``), or a name that says
 which non-default cast settings it used (``ptq_first-last-fp32.json``, ...), so evaluations with
-other settings sit beside it; ``report.py`` puts each beside the trained results. A BF16-autocast run's own evaluation ran under autocast: its
-float32 row here is the same weights evaluated in plain float32.
+other settings sit beside it; ``report.py`` puts each beside the trained results. A
+BF16-autocast run's own evaluation ran under autocast: its float32 row here is the same weights
+evaluated in plain float32.
 """
 from __future__ import annotations
 
@@ -39,16 +40,16 @@ import torch.nn as nn
 
 from . import data as data_mod
 from . import runs
-from .hardware import device_name
 from .cli import CHANNELS_LAST_DEFAULT, DEFAULT_RUNS_DIR, RunConfig
 from .errors import UserError
 from .formats import parse_format
+from .hardware import device_name
 from .qat import QuantConfig, RoleQuant, quantize_model, storage_bits
 from .resnet import build_model
 from .train import evaluate, resolve_device
 
-__all__ = ["DEFAULT_FORMATS", "SCALING_MODES", "WEIGHT_SCALINGS", "PTQ_FILE", "ptq_file_name", "resolve_checkpoint",
-           "load_model", "ptq_qconfig", "evaluate_formats", "run_ptq", "parse_formats"]
+__all__ = ["DEFAULT_FORMATS", "SCALING_MODES", "WEIGHT_SCALINGS", "PTQ_FILE", "ptq_file_name",
+           "resolve_checkpoint", "load_model", "ptq_qconfig", "evaluate_formats", "run_ptq", "parse_formats"]
 
 # The formats of the seed set, widest first: bf16, the two OCP FP8s, OCP MX FP4; the block
 # formats OCP MXFP8/MXFP6/MXFP4 and NVFP4 (docs/block-formats.md); posits 16/8/4.
