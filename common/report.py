@@ -885,6 +885,13 @@ def plot_bits(sections: Sequence[Section], ptq_groups: Sequence[PtqGroup],
 # ----------------------------------------------------------------------------------------------
 # The report
 # ----------------------------------------------------------------------------------------------
+def _median_epoch_time(r: Run) -> Optional[float]:
+    """A run's median epoch time (training + evaluation) times its epochs: its duration without
+    the pauses and busy stretches that inflate wall time; None if its epochs are not timed."""
+    times = [m["epoch_seconds"] for m in r.metrics if m.get("epoch_seconds") is not None]
+    return statistics.median(times) * len(times) if times else None
+
+
 def make_report(runs_dirs: Union[Path, Sequence[Path]], out_dir: Path, model: Optional[str] = None,
                 epochs: Optional[int] = None, data: str = "all", plots: bool = True,
                 command: str = "python report.py", recipe: Optional[str] = None) -> Dict[str, Any]:
@@ -953,10 +960,14 @@ def make_report(runs_dirs: Union[Path, Sequence[Path]], out_dir: Path, model: Op
         finished = [r for g in sec.groups for r in g.finished]
         walls = [r.summary.get("wall_seconds") for r in finished]
         if finished and all(walls):
+            typical = [_median_epoch_time(r) for r in finished]
             lines += ["", f"The {len(finished)} finished run{'s' if len(finished) != 1 else ''} "
                           f"of this table took {fmt_duration(sum(walls))} of wall time in all "
                           f"(one after another; a run that shared its machine counts its slower "
-                          f"time)."]
+                          f"time)."
+                      + (f" At each run's median epoch time, which a pause or a busy stretch "
+                         f"hardly moves, they take {fmt_duration(sum(typical))}."
+                         if all(typical) else "")]
         cpu = [r.summary["cpu_seconds"] for r in finished if r.summary.get("cpu_seconds")]
         if cpu:
             lines += ["", f"{len(cpu)} of them count their CPU time (all threads of the run's "

@@ -379,6 +379,9 @@ def test_table_states_the_wall_time_of_its_finished_runs(runs_dir, tmp_path):
     report.make_report(runs_dir, out, plots=False)
     md = (out / "results.md").read_text()
     assert "The 4 finished runs of this table took 31m10s of wall time in all" in md
+    # epochs logged at wall/3 - 10, -9, -8 s: median wall/3 - 9, times 3 epochs = wall - 27 s
+    assert "At each run's median epoch time, which a pause or a busy stretch hardly moves, they " \
+           "take 29m22s." in md
 
 
 def test_table_states_the_cpu_time_of_the_runs_that_count_it(runs_dir, tmp_path):
