@@ -597,6 +597,12 @@ class PtqGroup:
             text += "; mixed --first-last-fp32 settings"
         return text
 
+    @property
+    def default_cast(self) -> bool:
+        """Whether ptq_eval.py's default cast settings made it: every layer, weights per channel."""
+        return all(not d.get("first_last_fp32") and d.get("weight_scaling", "channel") == "channel"
+                   for d in self.files)
+
     def rows_by_format(self) -> List[Tuple[str, float, Dict[str, List[float]]]]:
         """(format, bits, {scaling: [acc per checkpoint]}) in the files' order of formats."""
         table: Dict[str, Dict[str, List[float]]] = {}
@@ -814,7 +820,9 @@ def plot_bits(sections: Sequence[Section], ptq_groups: Sequence[PtqGroup],
               path: Path) -> List[Tuple[float, float, str]]:
     """Final accuracy against bits per element (log2 axis): trained configurations (filled, error
     bar 1 std over seeds) and post-training casts of FP32 checkpoints (open markers), every
-    marker at its true bit width; labels beside the markers (trained right, PTQ left).
+    marker at its true bit width; labels beside the markers (trained right, PTQ left). Only the
+    casts with the default settings are drawn (every layer, weights per channel): a second set of
+    open markers per format (e.g. --first-last-fp32) would crowd the plot; the tables show them.
     Returns the plotted points (x, y, label), for tests."""
     plt = _pyplot()
     n = max(1, len(sections))
@@ -833,7 +841,7 @@ def plot_bits(sections: Sequence[Section], ptq_groups: Sequence[PtqGroup],
         base = sec.baseline
         if base is not None:
             ax.axhline(base.acc[0], color="gray", ls=":", lw=1, label="FP32 mean")
-        for pg in (p for p in ptq_groups if p.section_key == sec.key):
+        for pg in (p for p in ptq_groups if p.section_key == sec.key and p.default_cast):
             for scaling, marker in (("none", "^"), ("scaled", "s")):
                 px, py = [], []
                 for fmt, bits, by_scaling in pg.rows_by_format():

@@ -270,13 +270,18 @@ def test_default_output_is_not_the_committed_results(tmp_path):
 
 def test_plot_data_true_bit_widths_family_panels_and_short_run_ticks(runs_dir, tmp_path):
     """PTQ markers sit at their format's real bit width (no sideways shift); the per-epoch plot
-    has one panel per family, FP32 in each; a 1-epoch run gets the single tick 1."""
+    has one panel per family, FP32 in each; a 1-epoch run gets the single tick 1. A cast with
+    other settings (--first-last-fp32) stays out of the plot: one marker per format and scaling."""
+    other = json.loads((runs_dir / "fp32_s0" / "ptq.json").read_text())
+    (runs_dir / "fp32_s0" / "ptq_first-last-fp32.json").write_text(
+        json.dumps({**other, "first_last_fp32": True}))
     all_runs, _ = report.load_runs(runs_dir)
     sections = report.build_sections([r for r in all_runs if r.config["lr"] == 0.1])
     ptq = report.group_ptq(report.load_ptq(runs_dir))
     points = report.plot_bits(sections, ptq, tmp_path / "bits.png")
-    ptq_x = {label: x for x, _, label in points if "PTQ" in label}
-    assert ptq_x == {"e4m3 PTQ": 8, "e4m3 PTQ sc.": 8, "posit4es0 PTQ": 4, "posit4es0 PTQ sc.": 4}
+    ptq_x = sorted((label, x) for x, _, label in points if "PTQ" in label)
+    assert ptq_x == [("e4m3 PTQ", 8), ("e4m3 PTQ sc.", 8), ("posit4es0 PTQ", 4),
+                     ("posit4es0 PTQ sc.", 4)]
     trained = {label: (x, y) for x, y, label in points if "PTQ" not in label}
     assert trained["fp32"][0] == 32 and trained["fp8-e4m3"] == (8, pytest.approx((89.9 + 90.4) / 2))
 
