@@ -273,7 +273,7 @@ class Group:
         loading excluded), over the finished runs' epochs; wall time / epochs where not logged."""
         per_run = []
         for r in self.finished:
-            times = [m["epoch_seconds"] for m in r.metrics if m.get("epoch_seconds") is not None]
+            times = _epoch_times(r)
             if times:
                 per_run.append(statistics.fmean(times))
             elif r.summary.get("wall_seconds") and r.summary.get("epochs_done"):
@@ -893,10 +893,15 @@ def plot_bits(sections: Sequence[Section], ptq_groups: Sequence[PtqGroup],
 # ----------------------------------------------------------------------------------------------
 # The report
 # ----------------------------------------------------------------------------------------------
+def _epoch_times(r: "Run") -> List[float]:
+    """A run's logged epoch times (training + evaluation), from metrics.jsonl."""
+    return [m["epoch_seconds"] for m in r.metrics if m.get("epoch_seconds") is not None]
+
+
 def _median_epoch_time(r: Run) -> Optional[float]:
     """A run's median epoch time (training + evaluation) times its epochs: its duration without
     the pauses and busy stretches that inflate wall time; None if its epochs are not timed."""
-    times = [m["epoch_seconds"] for m in r.metrics if m.get("epoch_seconds") is not None]
+    times = _epoch_times(r)
     return statistics.median(times) * len(times) if times else None
 
 
