@@ -137,3 +137,55 @@ def test_cuda_nan_float64_and_user_compile_same_bits_as_cpu(spec):
     x = torch.from_numpy(inputs32(spec))
     got = user_compile(lambda v: quantize(v, spec))(x.cuda()).cpu()
     assert torch.equal(got.view(torch.int32), quantize(x, spec).view(torch.int32))
+
+
+# ---------------------------------------------------------------------------------------------
+# block formats (common/blocks.py) on the device: the contract's oracle of test_blocks.py
+# ---------------------------------------------------------------------------------------------
+BLOCK_SPECS = ("mxfp8", "mx-e5m2", "mxfp6", "mx-e3m2", "mxfp4", "mx16-e2m1", "nvfp4")
+
+
+def _block_inputs(spec):
+    """[name, float32 array] pairs: a 4-D tensor whose dim 1 (70) k does not divide, random
+    patterns over the whole float32 range, and (MX) the special blocks: zero, NaN, inf, E8M0's
+    limits, subnormals."""
+    from test_blocks import SEED, _random_finite, _special_blocks
+    rng = np.random.default_rng(SEED + len(spec))
+    cases = [("4d", rng.standard_normal((2, 70, 3, 2)).astype(np.float32) * np.float32(300))]
+    if spec == "nvfp4":  # one tensor scale per tensor: one row of a narrow window each
+        cases += [(f"row{lo}", _random_finite((1, 96), rng, lo, lo + 12)) for lo in (1, 100, 200)]
+    else:
+        cases.append(("random", _random_finite((8, 96), rng, 0, 254)))
+        cases.append(("special", _special_blocks(parse_format(spec).block_size)))
+    return cases
+
+
+@pytest.mark.parametrize("path", ["eager", "compiled"])
+@pytest.mark.parametrize("spec", BLOCK_SPECS)
+def test_cuda_block_formats_match_oracle(spec, path):
+    from common.blocks import quantize_block
+    from test_blocks import assert_same_bits as same_block_bits, oracle
+    for name, x in _block_inputs(spec):
+        want = oracle(x, spec)
+        xt = torch.from_numpy(x).cuda()
+        got = quantize_block(xt, spec, path=path)
+        assert got.is_cuda
+        same_block_bits(got, want, f"{spec} cuda {path} {name}")
+        if xt.dim() == 4:
+            got = quantize_block(xt.contiguous(memory_format=torch.channels_last), spec, path=path)
+            assert got.is_contiguous(memory_format=torch.channels_last)
+            same_block_bits(got, want, f"{spec} cuda {path} {name} channels_last")
+
+
+@pytest.mark.parametrize("path", ["eager", "compiled"])
+@pytest.mark.parametrize("spec", ["mxfp8", "mxfp4", "nvfp4"])
+def test_cuda_block_stochastic_same_bits_as_cpu(spec, path):
+    """Fixed seed words: the device's stochastic block cast gives the CPU's bits (the CPU's are
+    checked for bias against the oracle in test_blocks)."""
+    from common.blocks import quantize_block
+    from test_blocks import assert_same_bits as same_block_bits
+    x = torch.randn(64, 96, 2, 2) * 5
+    seed = torch.tensor([20240611, -1234567], dtype=torch.int32)
+    cpu = quantize_block(x, spec, "stochastic", path="eager", seed=seed)
+    got = quantize_block(x.cuda(), spec, "stochastic", path=path, seed=seed.cuda())
+    same_block_bits(got, cpu, f"{spec} cuda {path} stochastic vs cpu")
