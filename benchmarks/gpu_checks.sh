@@ -21,10 +21,10 @@ python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$OUT/gpu.
 wanted() { [[ " $STEPS " == *" $1 "* ]]; }
 step() { local log=$1; shift; echo "=== $log: $*"; local t0=$SECONDS
          "$@" 2>&1 | tee -a "$OUT/$log.log"; echo "=== $log: rc ${PIPESTATUS[0]}, $((SECONDS - t0)) s"; }
-workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
-wanted tests && step tests timeout 170 python3 -m pytest -q -rfE $workers tests/test_quant_cuda.py
-wanted quant && step quant timeout 60 python3 benchmarks/quant_speed.py --device cuda --numel 64M \
-  --no-references
+workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 12" || echo "")
+wanted tests && step tests timeout 190 python3 -m pytest -q -rfE $workers tests/test_quant_cuda.py
+wanted quant && step quant timeout 150 python3 benchmarks/quant_speed.py --device cuda --numel 64M \
+  --no-references --block-formats mxfp8,mxfp4,nvfp4
 wanted step && step step timeout 130 python3 benchmarks/step_time.py --device cuda --steps 20 \
   --rounds 3 --modes eager,graphs --configs fp32,fp4-nv
 wanted epoch && step epoch timeout 70 python3 benchmarks/pipeline_speed.py --device cuda \

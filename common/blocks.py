@@ -244,11 +244,22 @@ def _unpack(p):
     return p.unbind(0) if isinstance(p, torch.Tensor) else p
 
 
-def _index(t: torch.Tensor, lane: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _index(t: torch.Tensor, lane: Optional[torch.Tensor] = None,
+           static_sizes: bool = False) -> torch.Tensor:
     """int32 position of every element of the contiguous [M, kk, R] `t` in memory, in t's
     shape. For R == 1 pass `lane` = arange(kk) as [1, kk, 1]: row * kk + lane vectorises on
     the CPU, where inductor builds an in-kernel arange over a short inner dim one lane at a time
-    (MX stochastic rounding ran at a quarter of its speed). The values are the same."""
+    (MX stochastic rounding ran at a quarter of its speed). The values are the same.
+
+    static_sizes: take the sizes as Python ints (the eager ops, also when a user's torch.compile
+    traces them). With symbolic sizes, torch 2.11's Triton code computed size * row in int64
+    and the int32 hash built on it failed to compile (measured on an H200, 2026-12-04); literal
+    sizes keep every product int32. Our own compiled kernel keeps symbolic sizes (one kernel for
+    every shape).
+    """
+    if static_sizes:
+        m, kk, r = (int(s) for s in t.shape)
+        return torch.arange(m * kk * r, device=t.device, dtype=torch.int32).view(m, kk, r)
     if lane is None:
         return torch.arange(t.numel(), device=t.device, dtype=torch.int32).view(t.shape)
     rows = torch.arange(t.shape[0], device=t.device, dtype=torch.int32).view(-1, 1, 1)
@@ -259,16 +270,18 @@ def _k_mx_nearest(x, bits, p, emax):
     return _mx_round(x, bits, _unpack(p), emax)
 
 
-def _k_mx_stochastic(x, bits, p, emax, seed, lane=None):
-    return _mx_round(x, bits, _unpack(p), emax, K.random_bits(_index(x, lane), seed))
+def _k_mx_stochastic(x, bits, p, emax, seed, lane=None, static_sizes=False):
+    return _mx_round(x, bits, _unpack(p), emax,
+                     K.random_bits(_index(x, lane, static_sizes), seed))
 
 
 def _k_nvfp4_nearest(x, p, p_scale):
     return _nvfp4_round(x, _unpack(p), _unpack(p_scale))
 
 
-def _k_nvfp4_stochastic(x, p, p_scale, seed, lane=None):
-    return _nvfp4_round(x, _unpack(p), _unpack(p_scale), K.random_bits(_index(x, lane), seed))
+def _k_nvfp4_stochastic(x, p, p_scale, seed, lane=None, static_sizes=False):
+    return _nvfp4_round(x, _unpack(p), _unpack(p_scale),
+                        K.random_bits(_index(x, lane, static_sizes), seed))
 
 
 _KERNELS = {("mx", "nearest"): _k_mx_nearest, ("mx", "stochastic"): _k_mx_stochastic,
@@ -431,6 +444,8 @@ def quantize_block(x: torch.Tensor, fmt, rounding: str = "nearest", saturate: bo
         compiled = path == "compiled"
     y = _compiled_call(v3, fmt, rounding, seed, strict=path == "compiled") if compiled else None
     if y is None:
-        y = _KERNELS[(_family(fmt), rounding)](v3, *_kernel_args(v3, fmt, seed, compiled=False))
+        static = {"static_sizes": True} if seed is not None else {}  # see _index
+        y = _KERNELS[(_family(fmt), rounding)](v3, *_kernel_args(v3, fmt, seed, compiled=False),
+                                               **static)
     y = to_x(y.view(torch.float32))
     return y if y.dtype == x.dtype else y.to(x.dtype)

@@ -601,6 +601,26 @@ def test_same_bits_inside_a_user_compile(torchao_mx):
         assert_same_bits(fn(x), torchao_mx(x, spec), f"{spec} in a user's compile")
 
 
+def block_inputs_for_user_compile():
+    """A 2-D tensor (contiguous blocks), a 4-D one and the same 4-D values channels-last."""
+    x4 = torch.randn(16, 96, 3, 3) * 4
+    return {"2d": torch.randn(64, 96) * 3, "4d": x4,
+            "channels_last": x4.contiguous(memory_format=torch.channels_last)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", ["mxfp4", "nvfp4"])
+def test_stochastic_same_bits_inside_a_dynamic_user_compile(spec):
+    """Stochastic block casts traced by a user's torch.compile with dynamic shapes (as a
+    compiled training step sees them) give the eager ops' bits for fixed seed words."""
+    seed = torch.tensor([123, -456], dtype=torch.int32)
+    fn = torch.compile(lambda t, s, spec=spec: blocks.quantize_block(t * 1.0, spec, "stochastic",
+                                                                     seed=s), dynamic=True)
+    for name, x in block_inputs_for_user_compile().items():
+        assert_same_bits(fn(x, seed), run("eager", x, spec, "stochastic", seed=seed),
+                         f"{spec} {name} in a user's dynamic compile")
+
+
 # =============================================================================================
 # stochastic rounding of the elements
 # =============================================================================================

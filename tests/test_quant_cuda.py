@@ -189,3 +189,18 @@ def test_cuda_block_stochastic_same_bits_as_cpu(spec, path):
     cpu = quantize_block(x, spec, "stochastic", path="eager", seed=seed)
     got = quantize_block(x.cuda(), spec, "stochastic", path=path, seed=seed.cuda())
     same_block_bits(got, cpu, f"{spec} cuda {path} stochastic vs cpu")
+
+
+@pytest.mark.parametrize("spec", ["mxfp4", "nvfp4"])
+def test_cuda_block_stochastic_inside_a_dynamic_user_compile(spec):
+    """As a compiled training step (--compile) traces a stochastic block cast, dynamic shapes:
+    it compiles (torch 2.11 failed on int64 index products, see blocks._index) and gives the
+    CPU's bits for fixed seed words."""
+    from common.blocks import quantize_block
+    from test_blocks import assert_same_bits as same_block_bits, block_inputs_for_user_compile
+    seed = torch.tensor([123, -456], dtype=torch.int32)
+    fn = torch.compile(lambda t, s: quantize_block(t * 1.0, spec, "stochastic", seed=s),
+                       dynamic=True)
+    for name, x in block_inputs_for_user_compile().items():
+        cpu = quantize_block(x, spec, "stochastic", path="eager", seed=seed)
+        same_block_bits(fn(x.cuda(), seed.cuda()), cpu, f"{spec} cuda {name} in a user's compile")
