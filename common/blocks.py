@@ -263,7 +263,9 @@ def _index(t: torch.Tensor, lane: Optional[torch.Tensor] = None,
     if lane is None:
         return torch.arange(t.numel(), device=t.device, dtype=torch.int32).view(t.shape)
     rows = torch.arange(t.shape[0], device=t.device, dtype=torch.int32).view(-1, 1, 1)
-    return rows * lane.shape[1] + lane
+    # the row stride kk read from lane's last value (kk - 1), not taken from lane.shape: a
+    # symbolic size made the product int64 in torch 2.11's Triton code, as above
+    return rows * (lane[:, -1:] + 1) + lane
 
 
 def _k_mx_nearest(x, bits, p, emax):

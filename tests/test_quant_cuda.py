@@ -184,11 +184,13 @@ def test_cuda_block_stochastic_same_bits_as_cpu(spec, path):
     checked for bias against the oracle in test_blocks)."""
     from common.blocks import quantize_block
     from test_blocks import assert_same_bits as same_block_bits
-    x = torch.randn(64, 96, 2, 2) * 5
     seed = torch.tensor([20240611, -1234567], dtype=torch.int32)
-    cpu = quantize_block(x, spec, "stochastic", path="eager", seed=seed)
-    got = quantize_block(x.cuda(), spec, "stochastic", path=path, seed=seed.cuda())
-    same_block_bits(got, cpu, f"{spec} cuda {path} stochastic vs cpu")
+    x4 = torch.randn(64, 96, 2, 2) * 5
+    # 4-D contiguous (R > 1), channels-last and 2-D (R == 1: the compiled kernel's lane form)
+    for x in (x4, x4.contiguous(memory_format=torch.channels_last), x4[:, :, 0, 0].clone()):
+        cpu = quantize_block(x, spec, "stochastic", path="eager", seed=seed)
+        got = quantize_block(x.cuda(), spec, "stochastic", path=path, seed=seed.cuda())
+        same_block_bits(got, cpu, f"{spec} cuda {path} stochastic vs cpu {tuple(x.shape)}")
 
 
 @pytest.mark.parametrize("spec", ["mxfp4", "nvfp4"])
