@@ -56,8 +56,8 @@ def bare_images_per_s(model_name, device, batch, steps, channels_last, autocast_
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    if compile:
-        model = torch.compile(model)
+    if compile:  # the loop's mode (common.train.compile_mode): CUDA graphs on a GPU
+        model = torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     xs = [torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=fmt) for _ in range(4)]
     ys = [torch.randint(0, 10, (batch,), device=device) for _ in range(4)]
@@ -71,7 +71,8 @@ def bare_images_per_s(model_name, device, batch, steps, channels_last, autocast_
         loss.backward()
         opt.step()
 
-    for i in range(min(5, steps)):                 # warm-up: allocator, cuDNN autotuning, compile
+    warmup = 10 if compile else 5                  # allocator, cuDNN autotuning, compile, graphs
+    for i in range(min(warmup, steps)):
         step(i)
     sync(device)
     t0 = time.perf_counter()
