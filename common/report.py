@@ -826,7 +826,7 @@ def plot_bits(sections: Sequence[Section], ptq_groups: Sequence[PtqGroup],
     Returns the plotted points (x, y, label), for tests."""
     plt = _pyplot()
     n = max(1, len(sections))
-    fig, axes = plt.subplots(n, 1, figsize=(11, 7.5 * n), squeeze=False)
+    fig, axes = plt.subplots(n, 1, figsize=(13, 7.5 * n), squeeze=False)
     differing = differing_fields(sections)
     plotted = []
     for ax, sec in zip(axes[:, 0], sections):
