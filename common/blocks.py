@@ -253,8 +253,8 @@ def _index(t: torch.Tensor, lane: Optional[torch.Tensor] = None,
 
     static_sizes: take the sizes as Python ints (the eager ops, also when a user's torch.compile
     traces them). With symbolic sizes, torch 2.11's Triton code computed size * row in int64
-    and the int32 hash built on it failed to compile (measured on an H200, 2026-12-04); literal
-    sizes keep every product int32. Our own compiled kernel keeps symbolic sizes (one kernel for
+    and the int32 hash built on it failed to compile (README, Speed: GPU); literal sizes keep
+    every product int32. Our own compiled kernel keeps symbolic sizes (one kernel for
     every shape).
     """
     if static_sizes:
