@@ -32,8 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default: {','.join(ptq.DEFAULT_FORMATS)})")
     g.add_argument("--scalings", default=",".join(ptq.SCALING_MODES), metavar="LIST",
                    help="none = the format's own range; scaled = power-of-two scale (floats: from "
-                        "the absolute maximum; posits: from the rms, to 1), weights per --weight-scaling, activations per tensor "
-                        "(per test batch); a block format (mxfp8, mxfp4, nvfp4, ...) gets one row, "
+                        "the absolute maximum; posits: from the rms, to 1), weights per "
+                        "--weight-scaling, activations per tensor (per test batch); a block format "
+                        "(mxfp8, mxfp4, nvfp4, ...) gets one row, "
                         "none, whatever this says: it carries its own scale per block "
                         f"(default: {','.join(ptq.SCALING_MODES)})")
     g.add_argument("--weight-scaling", choices=ptq.WEIGHT_SCALINGS, default="channel",
