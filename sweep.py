@@ -28,9 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
                    - {"--help", "--seed", "--name", "--runs-dir", "--resume", "--overwrite"})
     epilog = ("training flags (passed through to every run; meaning and defaults in any format "
               "script's --help):\n  " + " ".join(flags) + "\n\n"
-              "Run names: <config>_<model>_e<epochs>_s<seed>[_synthetic][_max<N>][_<tag>]. Exit "
-              "code: 0 nothing failed (diverged runs are results), 1 a run failed, 2 bad flags or "
-              "existing runs made with other flags, 130 Ctrl-C.")
+              "Run names: <config>_<model>_<recipe>_e<epochs>_s<seed>[_synthetic][_max<N>]"
+              "[_<tag>]. Exit code: 0 nothing failed (diverged runs are results), 1 a run failed, "
+              "2 bad flags or existing runs made with other flags, 130 Ctrl-C.")
     p = argparse.ArgumentParser(prog="sweep.py", description=__doc__.split("\n")[0], epilog=epilog,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
@@ -86,8 +86,10 @@ def main(argv=None):
     jobs = sweep.plan(keys, range(args.seeds), training_flags, args.runs_dir, args.tag, records)
     if args.dry_run:
         for j in jobs:
-            print(f"{j.action:<4} {j.name}: {j.reason}" + (f"\n     {sweep.shlex.join(j.cmd)}"
-                                                          if j.action == "run" else ""))
+            print(f"{j.action:<4} {j.name}: {j.reason}"
+                  + (f" (its record in {j.record_dir} is written by the sweep)" if j.record_now
+                     else "")
+                  + (f"\n     {sweep.shlex.join(j.cmd)}" if j.action == "run" else ""))
         return 0
     res = sweep.execute(jobs, gpus)
     print("\n".join(sweep.summary_lines(res)), flush=True)
@@ -103,6 +105,11 @@ def _entry(argv=None):
         code = main(argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        code = 2
+    except OSError as e:        # a --runs-dir or --records-dir that cannot be made or written
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e} (check the path, its permissions and the free disk "
+              f"space)", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -14,18 +14,25 @@ shared-loop flags of ``common.cli``: ``--epochs``, ``--model``, ``--data-dir`` .
 to every run; they are checked with the shared parser before anything starts, so a typo fails at
 once instead of after hours of runs.
 
-Run names are ``<key>_<model>_e<epochs>_s<seed>`` (plus ``_synthetic``, ``_max<N>`` for smoke runs
-and ``_<tag>`` with ``--tag``), so sweeps of different lengths never share a folder. Before
-launching, a run's ``summary.json`` decides:
+Run names are ``<key>_<model>_<recipe>_e<epochs>_s<seed>`` (plus ``_synthetic``, ``_max<N>`` for
+smoke runs and ``_<tag>`` with ``--tag``), so sweeps of different lengths never share a folder.
+Before launching, a run's ``summary.json`` decides (its record in ``--records-dir`` first, else its
+run folder):
 
 * ``finished``: skipped without starting a process (a second sweep does no work at all);
-* ``diverged``: skipped too: a divergence is a result (the report lists it); delete the folder to
-  try again;
+* ``diverged``: skipped too: a divergence is a result (the report lists it); delete the folder and
+  its record to try again;
 * anything else (no folder, ``running``/``interrupted``/``failed``): launched with ``--resume``,
   which continues ``last.pt`` exactly or starts fresh when there is none.
 
-An existing run whose recorded training flags differ from this sweep's (say ``--lr``) is refused
-before anything starts (exit 2): reusing it would mix two experiments under one name.
+Finished and diverged runs are recorded (their small files copied to ``--records-dir``); one
+that is not yet (a sweep with ``--records-dir none``, a run made by hand under the sweep's name)
+is recorded when the sweep skips it.
+
+An existing run whose recorded training flags differ from this sweep's (say ``--lr``), or that was
+scored on other test images than this sweep's data holds (the 1,000-image subset against the full
+10,000), is refused before anything starts (exit 2): reusing it would mix two experiments under
+one name.
 
 Several GPUs (``torch.cuda.device_count() > 1``, or ``--gpus 0,1,...``): one run per GPU at a time,
 in parallel, each subprocess seeing only its GPU (``CUDA_VISIBLE_DEVICES``). Otherwise the runs go
@@ -51,7 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
-from . import cli, runs
+from . import cli, data, runs
 from .errors import UserError
 
 REPO_ROOT = cli.REPO_ROOT
@@ -149,7 +156,7 @@ class Job:
     final_test_acc: Optional[float] = None
     message: str = ""
     record_dir: Optional[Path] = None    # where the finished run's small files are kept
-
+    record_now: bool = False             # finished or diverged, but not recorded yet
 
     @property
     def log_path(self) -> Path:
@@ -249,20 +256,47 @@ def config_differences(stored: Mapping, expected: Mapping) -> List[str]:
     return out
 
 
+def test_set(args: argparse.Namespace) -> Optional[Tuple[str, int]]:
+    """(labels hash, number of images) of the test set the sweep's runs will read, found as they
+    find it (a relative ``--data-dir`` from the repo root, where they run); None for synthetic
+    data, or data that is not there yet (the first run downloads it) or cannot be read (the run
+    says why)."""
+    if args.synthetic:
+        return None
+    path, _ = data.resolve_data_dir(args.data_dir)
+    folder = data.find_batches_dir(path if path.is_absolute() else REPO_ROOT / path)
+    try:
+        labels = data.read_batch(folder / data.TEST_FILE)[1] if folder else None
+    except UserError:
+        return None
+    return None if labels is None else (runs.labels_digest(labels), len(labels))
+
+
+def _other_test_set(folder: Path, summary: Mapping, current: Tuple[str, int]) -> Optional[str]:
+    """Why a run in ``folder`` was scored on other test images than ``current``, or None."""
+    scored = runs.read_correct(folder)
+    n = summary.get("test_images")
+    if (scored is None or scored[0] == current[0]) and (not n or n == current[1]):
+        return None
+    return (f"{folder} was scored on other test images ({n or len(scored[1]):,}) than this "
+            f"sweep's data holds ({current[1]:,})")
+
+
 def plan(keys: Sequence[str], seeds: Sequence[int], training_flags: Sequence[str],
          runs_dir: Path, tag: Optional[str] = None,
          records_dir: Optional[Path] = None) -> List[Job]:
     """The jobs of a sweep, seed-major (every configuration of seed 0 first, then seed 1 ...), each
     marked run or skip from its ``summary.json``: the record in ``records_dir/<name>/`` if there
     is one (a finished run kept in the repo is done, whatever ``runs_dir`` holds), else the one in
-    ``runs_dir/<name>/``. Existing runs made with other training flags raise UserError (all of
-    them named in one line)."""
+    ``runs_dir/<name>/``. Existing runs made with other training flags or scored on other test
+    images raise UserError (all of them counted in one line)."""
     flags = list(training_flags)
     if flags and flags[0] == "--":
         flags = flags[1:]
     args = parse_training_flags(flags)
     runs_dir = Path(runs_dir).expanduser().resolve()
     jobs, conflicts = [], []
+    current: List[Optional[Tuple[str, int]]] = []       # test_set(args), read once when needed
     for seed in seeds:
         expected = expected_config(args, seed)
         for key in keys:
@@ -276,22 +310,34 @@ def plan(keys: Sequence[str], seeds: Sequence[int], training_flags: Sequence[str
             job = Job(key, seed, name, cmd, runs_dir / name,
                       record_dir=Path(records_dir).expanduser().resolve() / name if keep else None)
             record = (runs.read_json(job.record_dir / runs.SUMMARY) if job.record_dir else None) or {}
+            recorded = record.get("status") in ("finished", "diverged")
+            folder = job.record_dir if recorded else job.run_dir
             # read_summary: a dead run's "running" reads as interrupted, a corrupt file as unreadable
-            summary = record if record.get("status") == "finished" else \
-                runs.read_summary(job.run_dir)
+            summary = record if recorded else runs.read_summary(job.run_dir)
             if summary is not None:
-                diffs = config_differences(summary.get("config") or {}, expected)
+                # an unreadable summary.json has no config: config.json tells, else nothing does
+                stored = summary.get("config") or (runs.read_json(folder / runs.CONFIG) or {}).get(
+                    "config")
+                diffs = config_differences(stored, expected) if stored else []
                 if diffs:
-                    conflicts.append(f"{job.run_dir} was made with other flags: {'; '.join(diffs)}")
+                    conflicts.append(f"{folder} was made with other flags: {'; '.join(diffs)}")
                 status = summary.get("status")
+                if status in ("finished", "diverged"):
+                    if not current:
+                        current.append(test_set(args))
+                    other = current[0] and _other_test_set(folder, summary, current[0])
+                    if other:
+                        conflicts.append(other)
+                    job.action = "skip"
+                    job.record_now = job.record_dir is not None and not recorded
                 done = f"{summary.get('epochs_done', '?')}/{summary.get('epochs', '?')} epochs"
                 if status == "finished":
-                    job.action = "skip"
-                    job.reason = "recorded" if summary is record else "finished"
+                    job.reason = "recorded" if recorded else "finished"
                     job.final_test_acc = summary.get("final_test_acc")
                 elif status == "diverged":
-                    job.action = "skip"
-                    job.reason = f"diverged after {done}; delete {job.run_dir} to retry"
+                    job.reason = (f"diverged after {done}; delete "
+                                  f"{' and '.join(str(d) for d in (job.record_dir, job.run_dir) if d)}"
+                                  f" to retry")
                 else:
                     job.reason = f"resume ({status}, {done})"
             else:
@@ -299,8 +345,8 @@ def plan(keys: Sequence[str], seeds: Sequence[int], training_flags: Sequence[str
             jobs.append(job)
     if conflicts:
         more = f" (and {len(conflicts) - 1} more)" if len(conflicts) > 1 else ""
-        raise UserError(f"{conflicts[0]}{more}. Pass the same flags, a --tag for a separate sweep, "
-                        f"or another --runs-dir")
+        raise UserError(f"{conflicts[0]}{more}. Pass the same flags and data, a --tag for a "
+                        f"separate sweep, or another --runs-dir (and --records-dir)")
     return jobs
 
 
@@ -365,11 +411,11 @@ def _outcome(job: Job, rc: int) -> None:
     if rc == 0:
         job.result = "finished"
         job.final_test_acc = summary.get("final_test_acc")
-        if job.record_dir is not None:
-            runs.copy_record(job.run_dir, job.record_dir)
+        _record(job)
     elif rc == EXIT_DIVERGED:
         job.result = "diverged"
         job.message = summary.get("message", "")
+        _record(job)
     elif rc in INTERRUPTED_CODES:
         job.result = "interrupted"
     else:
@@ -379,6 +425,18 @@ def _outcome(job: Job, rc: int) -> None:
             last = _last_error_line(job.log_path)
             if last:
                 job.message = f"{last} (exit 2)"
+
+
+def _record(job: Job) -> None:
+    """Copy a finished or diverged run's small files to its record folder (if it keeps one); a
+    record that cannot be written goes into the job's message (the next sweep writes it)."""
+    if job.record_dir is None:
+        return
+    try:
+        runs.copy_record(job.run_dir, job.record_dir)
+        job.record_now = False
+    except (UserError, OSError) as e:
+        job.message = (job.message + "; " if job.message else "") + f"record not written: {e}"
 
 
 def _last_error_line(path: Path) -> str:
@@ -453,6 +511,9 @@ def execute(jobs: List[Job], gpus: Optional[List[str]] = None,
     for j in jobs:
         if j.action == "skip":
             j.result = "skipped"
+            if j.record_now:
+                _record(j)
+                j.reason += f"; {j.message}" if j.record_now else f"; recorded in {j.record_dir}"
             out(f"skip ({j.reason}): {j.name}")
     interrupted = False
     if todo:

@@ -36,3 +36,16 @@ def test_quantize_is_detached_and_fake_quant_is_what_a_model_calls():
     assert torch.equal(y.detach(), quantize(x.detach(), "e4m3"))
     y.backward(torch.tensor([1.0, 0.1, 1e-3]))
     assert torch.equal(x.grad, quantize(torch.tensor([1.0, 0.1, 1e-3]), "e5m2"))
+
+
+def test_smoke_test_names_the_run_the_sweep_makes():
+    """The README's smoke test evaluates, by name, the FP32 run its sweep line just made."""
+    from common import sweep
+    reproduce = section("Reproduce the results table")
+    sweep_line = next(ln for ln in reproduce.splitlines() if "sweep.py --set smoke" in ln)
+    assert all(f in sweep_line for f in ("--seeds 1", "--synthetic", "--epochs 1",
+                                         "--max-steps-per-epoch 2"))
+    assert "--model resnet8" in reproduce
+    ptq_line = next(ln for ln in reproduce.splitlines() if "ptq_eval.py --runs-dir /tmp/smoke" in ln)
+    assert ptq_line.split()[-1] == sweep.run_name("fp32", "resnet8", 1, 0, synthetic=True,
+                                                  max_steps=2)

@@ -338,3 +338,115 @@ def test_fp4_nv_fl_is_fp4_nv_with_first_and_last_fp32(tmp_path):
     assert fmts["fp4-nv-fl"]["first_last_fp32"] is True
     assert {**fmts["fp4-nv-fl"], "first_last_fp32": False} == fmts["fp4-nv"]
     assert "fp4-nv-fl" not in sweep.SETS["seed"] and "fp4-nv-fl" in sweep.SETS["all"]
+
+
+def _record_run(folder: Path, name: str, flags, status: str, labels=None, acc=88.0) -> None:
+    """A run's summary (and predictions, when ``labels``) as the loop writes them."""
+    args = cli.parse_args(cli.build_parser("t"), [*flags, "--seed", name.split("_s")[-1][0]])
+    summary = {"status": status, "epochs_done": 3, "epochs": 3,
+               "final_test_acc": acc if status == "finished" else None,
+               "config": cli.make_config(args, name=name).to_dict()}
+    if labels is not None:
+        summary["test_images"] = len(labels)
+        runs.write_predictions(folder / name, list(labels), labels)
+    runs.write_json(folder / name / "summary.json", summary)
+
+
+def _fake_cifar(root: Path, test_labels) -> Path:
+    """A cifar-10-batches-py folder whose test batch holds ``test_labels`` (black images)."""
+    import pickle
+    import numpy as np
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    batch = {"data": np.zeros((len(test_labels), 3072), np.uint8), "labels": list(test_labels)}
+    (folder / "test_batch").write_bytes(pickle.dumps(batch))
+    return root
+
+
+def test_a_run_scored_on_other_test_images_is_refused(tmp_path):
+    """Records of the 1,000-image subset do not count as done for a sweep on other test images
+    (a user with the full 10,000): refused in one line, with the way out; the same images skip."""
+    flags = ["--epochs", "3", "--model", "resnet8"]
+    records, runs_dir = tmp_path / "records", tmp_path / "runs"
+    subset, full = [i % 10 for i in range(30)], [i % 10 for i in range(50)]
+    _record_run(records, "fp32_resnet8_paper_e3_s0", flags, "finished", labels=subset)
+    same = _fake_cifar(tmp_path / "same", subset)
+    jobs = sweep.plan(["fp32"], [0], [*flags, "--data-dir", str(same)], runs_dir,
+                      records_dir=records)
+    assert (jobs[0].action, jobs[0].reason) == ("skip", "recorded")
+    other = _fake_cifar(tmp_path / "full", full)
+    with pytest.raises(UserError, match=r"fp32_resnet8_paper_e3_s0 was scored on other test images "
+                                        r"\(30\) than this sweep's data holds \(50\).*--tag"):
+        sweep.plan(["fp32"], [0], [*flags, "--data-dir", str(other)], runs_dir, records_dir=records)
+    # the same number of images, other labels (another subset): refused too
+    shuffled = _fake_cifar(tmp_path / "shuffled", subset[::-1])
+    with pytest.raises(UserError, match="other test images"):
+        sweep.plan(["fp32"], [0], [*flags, "--data-dir", str(shuffled)], runs_dir,
+                   records_dir=records)
+    assert sweep.test_set(cli.parse_args(cli.build_parser("t"), ["--synthetic"])) is None
+    assert sweep.test_set(cli.parse_args(cli.build_parser("t"), ["--data-dir",
+                                                                 str(tmp_path / "none")])) is None
+
+
+def test_diverged_and_unrecorded_runs_are_recorded(tmp_path, monkeypatch):
+    """A divergence is a result: its record is written and a later sweep (another machine, no
+    runs/) skips it; a finished run without a record (made under --records-dir none) is recorded
+    when the sweep skips it; a record that cannot be written is said, not a traceback."""
+    flags = ["--epochs", "3", "--model", "resnet8"]
+    records, runs_dir = tmp_path / "records", tmp_path / "runs"
+    _record_run(runs_dir, "fp32_resnet8_paper_e3_s0", flags, "finished")
+    jobs = sweep.plan(["fp32", "posit4"], [0], flags, runs_dir, records_dir=records)
+    assert [(j.action, j.reason, j.record_now) for j in jobs] == [
+        ("skip", "finished", True), ("run", "new", False)]
+
+    def diverge(job, gpu, stream, threads=None):
+        _record_run(runs_dir, job.name, flags, "diverged")
+        return sweep.EXIT_DIVERGED
+
+    monkeypatch.setattr(sweep, "_launch", diverge)
+    res = sweep.execute(jobs, out=lambda msg: None)
+    assert res.counts == {"skipped": 1, "diverged": 1}
+    assert "recorded in" in jobs[0].reason
+    for name in ("fp32_resnet8_paper_e3_s0", "posit4_resnet8_paper_e3_s0"):
+        assert (records / name / "summary.json").is_file()
+    monkeypatch.setattr(sweep, "_launch", no_launch)
+    again = sweep.plan(["fp32", "posit4"], [0], flags, tmp_path / "new-machine", records_dir=records)
+    assert [(j.action, j.reason.split(";")[0]) for j in again] == [
+        ("skip", "recorded"), ("skip", "diverged after 3/3 epochs")]
+
+    def refuse(run_dir, record_dir):
+        raise OSError(28, "No space left on device", str(record_dir))
+
+    late = sweep.plan(["fp32"], [1], flags, runs_dir, records_dir=tmp_path / "other-records")
+    _record_run(runs_dir, "fp32_resnet8_paper_e3_s1", flags, "finished")
+    monkeypatch.setattr(sweep, "_launch", lambda job, *a, **k: 0)
+    monkeypatch.setattr(sweep.runs, "copy_record", refuse)
+    res = sweep.execute(late, out=lambda msg: None)
+    assert res.counts == {"finished": 1} and "record not written" in late[0].message
+    assert "No space left on device" in "\n".join(sweep.summary_lines(res))
+
+
+def test_a_corrupt_summary_resumes_instead_of_a_false_conflict(tmp_path, monkeypatch):
+    """An unreadable summary.json has no config: the run's config.json is compared instead, and
+    without either the run is resumed (its last.pt decides), not refused as 'other flags'."""
+    flags = ["--epochs", "3", "--model", "resnet8"]
+    run_dir = tmp_path / "fp32_resnet8_paper_e3_s0"
+    run_dir.mkdir()
+    (run_dir / "summary.json").write_text('{"status": "runn')
+    jobs = sweep.plan(["fp32"], [0], flags, tmp_path)
+    assert jobs[0].action == "run" and jobs[0].reason.startswith("resume (unreadable")
+    args = cli.parse_args(cli.build_parser("t"), [*flags, "--seed", "0", "--lr", "0.05"])
+    runs.write_json(run_dir / "config.json", {"config": cli.make_config(args, name="x").to_dict()})
+    with pytest.raises(UserError, match=r"--lr 0.1 \(run: 0.05\)"):
+        sweep.plan(["fp32"], [0], flags, tmp_path)
+
+
+def test_a_runs_dir_that_cannot_be_made_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    entry = load_entry("sweep")
+    with pytest.raises(SystemExit) as e:
+        entry._entry(["--configs", "fp32", "--seeds", "1", *SMOKE, "--runs-dir",
+                      str(tmp_path / "file" / "runs")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "file/runs" in err[0], err
