@@ -7,9 +7,10 @@ What it reads: every ``runs/*/summary.json`` (with the run's ``metrics.jsonl`` f
 every ``runs/*/ptq*.json`` written by ``ptq_eval.py``.
 
 How runs are grouped: runs whose configs agree on everything that defines the experiment (model,
-epochs, batch, learning-rate schedule, data ..., see ``common.sweep.compared_values``) form a
-section; inside it, runs with the same format (the config's ``format`` dict and ``label``) form a
-row, whatever their seed, device or run name.
+epochs, batch, learning-rate schedule, data ..., see ``common.sweep.compared_values``) and that
+were scored on the same number of test images (the 1,000-image subset and the full 10,000 make two
+tables) form a section; inside it, runs with the same format (the config's ``format`` dict and
+``label``) form a row, whatever their seed, device or run name.
 
 Each row: final test accuracy (the last epoch's, never the best epoch's) as mean and sample
 standard deviation over the finished seeds (n-1 in the denominator; "-" for one seed), the
@@ -61,6 +62,7 @@ class Run:
     summary: Dict[str, Any]
     config: Dict[str, Any]
     metrics: List[Dict[str, Any]]
+    test_set: Optional[int] = None        # number of test images it was scored on
 
     @property
     def status(self) -> str:
@@ -97,8 +99,12 @@ class Run:
         return max(keys, key=len) if keys else None
 
     @property
-    def section_key(self) -> str:
+    def experiment_key(self) -> str:
         return _key(compared_values(self.config))
+
+    @property
+    def section_key(self) -> str:
+        return _key([self.experiment_key, self.test_set])
 
     @property
     def group_key(self) -> str:
@@ -132,8 +138,22 @@ def load_runs(runs_dirs: Union[Path, Sequence[Path]]) -> Tuple[List[Run], List[P
                 broken.append(d)
             continue
         found.append(Run(summary.get("name") or d.name, d, summary, config,
-                         runs.read_jsonl(d / runs.METRICS)))
+                         runs.read_jsonl(d / runs.METRICS), summary.get("test_images")))
+    place_test_sets(found)
     return found, broken
+
+
+def place_test_sets(all_runs: Sequence[Run]) -> None:
+    """A run that stopped before its first evaluation does not know its test set: it joins the
+    other runs of its experiment when they were all scored on the same number of images."""
+    sizes: Dict[str, set] = {}
+    for r in all_runs:
+        if r.test_set:
+            sizes.setdefault(r.experiment_key, set()).add(r.test_set)
+    for r in all_runs:
+        known = sizes.get(r.experiment_key, set())
+        if not r.test_set and len(known) == 1:
+            r.test_set = next(iter(known))
 
 
 def load_ptq(runs_dirs: Union[Path, Sequence[Path]]) -> List[Dict[str, Any]]:
@@ -168,9 +188,10 @@ def dedupe(all_runs: Sequence[Run]) -> Tuple[List[Run], List[str]]:
         kept.append(best)
         for r in same:
             if r is not best:
+                newer = best.finished == r.finished and best.updated != r.updated
                 notes.append(f"{_shown(r.path)} (seed {r.seed} of {r.label}, {r.status}): ignored, "
                              f"a repeat of {_shown(best.path)} ({best.status}"
-                             f"{', newer' if best.finished == r.finished else ''}), which is kept")
+                             f"{', newer' if newer else ''}), which is kept")
     return [r for r in all_runs if any(r is k for k in kept)], notes
 
 
@@ -243,18 +264,22 @@ class Group:
         vals = [r.metrics[-1].get("ema_test_acc") for r in self.finished if r.metrics]
         return _mean(vals) if vals and None not in vals else None
 
-    def correct_matrix(self) -> Tuple[Optional[str], Optional[List[Any]]]:
-        """(labels hash, one 0/1 row per finished seed), or (None, None) when a run lacks them."""
+    def correct_matrix(self) -> Tuple[Optional[str], Optional[List[Any]], str]:
+        """(labels hash, one 0/1 row per finished seed, ""), or (None, None, why not): a run
+        without per-image predictions, seeds scored on different images, or predictions whose
+        accuracy is not the summary's (a stale or foreign predictions.json)."""
         rows, digests = [], set()
         for r in self.finished:
             c = r.correct()
             if c is None:
-                return None, None
+                return None, None, "no per-image predictions"
+            if round(100 * float(c[1].mean()), 2) != round(r.summary["final_test_acc"], 2):
+                return None, None, f"predictions of {r.name} disagree with its accuracy"
             digests.add(c[0])
             rows.append(c[1])
         if len(digests) != 1:
-            return None, None
-        return digests.pop(), rows
+            return None, None, "seeds scored on different test images"
+        return digests.pop(), rows, ""
 
     @property
     def bits(self) -> Optional[float]:
@@ -335,13 +360,13 @@ class Section:
         base = self.baseline
         if base is None:
             return
-        base_digest, base_rows = base.correct_matrix()
+        base_digest, base_rows, base_why = base.correct_matrix()
         for g in self.groups:
             if g is base or not g.finished:
                 continue
-            digest, rows = g.correct_matrix()
+            digest, rows, why = g.correct_matrix()
             if base_rows is None or rows is None:
-                g.paired_note = "no per-image predictions"
+                g.paired_note = why or f"FP32: {base_why}"
             elif digest != base_digest:
                 g.paired_note = "other test images than FP32"
             else:
@@ -357,7 +382,11 @@ class Section:
         if c.get("nesterov"):
             parts.append("Nesterov")
         if c.get("warmup_epochs"):
-            parts.append(f"{c['warmup_epochs']:g} warm-up epochs")
+            parts.append(f"{c['warmup_epochs']:g} warm-up epoch{'' if c['warmup_epochs'] == 1 else 's'}")
+        if c.get("label_smoothing"):
+            parts.append(f"label smoothing {c['label_smoothing']:g}")
+        if c.get("ema_decay"):
+            parts.append(f"weight EMA {c['ema_decay']:g}")
         if c.get("shortcut"):
             parts.append(f"shortcut {c['shortcut']}")
         if c.get("tf32"):
@@ -365,6 +394,9 @@ class Section:
         if c.get("max_steps_per_epoch"):
             parts.append(f"at most {c['max_steps_per_epoch']} steps per epoch")
         parts.append("synthetic data" if c.get("synthetic") else "CIFAR-10")
+        if c.get("test_images"):
+            parts.append(f"{c['test_images']:,} test images")
+        parts.append(f"recipe {c.get('recipe', 'paper')}")
         return ", ".join(p for p in parts if p)
 
     def short_title(self, differing: Iterable[str] = ()) -> str:
@@ -399,7 +431,8 @@ def build_sections(all_runs: Sequence[Run]) -> List[Section]:
     """Group runs into sections (experiments) and rows (formats)."""
     sections: Dict[str, Section] = {}
     for r in all_runs:
-        sec = sections.setdefault(r.section_key, Section(r.section_key, compared_values(r.config)))
+        sec = sections.setdefault(r.section_key, Section(
+            r.section_key, compared_values(r.config) | {"test_images": r.test_set}))
         group = next((g for g in sec.groups if g.key == r.group_key), None)
         if group is None:
             group = Group(r.group_key, r.label, r.format)
@@ -409,7 +442,8 @@ def build_sections(all_runs: Sequence[Run]) -> List[Section]:
     for s in out:
         s.groups.sort(key=_sort_key)
     out.sort(key=lambda s: (bool(s.config.get("synthetic")), str(s.config.get("model")),
-                            -(s.config.get("epochs") or 0), -sum(len(g.runs) for g in s.groups),
+                            -(s.config.get("epochs") or 0), -(s.config.get("test_images") or 0),
+                            -sum(len(g.runs) for g in s.groups),
                             s.key))
     return out
 
@@ -618,7 +652,8 @@ def group_ptq(ptq_files: Sequence[Dict[str, Any]]) -> List[PtqGroup]:
     groups: Dict[str, PtqGroup] = {}
     for d in ptq_files:
         cfg = d["source"].get("config") or {}
-        sec = _key(compared_values(cfg))
+        # the section of the trained runs scored on the same test images
+        sec = _key([_key(compared_values(cfg)), d.get("test_images")])
         label = d["source"].get("label") or cfg.get("label") or d["source"].get("name")
         k = _key({"section": sec, "format": cfg.get("format"), "label": label,
                   "fl": bool(d.get("first_last_fp32")), "ws": d.get("weight_scaling"),
@@ -957,7 +992,10 @@ def make_report(runs_dirs: Union[Path, Sequence[Path]], out_dir: Path, model: Op
              "interval; `common/stats.py`). \"resolved\" says whether the interval excludes 0: "
              "rows marked \"no: within noise\" cannot be told apart from FP32 with these seeds and "
              "test images (with 1,000 test images, differences under about 2 points often cannot), "
-             "so do not rank them. EMA acc is the final accuracy of an exponential moving average of "
+             "so do not rank them. With few seeds a \"yes\" is provisional: the bootstrap sees the "
+             "seed-to-seed spread only through the seeds there are (with 2 seeds about half of it, "
+             "with 1 none), so a row needs 3 or more seeds on both sides before its interval "
+             "covers seed noise fully. EMA acc is the final accuracy of an exponential moving average of "
              "the weights (`--ema-decay`), logged beside the trained model's; the table's accuracy "
              "is always the trained model's.", ""]
     for sec in sections:

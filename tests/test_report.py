@@ -205,7 +205,7 @@ def test_paired_ci_and_csv(runs_dir, tmp_path):
 
     n = 1000
     fp32 = [[1] * 913 + [0] * 87, [1] * 907 + [0] * 93]
-    fp8 = [[1] * 899 + [0] * 101, [0] * 10 + [1] * 894 + [0] * 96]
+    fp8 = [[1] * 899 + [0] * 101, [0] * 10 + [1] * 904 + [0] * 86]      # 89.9 and 90.4, as RUNS
     for name, rows in (("fp32_s0", fp32[0]), ("fp32_s1", fp32[1]), ("fp8_s0", fp8[0]),
                        ("fp8_s1", fp8[1])):
         assert len(rows) == n
@@ -254,6 +254,53 @@ def test_repeats_of_a_seed_count_once(tmp_path):
     assert all("fp32_resnet20_paper_e3_s0" in line.split("a repeat of")[1] for line in res["repeats"])
     text = (out / "results.md").read_text()
     assert "## Repeats not counted as seeds" in text and "fp32_again_s0" in text
+
+
+def test_runs_on_other_test_images_make_their_own_table(tmp_path):
+    """The 1,000-image subset and the full 10,000 are two experiments: their seeds are neither
+    averaged into one row nor taken for repeats of each other; a run that stopped before its
+    first evaluation joins the table of its experiment's only test set."""
+    rd = tmp_path / "runs"
+    rd.mkdir()
+    write_run(rd, "fp32_sub_s0", "FP32", FP32, 0, "finished", [50.0, 70.0, 90.0], 300.0, "A")
+    write_run(rd, "fp32_sub_s1", "FP32", FP32, 1, "finished", [50.0, 70.0, 91.0], 300.0, "A")
+    s = write_run(rd, "fp8_early_s0", "FP8 e4m3", FP8, 0, "interrupted", [40.0], 10.0, "A")
+    del s["test_images"]
+    s.update(epochs_done=0, last_test_acc=None)                  # stopped in its first epoch
+    (rd / "fp8_early_s0" / "summary.json").write_text(json.dumps(s))
+    res = report.make_report(rd, tmp_path / "one", plots=False)
+    _, sub = table_rows((tmp_path / "one" / "results.md").read_text(), "## resnet20")
+    assert res["sections"] == 1 and sub["FP8 e4m3"]["not finished"] == "1 interrupted"
+
+    (rd / "fp8_early_s0" / "summary.json").unlink()
+    for seed, acc in ((0, 92.0), (1, 93.0)):
+        s = write_run(rd, f"fp32_full_s{seed}", "FP32", FP32, seed, "finished", [50.0, 70.0, acc],
+                      300.0, "A")
+        s["test_images"] = 10000
+        (rd / f"fp32_full_s{seed}" / "summary.json").write_text(json.dumps(s))
+    res = report.make_report(rd, tmp_path / "two", plots=False)
+    text = (tmp_path / "two" / "results.md").read_text()
+    assert res["sections"] == 2 and not res["repeats"]
+    headings = [line for line in text.splitlines() if line.startswith("## resnet20")]
+    assert ["10,000 test images" in h for h in headings] == [True, False]   # the full set first
+    _, sub = table_rows(text, headings[1])
+    assert (sub["FP32"]["n"], sub["FP32"]["test acc (%)"], sub["FP32"]["test images"]) == \
+        ("2", "90.50", "1000")
+    _, full = table_rows(text, headings[0])
+    assert (full["FP32"]["n"], full["FP32"]["test acc (%)"], full["FP32"]["test images"]) == \
+        ("2", "92.50", "10000")
+
+
+def test_predictions_that_disagree_with_the_accuracy_get_no_interval(runs_dir, tmp_path):
+    """A predictions.json whose right answers are not the summary's accuracy (stale, or another
+    run's) is not used for the paired interval: the row says which run, instead of a CI."""
+    for name, right in (("fp32_s0", 913), ("fp32_s1", 907), ("fp8_s0", 899), ("fp8_s1", 894)):
+        write_predictions(runs_dir, name, [1] * right + [0] * (1000 - right))
+    out = tmp_path / "results"
+    report.make_report(runs_dir, out, plots=False)
+    _, rows = table_rows((out / "results.md").read_text(), "## resnet20, 3 epochs, batch 128")
+    assert rows["FP8 e4m3"]["95% CI"] == "-"
+    assert rows["FP8 e4m3"]["resolved"] == "predictions of fp8_s1 disagree with its accuracy"
 
 
 def test_default_output_is_not_the_committed_results(tmp_path):
