@@ -720,6 +720,14 @@ def _colors(n: int):
     return [cmap(i % cmap.N) for i in range(n)]
 
 
+def _text_color(color):
+    """``color`` darkened until text in it reads on white (tab20's pale half is too light)."""
+    from matplotlib.colors import to_rgb
+    rgb = to_rgb(color)
+    luminance = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
+    return tuple(c * min(1.0, 0.5 / luminance) for c in rgb) if luminance else rgb
+
+
 def _legend_below(ax) -> None:
     """Legend under the panel, two columns: the labels are long, the panel keeps its width."""
     handles, labels = ax.get_legend_handles_labels()
@@ -896,13 +904,14 @@ def plot_bits(sections: Sequence[Section], ptq_groups: Sequence[PtqGroup],
         ys = [p[1] for p in points] or [0.0, 100.0]
         lo, hi = min(ys), max(ys)
         gap = max(hi - lo, 10.0) * 0.045
-        top = hi + 3 * gap
+        top, bottom = hi + 2 * gap, lo - 2 * gap      # a label's height from the axes' edges
         for gap_points in _label_gaps(points):
             ly_all = _spread_labels([p[1] for p in gap_points], gap)
-            excess = max(max(ly_all) - top, 0.0)      # keep the stack inside the axes
+            # keep the stack inside the axes (the top wins when it is taller than they are)
+            shift = max(bottom - min(ly_all), 0.0) - max(max(ly_all) - top, 0.0)
             for (px, py, text, side, color, anchor), ly in zip(gap_points, ly_all):
-                ax.annotate(text, (px, py), xytext=(anchor * 2 ** (0.2 * side), ly - excess),
-                            textcoords="data", fontsize=8, color=color, va="center",
+                ax.annotate(text, (px, py), xytext=(anchor * 2 ** (0.2 * side), ly + shift),
+                            textcoords="data", fontsize=8, color=_text_color(color), va="center",
                             ha="left" if side > 0 else "right",
                             arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.6})
         xs = [p[0] for p in points] or [4.0, 32.0]
