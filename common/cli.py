@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import re
 import signal
@@ -56,6 +57,7 @@ DEVICES = ("auto", "cpu", "cuda")
 # it lets cuDNN use its fastest convolution kernels; on the 2-core x86 CPU (oneDNN) ResNet-20's
 # forward+backward ran about 20% faster in NHWC too.
 CHANNELS_LAST_DEFAULT = {"cuda": True, "cpu": True}
+MAX_SEED = 2**32 - 1                  # np.random.seed's range
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
 # Signals that stop a run like Ctrl-C does (status "interrupted", exit 128 + signal number).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
@@ -128,9 +130,11 @@ class RunConfig:
         return Path(self.runs_dir) / self.name
 
 
-# Fields that may differ when a run is resumed: they do not change what is trained.
+# Fields that may differ when a run is resumed: they do not change what is trained or measured.
+# (Not --eval-batch-size: activations scaled per tensor take their scale per test batch, so it
+# changes the test accuracy. --compile may differ, with a note: see train.py.)
 RESUME_FREE_FIELDS = frozenset({"name", "runs_dir", "resume", "overwrite", "data_dir", "compile",
-                                "cuda_graphs", "eval_batch_size", "device", "script"})
+                                "cuda_graphs", "device", "script"})
 
 
 def _fmt_default(v: Any) -> str:
@@ -261,9 +265,10 @@ def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = 
         (args.epochs >= 1, "--epochs must be >= 1"),
         (args.batch_size >= 1, "--batch-size must be >= 1"),
         (args.eval_batch_size >= 1, "--eval-batch-size must be >= 1"),
-        (args.lr > 0, "--lr must be > 0"),
+        (0 < args.lr < math.inf, "--lr must be > 0 and finite"),
         (0 <= args.momentum < 1, "--momentum must be in [0, 1)"),
-        (args.weight_decay >= 0, "--weight-decay must be >= 0"),
+        (0 <= args.weight_decay < math.inf, "--weight-decay must be >= 0 and finite"),
+        (0 <= args.seed <= MAX_SEED, f"--seed must be in 0..{MAX_SEED} (numpy's seed range)"),
         (args.warmup_epochs >= 0, "--warmup-epochs must be >= 0"),
         (args.warmup_epochs <= args.epochs,
          f"--warmup-epochs {args.warmup_epochs:g} is longer than --epochs {args.epochs}: the "

@@ -230,6 +230,9 @@ def load_cifar10(data_dir: Optional[str] = None, download: bool = True
     train_x = np.concatenate([p[0] for p in parts])
     train_y = np.concatenate([p[1] for p in parts])
     test_x, test_y = read_batch(batches / TEST_FILE)
+    for images, what in ((train_y, "training"), (test_y, "test")):
+        if not len(images):             # accuracy over no images is no number
+            raise DataError(f"{batches}: the {what} batches hold no images; download the data again")
     return train_x, train_y, test_x, test_y, batches
 
 

@@ -428,6 +428,11 @@ class _Trainer:
         if diffs:
             raise UserError(f"cannot resume {self.run_dir}: the run differs from its checkpoint in "
                             f"{'; '.join(diffs)}. Use the original flags, or a new --name")
+        if bool(old.get("compile")) != bool(new.get("compile")):
+            self.log(f"note: resuming {'with' if new.get('compile') else 'without'} --compile, "
+                     f"unlike the epochs before: the same training, but other kernels (and, for "
+                     f"stochastic rounding, another random stream), so not bit for bit the run "
+                     f"that was not interrupted")
 
     def _lock_run_dir(self) -> None:
         """Rank 0 locks the run folder for the run's life (every rank learns if that failed);
@@ -462,6 +467,12 @@ class _Trainer:
                                     f"is not {runs.CHECKPOINT_VERSION}; pass --overwrite to start over")
                 self._check_resume_config(ckpt, device)
                 return ckpt
+            prev = runs.read_summary(self.run_dir, live=False) or {}
+            if prev.get("epochs_done"):     # epochs were trained, but nothing can continue them
+                raise UserError(f"{self.run_dir} holds a run with {prev['epochs_done']}/"
+                                f"{prev.get('epochs', '?')} epochs (status {prev.get('status', '?')}) "
+                                f"but no {runs.CHECKPOINT} to resume from; pass --overwrite to "
+                                f"start it over, or a new --name")
             self.log(f"--resume: no checkpoint at {self.ckpt_path}: starting fresh")
         elif have_run:
             if not self.cfg.overwrite:
@@ -636,6 +647,8 @@ class _Trainer:
         self.started_at = ckpt.get("started_at", self.started_at)
         self.t_start = time.perf_counter()
         self.cpu_start = time.process_time()
+        if self.rank0 and len(runs.read_jsonl(self.run_dir / runs.METRICS)) != len(self.metrics):
+            runs.write_jsonl(self.run_dir / runs.METRICS, self.metrics)   # stopped before it
         prev = runs.read_json(self.run_dir / runs.SUMMARY) or {}
         self.resolved.setdefault("params", prev.get("params"))
         self.resolved.setdefault("train_images_per_epoch", prev.get("train_images_per_epoch"))
@@ -739,14 +752,15 @@ class _Trainer:
                 "images_per_s": round(images / train_time, 1),
                 "wall_seconds": round(self.wall_prev + time.perf_counter() - self.t_start, 3),
             }
-            self.metrics.append(row)
             if self.rank0:
+                if last_epoch:      # before last.pt: a finished checkpoint has its predictions
+                    runs.write_predictions(self.run_dir, ev["predictions"], data.test_y)
                 runs.save_checkpoint(self.ckpt_path, {
                     "version": runs.CHECKPOINT_VERSION, "epoch": epoch + 1,
                     "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                     **({"ema": self.ema.model.state_dict()} if self.ema is not None else {}),
                     "scaler": scaler.state_dict(), "rng": runs.rng_state(generator),
-                    "metrics": self.metrics, "config": runs.jsonable(cfg.to_dict()),
+                    "metrics": self.metrics + [row], "config": runs.jsonable(cfg.to_dict()),
                     "device_type": device.type,
                     "world_size": ctx.world_size, "autocast": self.resolved["autocast"],
                     "wall_seconds": row["wall_seconds"],
@@ -754,10 +768,11 @@ class _Trainer:
                     "cpu_seconds": self.cpu_seconds(),
                     "started_at": self.started_at,
                 })
+            # only once saved: a run stopped during the save never counts the epoch as done
+            self.metrics.append(row)
+            if self.rank0:
                 self.saved_epoch = epoch + 1
                 runs.write_jsonl(self.run_dir / runs.METRICS, self.metrics)
-                if last_epoch:
-                    runs.write_predictions(self.run_dir, ev["predictions"], data.test_y)
                 self.write_summary("running")
             self.log(f"epoch {epoch + 1:>{len(str(cfg.epochs))}}/{cfg.epochs}  lr {lr0:.5f}  "
                      f"train loss {row['train_loss']:.4f} acc {row['train_acc']:6.2f}%  "

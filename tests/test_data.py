@@ -114,6 +114,15 @@ def test_bad_content_fails_clearly(tmp_path):
         data.read_batch(path)
 
 
+def test_an_empty_test_batch_is_refused_before_training(tmp_path):
+    """A test batch without images would train a whole epoch, then divide by zero images."""
+    d, _ = make_tree(tmp_path)
+    x, y = make_batch(0, 9)
+    write_batch(d / data.TEST_FILE, x, y, "str-keys")
+    with pytest.raises(DataError, match="the test batches hold no images"):
+        data.load_cifar10(str(tmp_path), download=False)
+
+
 @pytest.mark.parametrize("point_at", ["parent", "batches"])
 def test_load_from_either_folder_and_env(tmp_path, monkeypatch, point_at):
     d, arrays = make_tree(tmp_path, "py2")

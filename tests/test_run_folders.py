@@ -164,6 +164,93 @@ def test_resume_mismatch_names_only_the_differing_keys(tmp_path):
     assert "\n" not in msg
 
 
+def test_resume_without_last_pt_refuses_to_replace_trained_epochs(tmp_path):
+    """--resume where last.pt is gone but epochs were trained (a deleted checkpoint) does not
+    start over in their place: it says so and names --overwrite; a run stopped in its first
+    epoch (nothing trained) still starts fresh, as the sweep needs."""
+    train.run(make_config(tmp_path))
+    (tmp_path / "t" / "last.pt").unlink()
+    with pytest.raises(UserError, match=r"holds a run with 1/1 epochs \(status finished\) but no "
+                                        r"last.pt to resume from; pass --overwrite"):
+        train.run(make_config(tmp_path, "--resume", "--lr", "0.5"))
+    assert runs.read_summary(tmp_path / "t")["config"]["lr"] == 0.1        # untouched
+    runs.write_json(tmp_path / "t" / "summary.json",
+                    runs.read_summary(tmp_path / "t") | {"status": "interrupted", "epochs_done": 0})
+    assert train.run(make_config(tmp_path, "--resume"))["status"] == "finished"
+
+
+def test_a_stop_during_the_checkpoint_write_counts_no_unsaved_epoch(tmp_path, monkeypatch):
+    """Stopped while last.pt of epoch 2 is written: the summary says 1 epoch done, as last.pt
+    does. Stopped after the last epoch's last.pt but before metrics.jsonl: the resume finds the
+    run finished and completes metrics.jsonl; predictions.json was already written."""
+    real_save, saves = runs.save_checkpoint, []
+
+    def stop_at(n):
+        def save(path, state):
+            saves.append(state["epoch"])
+            if len(saves) == n:
+                raise KeyboardInterrupt
+            return real_save(path, state)
+        return save
+
+    monkeypatch.setattr(runs, "save_checkpoint", stop_at(2))
+    with pytest.raises(KeyboardInterrupt):
+        train.run(make_config(tmp_path, "--epochs", "2", name="a"))
+    s = runs.read_summary(tmp_path / "a")
+    assert (s["status"], s["epochs_done"]) == ("interrupted", 1)
+    assert runs.load_checkpoint(tmp_path / "a" / "last.pt")["epoch"] == 1
+
+    real_jsonl, writes = runs.write_jsonl, []
+
+    def stop_metrics(path, rows):
+        writes.append(len(rows))
+        if len(rows) == 2:
+            raise KeyboardInterrupt
+        return real_jsonl(path, rows)
+
+    monkeypatch.setattr(runs, "save_checkpoint", real_save)
+    monkeypatch.setattr(runs, "write_jsonl", stop_metrics)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(make_config(tmp_path, "--epochs", "2", name="b"))
+    assert (tmp_path / "b" / "predictions.json").is_file()
+    assert runs.load_checkpoint(tmp_path / "b" / "last.pt")["epoch"] == 2
+    monkeypatch.setattr(runs, "write_jsonl", real_jsonl)
+    done = train.run(make_config(tmp_path, "--epochs", "2", "--resume", name="b"))
+    assert done["status"] == "finished" and done["epochs_done"] == 2
+    assert len(runs.read_jsonl(tmp_path / "b" / "metrics.jsonl")) == 2
+
+
+def test_resume_with_another_eval_batch_size_is_refused_and_compile_is_noted(tmp_path, capsys):
+    """Per-tensor activation scales are taken per test batch, so --eval-batch-size is part of
+    the experiment; --compile may change on resume, with a line saying it is not bit for bit."""
+    train.run(make_config(tmp_path, "--epochs", "2", name="e"))
+    (tmp_path / "e" / "summary.json").unlink()
+    ckpt = runs.load_checkpoint(tmp_path / "e" / "last.pt")
+    ckpt["epoch"], ckpt["metrics"] = 1, ckpt["metrics"][:1]
+    runs.save_checkpoint(tmp_path / "e" / "last.pt", ckpt)
+    with pytest.raises(UserError, match=r"--eval-batch-size 7 \(checkpoint: 1000\)"):
+        train.run(make_config(tmp_path, "--epochs", "2", "--resume", "--eval-batch-size", "7",
+                              name="e"))
+    ckpt["config"]["compile"] = True                    # as if epoch 1 had run compiled
+    runs.save_checkpoint(tmp_path / "e" / "last.pt", ckpt)
+    capsys.readouterr()
+    assert train.run(make_config(tmp_path, "--epochs", "2", "--resume", name="e"))["epochs_done"] == 2
+    assert "note: resuming without --compile" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags,needle", [(["--seed", "-1"], "--seed must be in 0..4294967295"),
+                                          (["--seed", str(2**32)], "--seed must be in"),
+                                          (["--lr", "inf"], "--lr must be > 0 and finite"),
+                                          (["--weight-decay", "inf"], "--weight-decay must be")])
+def test_out_of_range_numbers_are_one_line(flags, needle, tmp_path, capsys):
+    """argparse's usage lines, then one error line; no traceback, no run folder."""
+    fp32 = load_fp32_script()
+    assert exit_code(fp32.main, [*SMOKE, "--runs-dir", str(tmp_path), *flags]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and needle in err.strip().splitlines()[-1], err
+    assert not any(tmp_path.iterdir())
+
+
 # ---------------------------------------------------------------------------------------------
 # B. Locks, liveness, signals
 # ---------------------------------------------------------------------------------------------
