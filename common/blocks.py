@@ -234,7 +234,11 @@ def _nvfp4_round(x, p_e2m1, p_e4m3, rand=None):
     y = torch.clamp(x * ((1.0 / g) / s), -F4_E2M1_MAX, F4_E2M1_MAX)
     yb = y.view(torch.int32)
     q = K.float_nearest(yb, p_e2m1) if rand is None else K.float_stochastic(yb, p_e2m1, rand)
-    return q.view(torch.float32) * (g * s)
+    out = (q.view(torch.float32) * (g * s)).view(torch.int32)
+    # a tensor holding inf makes g inf, and 0 * inf is the CPU's NaN, sign bit set: the contract's
+    # NaN is float32's default quiet NaN
+    return torch.where((out & K.F32_ABS_MASK) > K.F32_INF_BITS, K.F32_QNAN_BITS, out).view(
+        torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,5 +453,4 @@ def quantize_block(x: torch.Tensor, fmt, rounding: str = "nearest", saturate: bo
         static = {"static_sizes": True} if seed is not None else {}  # see _index
         y = _KERNELS[(_family(fmt), rounding)](v3, *_kernel_args(v3, fmt, seed, compiled=False),
                                                **static)
-    y = to_x(y.view(torch.float32))
-    return y if y.dtype == x.dtype else y.to(x.dtype)
+    return Q.to_input_dtype(to_x(y.view(torch.float32)), x.dtype)

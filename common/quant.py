@@ -496,11 +496,18 @@ def _run(x, fmt, rounding, saturate, generator, path, method=None, seed=None, sh
     if y is None:
         m = method or ("bits" if tracing else _methods(fmt, rounding, saturate)[0])
         y = _eager_kernel(flat, fmt, rounding, saturate, seed, m, shift)
-    y = unflatten(y)
-    if x.dtype == torch.bfloat16:  # exact (_check_dtype): the top half of the float32 pattern;
-        # torch's and inductor's float32 -> bfloat16 casts turn NaN into 0xFFFF
+    return to_input_dtype(unflatten(y), x.dtype)
+
+
+def to_input_dtype(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A float32 result, whose values ``dtype`` holds exactly (_check_dtype), as ``dtype``, NaN as
+    that dtype's default NaN: bfloat16 takes the top half of the float32 pattern, because torch's
+    and inductor's float32 -> bfloat16 casts turn NaN into 0xFFFF."""
+    if y.dtype == dtype:
+        return y
+    if dtype == torch.bfloat16:
         return (y.view(torch.int32) >> 16).to(torch.int16).view(torch.bfloat16)
-    return y if y.dtype == x.dtype else y.to(x.dtype)  # exact, NaN stays the default NaN
+    return y.to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -651,7 +658,7 @@ def _cast_with_scale(x: torch.Tensor, fmt: Format, k: torch.Tensor, scaling: Sca
     s = _pow2(k)
     xs = xd * s if xd.dtype == torch.float64 else xd.to(torch.float32) * s
     y = cast(xs, fmt, rounding, saturate, generator) / s
-    return y.to(x.dtype)
+    return to_input_dtype(y, x.dtype)
 
 
 def quantize_scaled(x: torch.Tensor, fmt: Union[str, Format],

@@ -560,6 +560,39 @@ def test_mx_special_blocks_match_oracle(spec, path):
     assert (want[0] == 0).all() and np.signbit(want[4]).tolist() == np.signbit(x[4]).tolist()
 
 
+F32_QNAN, BF16_QNAN = 0x7FC00000, 0x7FC0          # float32's and bfloat16's default quiet NaN
+NAN_PATTERNS = [0x7FC00000, 0xFFC00000, 0x7F800001, 0xFF800001, 0x7FFFFFFF, 0x7FA12345]
+
+
+def _nan_bits(y):
+    """The set of bit patterns of y's NaNs (unsigned)."""
+    ints = y[torch.isnan(y)].view(torch.int32 if y.dtype == torch.float32 else torch.int16)
+    return {v & (0xFFFFFFFF if y.dtype == torch.float32 else 0xFFFF) for v in ints.tolist()}
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("spec", ["mxfp8", "mxfp4", "nvfp4"])
+def test_nan_out_of_a_block_cast_is_the_default_nan(spec, rounding, path):
+    """The contract: one NaN out, float32's default quiet NaN, whatever made it: NaNs of either
+    sign with payloads, and the NaN an inf makes (its MX block; the whole NVFP4 tensor, whose
+    tensor scale becomes inf: 0 * inf is the CPU's NaN with the sign bit set). A bfloat16 tensor
+    (MX) gets bfloat16's default NaN (torch's float32 -> bfloat16 cast would give 0xFFFF)."""
+    pats = torch.tensor(NAN_PATTERNS * 11, dtype=torch.int64)[:64].to(torch.int32)
+    with_nan = torch.ones(3, 64)
+    with_nan[0] = pats.view(torch.float32)
+    with_inf = torch.ones(3, 64)
+    with_inf[1, 5] = -math.inf
+    for x in (with_nan, with_inf):
+        y = run(path, x, spec, rounding, seed=torch.tensor([1, 2], dtype=torch.int32))
+        assert torch.isnan(y[0 if x is with_nan else 1]).any()
+        assert _nan_bits(y) == {F32_QNAN}, (spec, [hex(b) for b in _nan_bits(y)])
+        if spec != "nvfp4":                 # NVFP4's products of scales need float32
+            yb = run(path, x.to(torch.bfloat16), spec, rounding,
+                     seed=torch.tensor([1, 2], dtype=torch.int32))
+            assert yb.dtype == torch.bfloat16 and _nan_bits(yb) == {BF16_QNAN}, _nan_bits(yb)
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_nvfp4_special_tensors_match_oracle(path):
     """All-zero tensor (g = 1), NaN or inf anywhere (g non-finite: the whole tensor NaN),
