@@ -26,10 +26,11 @@ DEFAULTS = {"w_fmt": "e4m3", "a_fmt": "e4m3", "g_fmt": "e5m2",
 MAX_BITS = {"w": 8, "a": 8, "g": 8}  # roles that must stay FP8-sized
 WHY = ("Defaults: e4m3 (more precision) for the forward operands, e5m2 (more range) for the\n"
        "gradients, as in OCP FP8 training recipes. Weights and gradients are scaled per tensor by\n"
-       "a power of two that puts the tensor's largest value in the format's top binade: unscaled,\n"
-       "most conv weights (|w| < 2^-6) fall into e4m3's subnormals and small gradients flush to 0\n"
-       "in e5m2. Activations are not scaled: each layer's input comes out of BatchNorm+ReLU, O(1),\n"
-       "well inside e4m3's normal range (2^-6 .. 448); --a-scaling tensor scales them too.\n"
+       "a power of two that puts the tensor's largest value within a factor 2 of the format's\n"
+       "largest (nothing overflows): unscaled, most conv weights (|w| < 2^-6) fall into e4m3's\n"
+       "subnormals and small gradients flush to 0 in e5m2. Activations are not scaled: each\n"
+       "layer's input comes out of BatchNorm+ReLU, O(1), well inside e4m3's normal range\n"
+       "(2^-6 .. 448); --a-scaling tensor scales them too.\n"
        "A role given a block format (mxfp8, mx-e5m2) is cast with scaling none instead.")
 
 

@@ -15,9 +15,10 @@ weights loaded, and the test set evaluated
   cast to the format through ``common.qat.quantize_model`` (the training layers; in evaluation
   nothing flows backwards, so only the forward casts act). Scaling ``none`` uses the format's own
   range; ``scaled`` multiplies by a power of two (floats: from the absolute maximum, so it lands in
-  the format's top binade; posits: from the rms, so it lands near 1, see ``quant.quantize_scaled``):
-  weights per output channel (``--weight-scaling``), activations per tensor, which in evaluation
-  means per test batch (so ``--eval-batch-size`` matters for scaled rows).
+  (max/2, max], within a factor 2 of the format's largest value; posits: from the rms, so it lands
+  near 1, see ``quant.quantize_scaled``): weights per output channel (``--weight-scaling``),
+  activations per tensor, which in evaluation means per test batch (so ``--eval-batch-size``
+  matters for scaled rows).
   Block formats (``mxfp8``, ``mxfp4``, ``nvfp4``, ...) carry their own scale per block: they get
   one row, scaling ``none`` (no scale on top of theirs), whatever the scaling modes asked for.
   BatchNorm, residual adds and the head's pooling stay float32, as in training.

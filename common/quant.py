@@ -84,7 +84,8 @@ same values stored in another layout (channels-last, transposed) draw other bits
 Inputs may be float32, float64, float16 or bfloat16; the result has x's dtype. float64 is
 narrowed to float32 by round-to-odd first, so that the format's rounding of it equals the
 rounding of the float64 value itself (no double rounding; exact for every format of up to 21
-mantissa bits; stochastic rounding sees the float32 value). float16 and bfloat16 are refused
+mantissa bits, while those of 22 or 23, e8m22 or e7m23, are limited by float32's own rounding;
+stochastic rounding sees the float32 value). float16 and bfloat16 are refused
 (one-line ValueError asking for a float32 input) for formats whose values they cannot all hold
 (``_fits``: bf16 or posit16es1 in float16, fp16 in bfloat16, ...), and for any scaled cast.
 The result never requires grad: training wraps this in a straight-through autograd function.
@@ -446,8 +447,8 @@ def _run(x, fmt, rounding, saturate, generator, path, method=None, seed=None, sh
     fmt = parse_format(fmt)
     _check_rounding(rounding)
     _check_tensor(x)
-    if fmt.is_identity:
-        return x
+    if fmt.is_identity:   # nothing to round; detached like every other cast's result
+        return x.detach() if x.requires_grad else x
     if fmt.is_block:  # blocks along dim 1 with their own scales
         return _blocks.quantize_block(x, fmt, rounding, saturate, generator, path, seed)
     _check_stochastic(fmt, rounding)
@@ -672,8 +673,8 @@ def quantize_scaled(x: torch.Tensor, fmt: Union[str, Format],
     "channel": one s per slice along `channel_dim` (per output channel of a weight).
     How s is chosen depends on where the format is precise:
     - floats: from the absolute maximum, s = 2^floor(log2(fmt.max / amax)), so amax*s lies in
-      (max/2, max]: the largest element uses the top binade and nothing overflows (a float is
-      equally precise in every binade).
+      (max/2, max]: the largest element lands within a factor 2 of the format's largest value
+      and nothing overflows (a float is equally precise in every binade).
     - posits: from the root mean square, s = 2^round(-log2(rms)), so rms*s is the power of two
       nearest to 1, where a posit has the most fraction bits; values beyond maxpos after
       scaling saturate as usual. (Putting amax at maxpos, the float rule, would leave the bulk of

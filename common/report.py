@@ -623,7 +623,7 @@ class PtqGroup:
         text = ("weights and input activations of every conv/linear layer"
                 + (" except the first and last" if fl == {True} else "")
                 + ", round to nearest even; scaled = power-of-two scale (floats: absolute maximum "
-                "at the top binade; posits: rms near 1), "
+                "within a factor 2 of the format's max; posits: rms near 1), "
                 f"weights per {'/'.join(sorted(map(str, ws)))}, activations per tensor (per test "
                 f"batch of {'/'.join(sorted(map(str, eb)))}); block formats (mx..., nvfp4) "
                 f"carry their own block scales: their row is under 'unscaled', with nothing on top")

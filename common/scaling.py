@@ -5,8 +5,8 @@ along which dimension (``axis``: the channel dim with one scale per slice, or th
 run along) and how the scale is chosen (``rule``), as docs/formats.md ("Scaling") and
 docs/block-formats.md ("Scale rules") define them:
 
-- ``AMAX_TO_MAX`` (floats): a power of two that puts the absolute maximum in the format's top
-  binade;
+- ``AMAX_TO_MAX`` (floats): a power of two that puts the absolute maximum in (max/2, max],
+  within a factor 2 of the format's largest value;
 - ``RMS_TO_ONE`` (posits): a power of two that puts the root mean square at the power of two
   nearest to 1, where a posit is most precise;
 - ``MX_BLOCK`` / ``NVFP4_BLOCK`` (block formats): the format's own scale per block (E8M0 from

@@ -667,8 +667,13 @@ def test_random_bits_are_fair_and_decorrelated():
 # API: dtypes, shapes, layouts, errors, fallback, torch.compile
 # =============================================================================================
 def test_identity_returns_input():
+    """fp32 rounds nothing: the input itself, detached when it requires grad (as every cast)."""
     x = torch.randn(10)
     assert quantize(x, "fp32") is x and quantize(x, "none", "stochastic") is x
+    w = torch.randn(10, requires_grad=True)
+    y = quantize(w, "fp32")
+    assert not y.requires_grad and torch.equal(y, w.detach())
+    assert not quantize_scaled(w, "fp32", "tensor").requires_grad
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
