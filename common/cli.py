@@ -130,6 +130,15 @@ class RunConfig:
         return Path(self.runs_dir) / self.name
 
 
+def with_defaults(stored: Mapping[str, Any]) -> Dict[str, Any]:
+    """A stored config dict with the fields it lacks at their defaults: a run written before a
+    flag existed ran as that flag's default does, so comparing it with today's flags must not
+    read a missing field as a difference."""
+    defaults = {f.name: f.default for f in dataclasses.fields(RunConfig)
+                if f.default is not dataclasses.MISSING}
+    return {**defaults, **stored}
+
+
 # Fields that may differ when a run is resumed: they do not change what is trained or measured.
 # (Not --eval-batch-size: activations scaled per tensor take their scale per test batch, so it
 # changes the test accuracy. --compile may differ, with a note: see train.py.)

@@ -247,8 +247,9 @@ def expected_config(args: argparse.Namespace, seed: int) -> Dict[str, object]:
 
 
 def config_differences(stored: Mapping, expected: Mapping) -> List[str]:
-    """``--flag new (run: old)`` for each compared field that differs."""
-    stored = compared_values(stored)
+    """``--flag new (run: old)`` for each compared field that differs (fields a run written by
+    older code lacks count as their defaults)."""
+    stored = compared_values(runs.jsonable(cli.with_defaults(stored)))
     out = []
     for k in sorted(set(stored) | set(expected)):
         if k in expected and stored.get(k) != expected.get(k):

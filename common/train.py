@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from . import data as data_mod
 from . import hardware
 from . import runs
-from .cli import CHANNELS_LAST_DEFAULT, REPO_ROOT, RESUME_FREE_FIELDS, RunConfig
+from .cli import CHANNELS_LAST_DEFAULT, REPO_ROOT, RESUME_FREE_FIELDS, RunConfig, with_defaults
 from .errors import Diverged, Interrupted, RunFileError, UserError
 from .resnet import build_model, count_parameters
 
@@ -409,7 +409,7 @@ class _Trainer:
 
     # -- existing run folder ----------------------------------------------------------------------
     def _check_resume_config(self, ckpt: Dict[str, Any], device: torch.device) -> None:
-        old, new = ckpt["config"], runs.jsonable(self.cfg.to_dict())
+        old, new = with_defaults(ckpt["config"]), runs.jsonable(self.cfg.to_dict())
         differing = [k for k in sorted(set(old) | set(new))
                      if k not in RESUME_FREE_FIELDS and old.get(k) != new.get(k)]
         if len(differing) > 1 and "label" in differing:

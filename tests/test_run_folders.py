@@ -238,6 +238,27 @@ def test_resume_with_another_eval_batch_size_is_refused_and_compile_is_noted(tmp
     assert "note: resuming without --compile" in capsys.readouterr().out
 
 
+def test_a_checkpoint_of_older_code_resumes_and_its_run_is_reused_by_the_sweep(tmp_path):
+    """A config written before a flag existed (here: no ema_decay, label_smoothing) ran as the
+    flag's default: --resume continues it and the sweep reuses it, with today's defaults;
+    today's non-default value for the flag is still a difference."""
+    train.run(make_config(tmp_path, "--epochs", "2", name="old"))
+    (tmp_path / "old" / "summary.json").unlink()
+    ckpt = runs.load_checkpoint(tmp_path / "old" / "last.pt")
+    ckpt["epoch"], ckpt["metrics"] = 1, ckpt["metrics"][:1]
+    for key in ("ema_decay", "label_smoothing"):
+        del ckpt["config"][key]
+    runs.save_checkpoint(tmp_path / "old" / "last.pt", ckpt)
+    with pytest.raises(UserError, match=r"--ema-decay 0.5 \(checkpoint: 0.0\)"):
+        train.run(make_config(tmp_path, "--epochs", "2", "--resume", "--ema-decay", "0.5",
+                              name="old"))
+    assert train.run(make_config(tmp_path, "--epochs", "2", "--resume", name="old"))["epochs_done"] == 2
+    stored = runs.read_summary(tmp_path / "old")["config"]
+    del stored["ema_decay"]
+    args = cli.parse_args(cli.build_parser("t"), [*SMOKE, "--epochs", "2"])
+    assert sweep.config_differences(stored, sweep.expected_config(args, 0)) == []
+
+
 @pytest.mark.parametrize("flags,needle", [(["--seed", "-1"], "--seed must be in 0..4294967295"),
                                           (["--seed", str(2**32)], "--seed must be in"),
                                           (["--lr", "inf"], "--lr must be > 0 and finite"),
