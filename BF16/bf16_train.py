@@ -12,6 +12,7 @@ Without --mode, a CPU run first checks (common/hardware.py, a one-time probe of 
 second) whether this CPU runs bf16 convolutions faster than float32. Where it does not (no AMX or
 AVX512-BF16, e.g. an AVX2-only AMD EPYC, where oneDNN's bf16 convolutions ran ten times slower
 than float32), the run uses --mode emulated and says so in one line; --mode autocast forces it.
+A --resume keeps the mode the run was started in (another CPU's probe may choose the other).
 Run folder: runs/bf16_autocast_<model>_<recipe>_e<epochs>_s<seed>/ or
 runs/bf16_<roles>_<model>_<recipe>_e<epochs>_s<seed>/.
 """
@@ -24,7 +25,7 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-from common import cli, hardware, qat_cli, train  # noqa: E402  (after the sys.path line)
+from common import cli, hardware, qat_cli, runs, train  # noqa: E402  (after the sys.path line)
 from common.qat import ROLES  # noqa: E402
 
 DEFAULTS = {"w_fmt": "bf16", "a_fmt": "bf16", "g_fmt": "bf16"}
@@ -51,6 +52,20 @@ def choose_mode(device_flag: str) -> str:
     return "autocast" if fast else "emulated"
 
 
+def mode_of_existing_run(args) -> "str | None":
+    """For --resume: the mode of the run it continues (its config.json: autocast or emulated),
+    found under --name, else under either mode's default name; None when there is none."""
+    autocast_name = cli.script_run_name("bf16_autocast", args)
+    names = [args.name] if args.name else [
+        autocast_name, qat_cli.plan_quantized(args, "bf16", "BF16 emulated", "-")["config"].name]
+    for name in names:
+        run_dir = cli.make_config(args, name=name).run_dir
+        fmt = ((runs.read_json(run_dir / runs.CONFIG) or {}).get("config") or {}).get("format")
+        if isinstance(fmt, dict) and fmt.get("family") == "bf16":
+            return "autocast" if fmt.get("mode") == "autocast" else "emulated"
+    return None
+
+
 def plan(argv=None):
     """Parse the flags: autocast, or the quantized layers (emulated); returns train.run's kwargs."""
     parser = cli.build_parser(__doc__.split("\n")[0])
@@ -59,12 +74,16 @@ def plan(argv=None):
                    help="autocast = torch.autocast(bfloat16) mixed precision; emulated = exact "
                         "bf16 casts of w/a/g in float32 arithmetic (default: autocast on CUDA and "
                         "on CPUs that run bf16 convolutions fast, else emulated; checked by a "
-                        "short probe)")
+                        "short probe; a --resume keeps the run's mode)")
     qat_cli.add_quant_args(parser, DEFAULTS, WHY)
     args = cli.parse_args(parser, argv)
     changed = [r.key for r in ROLES
                if getattr(args, f"{r.key}_fmt") != parser.get_default(f"{r.key}_fmt")]
     emulation_flags = changed or args.first_last_fp32 or args.backend != "native"
+    if args.mode is None and not emulation_flags and args.resume:
+        args.mode = mode_of_existing_run(args)
+        if args.mode and os.environ.get("RANK", "0") == "0":
+            print(f"bf16: --mode {args.mode}, as the run was started (--resume)", flush=True)
     if args.mode is None and not emulation_flags:
         args.mode = choose_mode(args.device)
     if args.mode == "emulated":

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from common import sweep
+from common import runs, sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = ["--synthetic", "--epochs", "1", "--max-steps-per-epoch", "2", "--batch-size", "32",
@@ -124,6 +124,25 @@ def test_bf16_default_is_emulated_where_bf16_convolutions_are_slow(tmp_path):
     assert summary["label"].startswith("BF16 emulated") and not summary["autocast"]
     assert forced.returncode == 0 and not any(l.startswith("bf16:") for l in forced.stdout.splitlines())
     assert list(tmp_path.glob("bf16_autocast_*/summary.json"))
+
+
+@pytest.mark.parametrize("mode", ["autocast", "emulated"])
+@pytest.mark.parametrize("named", [True, False])
+def test_bf16_resume_keeps_the_mode_the_run_started_in(mode, named, tmp_path, monkeypatch, capsys):
+    """On another CPU the probe may choose the other mode; a --resume (by --name, as the sweep
+    runs, or by the default name) continues the run in the mode its config.json records,
+    without probing."""
+    bf16 = load_script("BF16", "bf16_train.py")
+    first = ["--model", "resnet8", "--epochs", "2", "--runs-dir", str(tmp_path),
+             "--mode", mode] + (["--name", "b"] if named else [])
+    config = bf16.plan(first)["config"]
+    runs.write_json(config.run_dir / runs.CONFIG, {"config": config.to_dict()})
+    monkeypatch.setattr(bf16.hardware, "bf16_autocast_speed",
+                        lambda device: pytest.fail("probed on resume"))
+    capsys.readouterr()
+    again = bf16.plan([a for a in first if a not in ("--mode", mode)] + ["--resume"])
+    assert again["config"].name == config.name and again["config"].format == config.format
+    assert f"bf16: --mode {mode}, as the run was started" in capsys.readouterr().out
 
 
 def load_script(folder, script):
