@@ -26,7 +26,6 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 from common import cli, hardware, qat_cli, runs, train  # noqa: E402  (after the sys.path line)
-from common.qat import ROLES  # noqa: E402
 
 DEFAULTS = {"w_fmt": "bf16", "a_fmt": "bf16", "g_fmt": "bf16"}
 WHY = "Used by --mode emulated only (autocast decides its own casts)."
@@ -75,11 +74,12 @@ def plan(argv=None):
                         "bf16 casts of w/a/g in float32 arithmetic (default: autocast on CUDA and "
                         "on CPUs that run bf16 convolutions fast, else emulated; checked by a "
                         "short probe; a --resume keeps the run's mode)")
-    qat_cli.add_quant_args(parser, DEFAULTS, WHY)
+    quant = qat_cli.add_quant_args(parser, DEFAULTS, WHY)
     args = cli.parse_args(parser, argv)
-    changed = [r.key for r in ROLES
-               if getattr(args, f"{r.key}_fmt") != parser.get_default(f"{r.key}_fmt")]
-    emulation_flags = changed or args.first_last_fp32 or args.backend != "native"
+    # any quantization flag off its default (a format, rounding, scaling, --first-last-fp32,
+    # --backend) asks for the casts, which only the emulated mode makes
+    emulation_flags = [a.option_strings[0] for a in quant._group_actions
+                       if getattr(args, a.dest) != parser.get_default(a.dest)]
     if args.mode is None and not emulation_flags and args.resume:
         args.mode = mode_of_existing_run(args)
         if args.mode and os.environ.get("RANK", "0") == "0":
@@ -89,7 +89,8 @@ def plan(argv=None):
     if args.mode == "emulated":
         return qat_cli.plan_quantized(args, "bf16", "BF16 emulated", "BF16/bf16_train.py")
     if emulation_flags:
-        parser.error("--<role>-fmt, --first-last-fp32 and --backend need --mode emulated")
+        parser.error(f"{', '.join(emulation_flags)}: the quantization flags need --mode emulated "
+                     f"(autocast makes no casts of its own)")
     fmt = {"family": "bf16", "mode": "autocast", "bits_per_element": 16}
     config = cli.make_config(args, name=cli.script_run_name("bf16_autocast", args),
                              label="BF16 autocast", format=fmt, script="BF16/bf16_train.py")

@@ -22,7 +22,8 @@ from common.formats import parse_format  # noqa: E402
 
 POSIT_ROLES = ("w", "a", "g")  # in posit(--bits, --es) unless a --<role>-fmt says otherwise
 WHY = ("Formats: posit(--bits, --es) for weights, activations and gradients unless a --<role>-fmt\n"
-       "flag says otherwise. --scaling auto picks per role: posit(<=5 bits) cannot train unscaled\n"
+       "flag says otherwise. --scaling auto picks per role, from the width of that role's\n"
+       "format (its --<role>-fmt if given, else --bits): posit(<=5 bits) cannot train unscaled\n"
        "(posit4es0 holds only +-1/4 .. +-4), so all three are scaled (weights per output channel);\n"
        "from 6 to 11 bits only the gradients are scaled per tensor (unscaled, gradients below\n"
        "minpos, 2^-12 for posit8es1, would round UP to minpos: posits never round to 0);\n"
@@ -57,13 +58,13 @@ def plan(argv=None):
         posit = parse_format(f"posit{args.bits}es{args.es}")
     except ValueError as e:
         parser.error(f"--bits {args.bits} --es {args.es}: {e}")
-    scaling = (auto_scaling(args.bits) if args.scaling == "auto"
-               else dict.fromkeys(POSIT_ROLES, args.scaling))
     for role in POSIT_ROLES:
         if getattr(args, f"{role}_fmt") is None:
             setattr(args, f"{role}_fmt", posit.name)
-        if getattr(args, f"{role}_scaling") is None:
-            setattr(args, f"{role}_scaling", scaling[role])
+        if getattr(args, f"{role}_scaling") is None:    # auto: from this role's own width
+            bits = parse_format(getattr(args, f"{role}_fmt")).bits
+            setattr(args, f"{role}_scaling", auto_scaling(bits)[role] if args.scaling == "auto"
+                    else args.scaling)
     return qat_cli.plan_quantized(args, posit.name, posit.name.replace("posit", "Posit"),
                                  "Posit/train_cifar10_posit.py")
 

@@ -102,6 +102,10 @@ class RoleQuant:
             raise ValueError(f"unknown rounding {self.rounding!r}; accepted: {', '.join(ROUNDINGS)}")
         object.__setattr__(self, "scaling", Scaling.parse(self.scaling))
         self.scaling.for_format(self.fmt)    # a block format refuses tensor/channel scaling
+        if self.fmt.is_identity:   # fp32 casts nothing: its rounding and scale cannot act, so
+            # names, labels and records say plain fp32 (one setting, one name)
+            object.__setattr__(self, "rounding", "nearest")
+            object.__setattr__(self, "scaling", Scaling())
 
     @property
     def active(self) -> bool:

@@ -87,6 +87,19 @@ def test_fp32_roles_leave_gradients_untouched():
     assert torch.equal(conv.weight.grad, ref_conv.weight.grad)
 
 
+def test_an_fp32_role_has_one_name_whatever_its_rounding_and_scaling():
+    """fp32 casts nothing, so a rounding or scale given to it cannot act: the role reads (name,
+    label, record) as plain fp32 instead of claiming a scale that never happens."""
+    from common.qat_cli import describe
+    plain = RoleQuant("fp32")
+    for rq in (RoleQuant("fp32", "stochastic"), RoleQuant("fp32", "nearest", "tensor"),
+               RoleQuant("none", "stochastic", "channel")):
+        assert rq == plain and rq.short() == "fp32" and rq.to_dict() == plain.to_dict()
+    q = QuantConfig(weight=RoleQuant("e4m3", scaling="tensor"), grad=RoleQuant("fp32", "stochastic",
+                                                                            "tensor"))
+    assert describe(q).split() == ["w=e4m3(t)", "a=fp32", "g=fp32"]
+
+
 def test_first_last_fp32_leaves_exactly_first_conv_and_last_linear():
     model = quantize_model(resnet20(), QuantConfig(weight=RoleQuant("e4m3"), first_last_fp32=True))
     convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]

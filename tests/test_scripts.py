@@ -78,6 +78,12 @@ def test_script_runs_from_repo_root(tmp_path):
     ("FP4", "train_cifar10_fp4.py", ["--w-rounding", "up"], "invalid choice"),
     ("BF16", "bf16_train.py", ["--w-fmt", "e4m3"], "--mode emulated"),
     ("BF16", "bf16_train.py", ["--mode", "fast"], "invalid choice"),
+    # autocast makes no casts: a rounding or scaling flag is not silently dropped
+    ("BF16", "bf16_train.py", ["--mode", "autocast", "--g-rounding", "stochastic"],
+     "--g-rounding: the quantization flags need --mode emulated"),
+    ("BF16", "bf16_train.py", ["--mode", "autocast", "--w-scaling", "tensor"],
+     "--w-scaling: the quantization flags need --mode emulated"),
+    ("BF16", "bf16_train.py", ["--g-rounding", "stochastic"], "need --mode emulated"),
     # a block format carries its own scales: an explicit other scaling is refused
     ("FP8", "train_cifar10_fp8.py", ["--w-fmt", "mxfp8", "--w-scaling", "tensor"],
      "--w-scaling tensor: --w-fmt mxfp8 is a block format"),
@@ -143,6 +149,21 @@ def test_bf16_resume_keeps_the_mode_the_run_started_in(mode, named, tmp_path, mo
     again = bf16.plan([a for a in first if a not in ("--mode", mode)] + ["--resume"])
     assert again["config"].name == config.name and again["config"].format == config.format
     assert f"bf16: --mode {mode}, as the run was started" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,tags", [
+    ([], ("w-posit8es1", "a-posit8es1", "g-posit8es1-t")),               # the seed's, unchanged
+    (["--bits", "4", "--es", "0"], ("w-posit4es0-c", "a-posit4es0-t", "g-posit4es0-t")),
+    (["--bits", "8", "--w-fmt", "posit4es0"], ("w-posit4es0-c", "a-posit8es1", "g-posit8es1-t")),
+    (["--bits", "16", "--g-fmt", "posit8es1"], ("w-posit16es1", "a-posit16es1", "g-posit8es1-t")),
+    (["--bits", "4", "--es", "0", "--w-fmt", "posit16es1"],
+     ("w-posit16es1", "a-posit4es0-t", "g-posit4es0-t")),
+])
+def test_posit_auto_scaling_follows_each_roles_own_width(argv, tags):
+    """--scaling auto scales a role by its own format's width: a posit4 weight under --bits 8 is
+    scaled per channel (posit(<=5 bits) cannot train unscaled), a posit16 one under --bits 4 not."""
+    name = load_script("Posit", "train_cifar10_posit.py").plan(argv)["config"].name
+    assert all(f"_{tag}_" in name for tag in tags), name
 
 
 def load_script(folder, script):
