@@ -570,6 +570,24 @@ def _nan_bits(y):
     return {v & (0xFFFFFFFF if y.dtype == torch.float32 else 0xFFFF) for v in ints.tolist()}
 
 
+def check_default_nans(spec, rounding, path, device="cpu"):
+    """NaN patterns, and an inf, through a block cast on ``device``: every NaN out is the
+    default quiet NaN of the result's dtype (also run on CUDA by test_quant_cuda)."""
+    pats = torch.tensor(NAN_PATTERNS * 11, dtype=torch.int64)[:64].to(torch.int32)
+    with_nan = torch.ones(3, 64)
+    with_nan[0] = pats.view(torch.float32)
+    with_inf = torch.ones(3, 64)
+    with_inf[1, 5] = -math.inf
+    seed = torch.tensor([1, 2], dtype=torch.int32, device=device)
+    for x in (with_nan, with_inf):
+        y = run(path, x.to(device), spec, rounding, seed=seed).cpu()
+        assert torch.isnan(y[0 if x is with_nan else 1]).any()
+        assert _nan_bits(y) == {F32_QNAN}, (spec, [hex(b) for b in _nan_bits(y)])
+        if spec != "nvfp4":                 # NVFP4's products of scales need float32
+            yb = run(path, x.to(device, torch.bfloat16), spec, rounding, seed=seed).cpu()
+            assert yb.dtype == torch.bfloat16 and _nan_bits(yb) == {BF16_QNAN}, _nan_bits(yb)
+
+
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 @pytest.mark.parametrize("spec", ["mxfp8", "mxfp4", "nvfp4"])
@@ -578,19 +596,7 @@ def test_nan_out_of_a_block_cast_is_the_default_nan(spec, rounding, path):
     sign with payloads, and the NaN an inf makes (its MX block; the whole NVFP4 tensor, whose
     tensor scale becomes inf: 0 * inf is the CPU's NaN with the sign bit set). A bfloat16 tensor
     (MX) gets bfloat16's default NaN (torch's float32 -> bfloat16 cast would give 0xFFFF)."""
-    pats = torch.tensor(NAN_PATTERNS * 11, dtype=torch.int64)[:64].to(torch.int32)
-    with_nan = torch.ones(3, 64)
-    with_nan[0] = pats.view(torch.float32)
-    with_inf = torch.ones(3, 64)
-    with_inf[1, 5] = -math.inf
-    for x in (with_nan, with_inf):
-        y = run(path, x, spec, rounding, seed=torch.tensor([1, 2], dtype=torch.int32))
-        assert torch.isnan(y[0 if x is with_nan else 1]).any()
-        assert _nan_bits(y) == {F32_QNAN}, (spec, [hex(b) for b in _nan_bits(y)])
-        if spec != "nvfp4":                 # NVFP4's products of scales need float32
-            yb = run(path, x.to(torch.bfloat16), spec, rounding,
-                     seed=torch.tensor([1, 2], dtype=torch.int32))
-            assert yb.dtype == torch.bfloat16 and _nan_bits(yb) == {BF16_QNAN}, _nan_bits(yb)
+    check_default_nans(spec, rounding, path)
 
 
 @pytest.mark.parametrize("path", PATHS)

@@ -179,6 +179,16 @@ def test_cuda_block_formats_match_oracle(spec, path):
 
 @pytest.mark.parametrize("path", ["eager", "compiled"])
 @pytest.mark.parametrize("spec", ["mxfp8", "mxfp4", "nvfp4"])
+def test_cuda_block_nan_is_the_default_nan(spec, path):
+    """NaN patterns and the NaN an inf makes come out as the default NaN on the device too
+    (NVFP4's 0 * inf; MX on bfloat16), as test_blocks checks on the CPU."""
+    from test_blocks import check_default_nans
+    for rounding in ("nearest", "stochastic"):
+        check_default_nans(spec, rounding, path, device="cuda")
+
+
+@pytest.mark.parametrize("path", ["eager", "compiled"])
+@pytest.mark.parametrize("spec", ["mxfp8", "mxfp4", "nvfp4"])
 def test_cuda_block_stochastic_same_bits_as_cpu(spec, path):
     """Fixed seed words: the device's stochastic block cast gives the CPU's bits (the CPU's are
     checked for bias against the oracle in test_blocks)."""
