@@ -575,6 +575,12 @@ def _execute_parallel(todo: List[Job], gpus: List[str], out: Callable[[str], Non
             except KeyboardInterrupt:        # only the main thread gets it; kept for safety
                 rc = job.returncode if job.returncode is not None else EXIT_INTERRUPTED
                 stop.set()
+            except OSError as e:             # its folder or log cannot be written: this run
+                job.seconds = time.perf_counter() - t   # fails, the other slots go on
+                job.result = "failed"
+                job.message = f"{e.filename or job.run_dir}: {e.strerror or e}"
+                say(f"[GPU {gpu}] failed {job.name}: {job.message}")
+                continue
             job.seconds = time.perf_counter() - t
             _outcome(job, rc)
             acc = f", test acc {job.final_test_acc:.2f}%" if job.final_test_acc is not None else ""

@@ -450,3 +450,20 @@ def test_a_runs_dir_that_cannot_be_made_is_one_line(tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "file/runs" in err[0], err
+
+
+def test_a_run_folder_that_cannot_be_written_fails_that_run_only_in_parallel(tmp_path, monkeypatch):
+    """With runs in parallel, a run whose folder cannot be made is 'failed' with the reason; the
+    other runs go on (no thread dies with a traceback)."""
+    jobs = sweep.plan(["fp32", "bf16"], range(2), ["--epochs", "2"], tmp_path)
+
+    def launch(job, gpu, stream, threads=None):
+        if job.name.startswith("bf16") and job.seed == 0:
+            raise OSError(13, "Permission denied", str(job.run_dir))
+        runs.write_json(job.run_dir / "summary.json", {"status": "finished", "final_test_acc": 1.0})
+        return 0
+
+    monkeypatch.setattr(sweep, "_launch", launch)
+    res = sweep.execute(jobs, gpus=["0", "1"], out=lambda msg: None)
+    assert res.counts == {"finished": 3, "failed": 1}
+    assert "Permission denied" in res.failed[0].message and res.failed[0].name.startswith("bf16")
