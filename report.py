@@ -1,4 +1,5 @@
-"""Write the comparison table and plots: results.md, results.csv, acc_per_epoch.png, acc_vs_bits.png.
+"""Write the comparison table and plots: results.md, results.csv, acc_per_epoch.png, acc_vs_bits.png,
+and acc_vs_epochs.csv when a format was trained to several epoch counts (the recipe's curve).
 
     python report.py                                   # -> runs/report/ (nothing committed there)
     python report.py --recipe fast --data real --out results     # the committed results/
@@ -32,16 +33,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default=None, type=str.lower, metavar="NAME",
                    help="only runs of this model (default: all)")
     g.add_argument("--epochs", default=None, type=int, metavar="N",
-                   help="only runs of this many epochs (default: all)")
+                   help="only runs of this many epochs in the main table; the accuracy-against-epochs "
+                        "table keeps every length (default: all)")
     g.add_argument("--recipe", default=None, choices=list(cli.RECIPES),
                    help="only runs of this recipe (default: all)")
     g.add_argument("--data", choices=report.DATA_CHOICES, default="all",
                    help="only runs on the real CIFAR-10 or on the synthetic set (default: all)")
     g = p.add_argument_group("output")
     g.add_argument("--out", default=str(DEFAULT_OUT), metavar="DIR",
-                   help="folder for results.md, results.csv and the PNGs; the committed tables "
-                        "are made with --out results (default: runs/report/ in the repo root, "
-                        "which git ignores, so a bare call never overwrites results/)")
+                   help="folder for results.md, results.csv, acc_vs_epochs.csv and the PNGs; the "
+                        "committed tables are made with --out results (default: runs/report/ in "
+                        "the repo root, which git ignores, so a bare call never overwrites "
+                        "results/)")
     g.add_argument("--no-plots", dest="plots", action="store_false",
                    help="write results.md only (default: plots on)")
     return p

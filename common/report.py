@@ -42,6 +42,9 @@ from .sweep import CONFIGS, compared_values
 
 RESULTS_MD = "results.md"
 RESULTS_CSV = "results.csv"
+EPOCHS_CSV = "acc_vs_epochs.csv"
+EPOCHS_COLUMNS = ("config", "label", "recipe", "model", "epochs", "seeds", "test_images",
+                  "acc_mean", "acc_std", "ema_acc_mean", "hours_per_run")
 CSV_COLUMNS = ("config", "label", "recipe", "model", "epochs", "seeds", "test_images", "acc_mean",
                "acc_std", "diff_vs_fp32", "ci_low", "ci_high", "resolved", "bits",
                "ema_acc_mean", "hours_per_run", "hardware", "not_finished")
@@ -448,6 +451,49 @@ def build_sections(all_runs: Sequence[Run]) -> List[Section]:
     return out
 
 
+def epoch_curves(all_runs: Sequence[Run]) -> List[List[Run]]:
+    """Finished runs of one format trained to several epoch counts, otherwise with the same flags
+    and test images: one list per epoch count, each format's lists in order of epochs. A short
+    recipe's length is chosen from such a curve, so the report shows it beside the main table."""
+    curves: Dict[str, Dict[int, List[Run]]] = {}
+    for r in all_runs:
+        if not r.finished:
+            continue
+        setup = {k: v for k, v in compared_values(r.config).items() if k != "epochs"}
+        key = _key([setup, r.test_set, r.format, r.label])
+        curves.setdefault(key, {}).setdefault(r.config.get("epochs") or 0, []).append(r)
+    out = [[by_epochs[e] for e in sorted(by_epochs)] for by_epochs in curves.values()
+           if len(by_epochs) > 1]
+    out.sort(key=lambda c: (not is_fp32(c[0][0].format), -(c[0][0].format.get("bits_per_element")
+                                                             or 0), c[0][0].label))
+    return out
+
+
+EPOCHS_HEADER = ("configuration", "config", "recipe", "epochs", "seeds", "test acc (%)", "std",
+                 "EMA acc (%)", "time/run", "test images")
+
+
+def epoch_rows(curves: Sequence[List[List[Run]]]) -> List[Dict[str, Any]]:
+    """One row per format and epoch count of ``epoch_curves``; time/run is the runs' mean of
+    epochs x median epoch time (pauses and busy stretches hardly move it)."""
+    rows = []
+    for curve in curves:
+        for same in curve:
+            g = Group("", same[0].label, same[0].format, list(same))
+            acc, std = g.acc
+            typical = [_median_epoch_time(r) for r in same]
+            rows.append({"config": g.config_key, "label": g.label,
+                         "recipe": same[0].config.get("recipe", "paper"),
+                         "model": same[0].config.get("model"),
+                         "epochs": same[0].config.get("epochs"),
+                         "seeds": ";".join(str(r.seed) for r in same),
+                         "test_images": same[0].test_set, "acc_mean": acc, "acc_std": std,
+                         "ema_acc_mean": g.ema_acc,
+                         "hours_per_run": (_mean(typical) / 3600 if None not in typical
+                                           else None)})
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------
 # Formatting
 # ----------------------------------------------------------------------------------------------
@@ -487,7 +533,7 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str = 
 RESULT_HEADER = ("configuration", "config", "bits", "n", "test acc (%)", "std", "vs FP32",
                  "95% CI", "resolved", "EMA acc (%)", "wall/run", "time/epoch", "img/s",
                  "hardware", "test images", "not finished")
-RESULT_ALIGN = "llrrrrrlllrrrlrl"
+RESULT_ALIGN = "llrrrrrllrrrrlrl"
 
 
 def _diff_cells(g: Group, base: Optional[Group]) -> Tuple[str, str, str]:
@@ -547,8 +593,9 @@ def csv_rows(sections: Sequence[Section]) -> List[Dict[str, Any]]:
     return out
 
 
-def write_csv(path: Path, rows: Sequence[Dict[str, Any]]) -> None:
-    """``rows`` as CSV with the ``CSV_COLUMNS`` header; floats with 4 decimals, None empty."""
+def write_csv(path: Path, rows: Sequence[Dict[str, Any]],
+              columns: Sequence[str] = CSV_COLUMNS) -> None:
+    """``rows`` as CSV with the ``columns`` header; floats with 4 decimals, None empty."""
     import csv
     import io
 
@@ -561,9 +608,9 @@ def write_csv(path: Path, rows: Sequence[Dict[str, Any]]) -> None:
 
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(CSV_COLUMNS)
+    w.writerow(columns)
     for r in rows:
-        w.writerow([cell(r.get(c)) for c in CSV_COLUMNS])
+        w.writerow([cell(r.get(c)) for c in columns])
     path.write_text(buf.getvalue(), encoding="utf-8")
 
 
@@ -961,6 +1008,8 @@ def make_report(runs_dirs: Union[Path, Sequence[Path]], out_dir: Path, model: Op
         raise UserError(f"--data {data!r}: accepted: {', '.join(DATA_CHOICES)}")
     runs_dir = ", ".join(_shown(d) for d in dirs if d.is_dir())
     all_runs, broken = load_runs([d for d in dirs if d.is_dir()])
+    curves = epoch_curves(dedupe([r for r in all_runs
+                                  if keep(r.config, model, None, data, recipe)])[0])
     all_runs = [r for r in all_runs if keep(r.config, model, epochs, data, recipe)]
     all_runs, repeats = dedupe(all_runs)
     filtered = bool(model or epochs or recipe or data != "all")
@@ -1034,6 +1083,23 @@ def make_report(runs_dirs: Union[Path, Sequence[Path]], out_dir: Path, model: Op
                           f"process, which other work on the machine does not inflate as it does "
                           f"wall time): {fmt_duration(sum(cpu))} of CPU time in all."]
         lines.append("")
+    curve_rows = epoch_rows(curves)
+    if curve_rows:
+        lines += ["## Accuracy against epochs", "",
+                  "Formats trained to several epoch counts with otherwise the same flags (the "
+                  "schedule stretched to each length) and scored on the same test images: final "
+                  "accuracy, mean and sample standard deviation over the seeds listed. time/run is "
+                  "epochs x the median epoch time, averaged over those runs"
+                  + (f"; this table ignores --epochs {epochs}" if epochs else "") + ". The same rows "
+                  f"as CSV in `{EPOCHS_CSV}`.", ""]
+        lines += md_table(EPOCHS_HEADER, [
+            [r["label"], r["config"], str(r["recipe"]), str(r["epochs"]),
+             r["seeds"].replace(";", ", "), fmt_num(r["acc_mean"]), fmt_num(r["acc_std"]),
+             fmt_num(r["ema_acc_mean"]),
+             fmt_duration(r["hours_per_run"] * 3600 if r["hours_per_run"] is not None else None),
+             f"{r['test_images']:,}" if r["test_images"] else "-"] for r in curve_rows],
+            "lllrlrrrrr")
+        lines.append("")
     if plots and sections:
         plot_epochs(sections, out_dir / PLOT_EPOCHS)
         plot_bits(sections, ptq_groups, out_dir / PLOT_BITS)
@@ -1060,6 +1126,8 @@ def make_report(runs_dirs: Union[Path, Sequence[Path]], out_dir: Path, model: Op
     text = "\n".join(lines)
     (out_dir / RESULTS_MD).write_text(text, encoding="utf-8")
     write_csv(out_dir / RESULTS_CSV, csv_rows(sections))
+    if curve_rows:
+        write_csv(out_dir / EPOCHS_CSV, curve_rows, EPOCHS_COLUMNS)
     return {"results": out_dir / RESULTS_MD, "csv": out_dir / RESULTS_CSV, "repeats": repeats,
             "plots": [out_dir / PLOT_EPOCHS, out_dir / PLOT_BITS] if plots and sections else [],
             "runs": len(all_runs), "finished": n_fin, "sections": len(sections),

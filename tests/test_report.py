@@ -446,3 +446,40 @@ def test_table_states_the_cpu_time_of_the_runs_that_count_it(runs_dir, tmp_path)
     report.make_report(runs_dir, out, plots=False)
     md = (out / "results.md").read_text()
     assert "2 of them count their CPU time" in md and "1h00m of CPU time in all" in md
+
+
+def test_accuracy_against_epochs_table_and_csv(runs_dir, tmp_path):
+    """FP32 trained to 3 epochs (2 seeds) and 5 epochs (1 seed) with the same flags makes a curve
+    of two rows, kept even when --epochs picks the 3-epoch runs; FP8 (one epoch count) and the
+    lr-0.05 FP32 run (other flags) are not on it."""
+    write_run(runs_dir, "fp32_e5_s0", "FP32", FP32, 0, "finished",
+              [50.0, 70.0, 80.0, 88.0, 92.1], 500.0, "GPU A", epochs=5)
+    out = tmp_path / "results"
+    report.make_report(runs_dir, out, plots=False, epochs=EPOCHS)
+    md = (out / "results.md").read_text()
+    assert "this table ignores --epochs 3" in md
+    header, _ = table_rows(md, "## Accuracy against epochs")
+    lines = md.split("## Accuracy against epochs")[1].split("\n## ")[0].splitlines()
+    rows = [[c.strip() for c in ln.strip().strip("|").split(" | ")] for ln in lines
+            if ln.startswith("| FP")]
+    got = [dict(zip(header, r)) for r in rows]
+    assert [(r["config"], r["epochs"], r["seeds"]) for r in got] == [
+        ("fp32", "3", "0, 1"), ("fp32", "5", "0")]
+    m, s = mean_std([91.3, 90.7])
+    assert got[0]["test acc (%)"] == f"{m:.2f}" and got[0]["std"] == f"{s:.2f}"
+    assert got[1]["test acc (%)"] == "92.10" and got[1]["std"] == "-"
+    # epochs logged at wall/5 - 10 + i: median wall/5 - 8, times 5 epochs = 500 - 40 s
+    assert got[1]["time/run"] == "7m40s"
+    csv_lines = (out / "acc_vs_epochs.csv").read_text().splitlines()
+    assert csv_lines[0].split(",") == list(report.EPOCHS_COLUMNS)
+    last = dict(zip(report.EPOCHS_COLUMNS, csv_lines[2].split(",")))
+    assert last["epochs"] == "5" and last["acc_mean"] == "92.1000"
+    assert abs(float(last["hours_per_run"]) - 460.0 / 3600) < 1e-4
+
+
+def test_no_epoch_table_without_a_curve(runs_dir, tmp_path):
+    """Every format at one epoch count: no 'Accuracy against epochs' section and no CSV."""
+    out = tmp_path / "results"
+    report.make_report(runs_dir, out, plots=False)
+    assert "Accuracy against epochs" not in (out / "results.md").read_text()
+    assert not (out / "acc_vs_epochs.csv").exists()
