@@ -775,12 +775,13 @@ def _text_color(color):
     return tuple(c * min(1.0, 0.5 / luminance) for c in rgb) if luminance else rgb
 
 
-def _legend_below(ax) -> None:
-    """Legend under the panel, two columns: the labels are long, the panel keeps its width."""
+def _legend_below(ax, ncol: int = 2) -> None:
+    """Legend under the panel (two columns by default): the labels are long, the panel keeps its
+    width."""
     handles, labels = ax.get_legend_handles_labels()
     if handles:
         ax.legend(handles, labels, fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.16),
-                  ncol=2, frameon=False)
+                  ncol=ncol, frameon=False)
 
 
 FAMILY_TITLES = {"bf16": "BF16", "fp8": "FP8", "fp4": "FP4 (E2M1 elements: scaled, MXFP4, NVFP4)",
@@ -883,13 +884,15 @@ def _spread_labels(ys: Sequence[float], gap: float) -> List[float]:
     return out
 
 
-def _label_gaps(points: Sequence[Tuple]) -> List[List[Tuple]]:
-    """Labels grouped by the gap between bit widths they are written into, each with its anchor.
+def _label_columns(points: Sequence[Tuple]) -> List[List[Tuple]]:
+    """Labels grouped by bit-width column, each with the side it is written on and its anchor.
 
-    Bit widths each within 30% of the next (6.25, 8, 8.25) form one column. A label goes right
-    of its column (side +1, trained runs) or left (-1, PTQ), so the right-hand labels of one
-    column and the left-hand labels of the next share a gap: spreading each gap's labels
-    together keeps them from overwriting each other. Returns per gap [(x, y, text, side, color, anchor x)]."""
+    Bit widths each within 30% of the next (6.25, 8, 8.25) form one column. The leftmost column's
+    labels go left of it, into the margin, every other column's go right of it, into the gap
+    before the next column, which no other column writes into: columns never share a gap, so
+    one panel's labels cannot overwrite each other. Returns per column
+    [(x, y, text, side, color, anchor x)], side -1 (left, anchored at the column's smallest
+    width) or +1 (right, at its largest)."""
     columns: List[List[float]] = []
     for x in sorted({p[0] for p in points}):
         if columns and x <= columns[-1][-1] * 1.3:
@@ -897,41 +900,60 @@ def _label_gaps(points: Sequence[Tuple]) -> List[List[Tuple]]:
         else:
             columns.append([x])
     col_of = {x: i for i, col in enumerate(columns) for x in col}
-    gaps: Dict[int, List[Tuple]] = {}
-    for x, y, text, side, color in points:
-        col = columns[col_of[x]]
-        anchor = max(col) if side > 0 else min(col)
-        gaps.setdefault(col_of[x] + (0 if side > 0 else -1), []).append(
-            (x, y, text, side, color, anchor))
-    return [gaps[k] for k in sorted(gaps)]
+    out: List[List[Tuple]] = [[] for _ in columns]
+    for x, y, text, color in points:
+        i = col_of[x]
+        side = -1 if i == 0 else 1
+        out[i].append((x, y, text, side, color, min(columns[i]) if side < 0 else max(columns[i])))
+    return out
+
+
+def _draw_labels(ax, points: Sequence[Tuple], lo: float, hi: float) -> None:
+    """Each point's text beside its column (``_label_columns``), spread to stay readable and
+    inside the y range [lo, hi] the panel shows, with a thin line to its marker."""
+    gap = max(hi - lo, 10.0) * 0.045
+    top, bottom = hi + 2 * gap, lo - 2 * gap      # a label's height from the axes' edges
+    for column in _label_columns(points):
+        ly_all = _spread_labels([p[1] for p in column], gap)
+        # keep the stack inside the axes (the top wins when it is taller than they are)
+        shift = max(bottom - min(ly_all), 0.0) - max(max(ly_all) - top, 0.0)
+        for (px, py, text, side, color, anchor), ly in zip(column, ly_all):
+            ax.annotate(text, (px, py), xytext=(anchor * 2 ** (0.2 * side), ly + shift),
+                        textcoords="data", fontsize=8, color=_text_color(color), va="center",
+                        ha="left" if side > 0 else "right",
+                        arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.6})
 
 
 def plot_bits(sections: Sequence[Section], ptq_groups: Sequence[PtqGroup],
-              path: Path) -> List[Tuple[float, float, str]]:
-    """Final accuracy against bits per element (log2 axis): trained configurations (filled, error
-    bar 1 std over seeds) and post-training casts of FP32 checkpoints (open markers), every
-    marker at its true bit width; labels beside the markers (trained right, PTQ left). Only the
-    casts with the default settings are drawn (every layer, weights per channel): a second set of
-    open markers per format (e.g. --first-last-fp32) would crowd the plot; the tables show them.
-    Returns the plotted points (x, y, label), for tests."""
+              path: Path) -> List[Tuple[float, float, str, str]]:
+    """Final accuracy against bits per element (log2 axis), two panels side by side on one y
+    axis: configurations trained in each format (filled, error bar 1 std over seeds) and, when
+    there are ptq_eval.py results, FP32 checkpoints cast to each format after training (open
+    markers: triangles unscaled, squares scaled). Every marker sits at its true bit width, its
+    label beside its column. Apart, the two sets' 25-odd labels no longer crowd the narrow gap
+    between 4.5 and 6.25 bits. Only the casts with the default settings are drawn (every layer,
+    weights per channel); the tables show the others (e.g. --first-last-fp32).
+    Returns the plotted points (x, y, label, panel: "trained" or "ptq"), for tests."""
     plt = _pyplot()
     n = max(1, len(sections))
-    fig, axes = plt.subplots(n, 1, figsize=(13, 7.5 * n), squeeze=False)
+    ptq_of = {sec.key: [pg for pg in ptq_groups if pg.section_key == sec.key and pg.default_cast]
+              for sec in sections}
+    ncols = 2 if any(ptq_of.values()) else 1
+    fig, axes = plt.subplots(n, ncols, figsize=(7.5 * ncols, 7.5 * n), squeeze=False,
+                             sharey="row")
     differing = differing_fields(sections)
     plotted = []
-    for ax, sec in zip(axes[:, 0], sections):
+    for row, sec in zip(axes, sections):
         groups = [g for g in sec.groups if g.finished and g.bits]
         colors = dict(zip((g.key for g in sec.groups), _colors(len(sec.groups))))
-        points = []        # (x, y, label, side, color)
+        trained, cast = [], []        # (x, y, label, color)
         for g in groups:
             acc, std = g.acc
-            ax.errorbar([g.bits], [acc], yerr=[std] if std is not None else None, fmt="o", ms=7,
-                        color=colors[g.key], capsize=3, label=f"{g.label} (n={len(g.finished)})")
-            points.append((g.bits, acc, g.config_key, 1, colors[g.key]))
-        base = sec.baseline
-        if base is not None:
-            ax.axhline(base.acc[0], color="gray", ls=":", lw=1, label="FP32 mean")
-        for pg in (p for p in ptq_groups if p.section_key == sec.key and p.default_cast):
+            row[0].errorbar([g.bits], [acc], yerr=[std] if std is not None else None, fmt="o",
+                            ms=7, color=colors[g.key], capsize=3,
+                            label=f"{g.label} (n={len(g.finished)})")
+            trained.append((g.bits, acc, g.config_key, colors[g.key]))
+        for pg in ptq_of[sec.key]:
             for scaling, marker in (("none", "^"), ("scaled", "s")):
                 px, py = [], []
                 for fmt, bits, by_scaling in pg.rows_by_format():
@@ -940,41 +962,40 @@ def plot_bits(sections: Sequence[Section], ptq_groups: Sequence[PtqGroup],
                         continue
                     px.append(bits)
                     py.append(statistics.fmean(vals))
-                    points.append((bits, py[-1], f"{fmt} PTQ{' sc.' if scaling == 'scaled' else ''}",
-                                   -1, "black"))
+                    cast.append((bits, py[-1], f"{fmt}{' sc.' if scaling == 'scaled' else ''}",
+                                 "black"))
                 if px:
-                    ax.scatter(px, py, marker=marker, facecolors="none", edgecolors="black", s=55,
-                               lw=1.2, zorder=3,
-                               label=f"post-training cast of {pg.label} checkpoints, "
-                                     f"{'unscaled' if scaling == 'none' else 'scaled'}")
-        plotted += [(p[0], p[1], p[2]) for p in points]
-        ys = [p[1] for p in points] or [0.0, 100.0]
+                    row[1].scatter(px, py, marker=marker, facecolors="none", edgecolors="black",
+                                   s=55, lw=1.2, zorder=3,
+                                   label=f"{pg.label} checkpoints cast after training, "
+                                         f"{'unscaled' if scaling == 'none' else 'scaled'}")
+        plotted += [(p[0], p[1], p[2], "trained") for p in trained]
+        plotted += [(p[0], p[1], p[2], "ptq") for p in cast]
+        ys = [p[1] for p in trained + cast] or [0.0, 100.0]
         lo, hi = min(ys), max(ys)
         gap = max(hi - lo, 10.0) * 0.045
-        top, bottom = hi + 2 * gap, lo - 2 * gap      # a label's height from the axes' edges
-        for gap_points in _label_gaps(points):
-            ly_all = _spread_labels([p[1] for p in gap_points], gap)
-            # keep the stack inside the axes (the top wins when it is taller than they are)
-            shift = max(bottom - min(ly_all), 0.0) - max(max(ly_all) - top, 0.0)
-            for (px, py, text, side, color, anchor), ly in zip(gap_points, ly_all):
-                ax.annotate(text, (px, py), xytext=(anchor * 2 ** (0.2 * side), ly + shift),
-                            textcoords="data", fontsize=8, color=_text_color(color), va="center",
-                            ha="left" if side > 0 else "right",
-                            arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.6})
-        xs = [p[0] for p in points] or [4.0, 32.0]
-        ax.set_xscale("log", base=2)
-        ticks = [b for b in (2, 4, 8, 16, 32) if min(xs) / 1.3 <= b <= max(xs) * 1.3]
-        ax.set_xticks(ticks)
-        ax.set_xticklabels([str(t) for t in ticks])
-        ax.set_xlim(min(xs) / 2 ** 0.9, max(xs) * 2 ** 0.9)
-        ax.set_ylim(lo - 3 * gap, hi + 3 * gap)
-        ax.set_xlabel("bits per element (block formats include their shared scales)")
-        ax.set_ylabel("final test accuracy (%)")
-        ax.set_title(sec.short_title(differing), fontsize=10)
-        ax.grid(True, alpha=0.3)
-        _legend_below(ax)
-    fig.suptitle("Final test accuracy against bits per element (error bar: 1 std over seeds; "
-                 "open markers: FP32 checkpoints cast after training)", fontsize=11)
+        base = sec.baseline
+        panels = [(row[0], trained, f"trained in the format: {sec.short_title(differing)}")]
+        if ncols == 2:
+            panels.append((row[1], cast, "FP32 checkpoints cast after training (PTQ)"))
+        for ax, points, title in panels:
+            if base is not None:
+                ax.axhline(base.acc[0], color="gray", ls=":", lw=1, label="FP32 mean (trained)")
+            _draw_labels(ax, points, lo, hi)
+            xs = [p[0] for p in trained + cast] or [4.0, 32.0]     # one x range for both panels
+            ax.set_xscale("log", base=2)
+            ticks = [b for b in (2, 4, 8, 16, 32) if min(xs) / 1.3 <= b <= max(xs) * 1.3]
+            ax.set_xticks(ticks)
+            ax.set_xticklabels([str(t) for t in ticks])
+            ax.set_xlim(min(xs) / 2 ** 1.5, max(xs) * 2 ** 1.1)  # room for the labels each side
+            ax.set_ylim(lo - 3 * gap, hi + 3 * gap)
+            ax.set_xlabel("bits per element (block formats include their shared scales)")
+            ax.set_title(title if points else f"{title}: none", fontsize=10)
+            ax.grid(True, alpha=0.3)
+            _legend_below(ax, ncol=1)
+        row[0].set_ylabel("final test accuracy (%)")
+    fig.suptitle("Final test accuracy against bits per element (error bar: 1 std over seeds)",
+                 fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=130, bbox_inches="tight")    # "tight" keeps the outside legend
     plt.close(fig)

@@ -326,10 +326,9 @@ def test_plot_data_true_bit_widths_family_panels_and_short_run_ticks(runs_dir, t
     sections = report.build_sections([r for r in all_runs if r.config["lr"] == 0.1])
     ptq = report.group_ptq(report.load_ptq(runs_dir))
     points = report.plot_bits(sections, ptq, tmp_path / "bits.png")
-    ptq_x = sorted((label, x) for x, _, label in points if "PTQ" in label)
-    assert ptq_x == [("e4m3 PTQ", 8), ("e4m3 PTQ sc.", 8), ("posit4es0 PTQ", 4),
-                     ("posit4es0 PTQ sc.", 4)]
-    trained = {label: (x, y) for x, y, label in points if "PTQ" not in label}
+    ptq_x = sorted((label, x) for x, _, label, panel in points if panel == "ptq")
+    assert ptq_x == [("e4m3", 8), ("e4m3 sc.", 8), ("posit4es0", 4), ("posit4es0 sc.", 4)]
+    trained = {label: (x, y) for x, y, label, panel in points if panel == "trained"}
     assert trained["fp32"][0] == 32 and trained["fp8-e4m3"] == (8, pytest.approx((89.9 + 90.4) / 2))
 
     panels = report.plot_epochs(sections, tmp_path / "ep.png")
@@ -392,9 +391,9 @@ def test_fp4_configurations_share_a_panel_at_their_own_bit_widths(tmp_path):
                                                ("nvfp4", 4.5, "none", 66.0)], fp32["config"])
     sections = report.build_sections(report.load_runs(rd)[0])
     points = report.plot_bits(sections, report.group_ptq(report.load_ptq(rd)), tmp_path / "b.png")
-    x_of = {label: x for x, _, label in points}
-    assert (x_of["fp4"], x_of["fp4-mx"], x_of["fp4-nv"]) == (4, 4.25, 4.5)
-    assert (x_of["mxfp4 PTQ"], x_of["nvfp4 PTQ"]) == (4.25, 4.5)
+    x_of = {(label, panel): x for x, _, label, panel in points}
+    assert [x_of[(k, "trained")] for k in ("fp4", "fp4-mx", "fp4-nv")] == [4, 4.25, 4.5]
+    assert (x_of[("mxfp4", "ptq")], x_of[("nvfp4", "ptq")]) == (4.25, 4.5)
     panels = report.plot_epochs(sections, tmp_path / "e.png")
     assert len(panels) == 1 and panels[0]["title"].startswith("FP4")
     lines = [line.split(" (n=")[0] for line in panels[0]["lines"]]
@@ -406,22 +405,24 @@ def test_fp4_configurations_share_a_panel_at_their_own_bit_widths(tmp_path):
     assert [rows[labels[k]]["bits"] for k in ("fp4", "fp4-mx", "fp4-nv")] == ["4", "4.25", "4.5"]
 
 
-def test_bit_plot_labels_share_a_gap_with_the_next_columns_labels():
-    """Trained labels go right of their bit width, PTQ labels left: the right-hand labels at 8
-    bits and the left-hand ones at 16 are spread together (they were drawn over each other),
-    and 6.25, 8 and 8.25 bits form one column anchored at its ends."""
-    points = [(8, 90.2, "fp8-e5m2w", 1, "r"), (16, 90.3, "posit16es1 PTQ", -1, "k"),
-              (6.25, 90.4, "mxfp6 PTQ", -1, "k"), (8.25, 89.6, "mxfp8 PTQ", -1, "k"),
-              (4, 9.8, "e2m1 PTQ", -1, "k"), (4.5, 87.9, "nvfp4 PTQ", -1, "k")]
-    gaps = report._label_gaps(points)
-    texts = [sorted(p[2] for p in g) for g in gaps]
-    assert texts == [["e2m1 PTQ", "nvfp4 PTQ"], ["mxfp6 PTQ", "mxfp8 PTQ"],
-                     ["fp8-e5m2w", "posit16es1 PTQ"]]
-    anchors = {p[2]: p[5] for g in gaps for p in g}
-    assert anchors["mxfp8 PTQ"] == 6.25 and anchors["fp8-e5m2w"] == 8.25
-    assert anchors["nvfp4 PTQ"] == 4 and anchors["posit16es1 PTQ"] == 16
-    spread = report._spread_labels([p[1] for p in gaps[2]], 3.6)
-    assert abs(spread[0] - spread[1]) >= 3.6 - 1e-9
+def test_bit_plot_label_columns_never_share_a_gap():
+    """6.25, 8 and 8.25 bits form one column; the leftmost column's labels go left (into the
+    margin), every other column's right, anchored at the column's end: no two columns write
+    into the same gap (they were drawn over each other when trained labels went right and PTQ
+    labels left of the next column)."""
+    points = [(8, 90.2, "fp8-e5m2w", "r"), (16, 90.3, "posit16es1", "k"),
+              (6.25, 90.4, "mxfp6", "k"), (8.25, 89.6, "mxfp8", "k"),
+              (4, 9.8, "e2m1", "k"), (4.5, 87.9, "nvfp4", "k")]
+    columns = report._label_columns(points)
+    assert [sorted(p[2] for p in c) for c in columns] == [
+        ["e2m1", "nvfp4"], ["fp8-e5m2w", "mxfp6", "mxfp8"], ["posit16es1"]]
+    where = {p[2]: (p[3], p[5]) for c in columns for p in c}
+    assert where["e2m1"] == where["nvfp4"] == (-1, 4)
+    assert where["mxfp6"] == where["fp8-e5m2w"] == where["mxfp8"] == (1, 8.25)
+    assert where["posit16es1"] == (1, 16)
+    spread = report._spread_labels([p[1] for p in columns[1]], 3.6)
+    ordered = sorted(spread)
+    assert all(b - a >= 3.6 - 1e-9 for a, b in zip(ordered, ordered[1:]))
 
 
 def test_table_states_the_wall_time_of_its_finished_runs(runs_dir, tmp_path):
