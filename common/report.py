@@ -451,7 +451,7 @@ def build_sections(all_runs: Sequence[Run]) -> List[Section]:
     return out
 
 
-def epoch_curves(all_runs: Sequence[Run]) -> List[List[Run]]:
+def epoch_curves(all_runs: Sequence[Run]) -> List[List[List[Run]]]:
     """Finished runs of one format trained to several epoch counts, otherwise with the same flags
     and test images: one list per epoch count, each format's lists in order of epochs. A short
     recipe's length is chosen from such a curve, so the report shows it beside the main table."""
