@@ -908,10 +908,9 @@ def _label_columns(points: Sequence[Tuple]) -> List[List[Tuple]]:
     return out
 
 
-def _draw_labels(ax, points: Sequence[Tuple], lo: float, hi: float) -> None:
-    """Each point's text beside its column (``_label_columns``), spread to stay readable and
+def _draw_labels(ax, points: Sequence[Tuple], lo: float, hi: float, gap: float) -> None:
+    """Each point's text beside its column (``_label_columns``), at least ``gap`` apart and
     inside the y range [lo, hi] the panel shows, with a thin line to its marker."""
-    gap = max(hi - lo, 10.0) * 0.045
     top, bottom = hi + 2 * gap, lo - 2 * gap      # a label's height from the axes' edges
     for column in _label_columns(points):
         ly_all = _spread_labels([p[1] for p in column], gap)
@@ -975,16 +974,16 @@ def plot_bits(sections: Sequence[Section], ptq_groups: Sequence[PtqGroup],
         lo, hi = min(ys), max(ys)
         gap = max(hi - lo, 10.0) * 0.045
         base = sec.baseline
+        xs = [p[0] for p in trained + cast] or [4.0, 32.0]     # one x range for both panels
+        ticks = [b for b in (2, 4, 8, 16, 32) if min(xs) / 1.3 <= b <= max(xs) * 1.3]
         panels = [(row[0], trained, f"trained in the format: {sec.short_title(differing)}")]
         if ncols == 2:
             panels.append((row[1], cast, "FP32 checkpoints cast after training (PTQ)"))
         for ax, points, title in panels:
             if base is not None:
                 ax.axhline(base.acc[0], color="gray", ls=":", lw=1, label="FP32 mean (trained)")
-            _draw_labels(ax, points, lo, hi)
-            xs = [p[0] for p in trained + cast] or [4.0, 32.0]     # one x range for both panels
+            _draw_labels(ax, points, lo, hi, gap)
             ax.set_xscale("log", base=2)
-            ticks = [b for b in (2, 4, 8, 16, 32) if min(xs) / 1.3 <= b <= max(xs) * 1.3]
             ax.set_xticks(ticks)
             ax.set_xticklabels([str(t) for t in ticks])
             ax.set_xlim(min(xs) / 2 ** 1.5, max(xs) * 2 ** 1.1)  # room for the labels each side
@@ -1149,6 +1148,8 @@ def make_report(runs_dirs: Union[Path, Sequence[Path]], out_dir: Path, model: Op
     write_csv(out_dir / RESULTS_CSV, csv_rows(sections))
     if curve_rows:
         write_csv(out_dir / EPOCHS_CSV, curve_rows, EPOCHS_COLUMNS)
+    else:      # a curve of an earlier report in this folder would read as this one's
+        (out_dir / EPOCHS_CSV).unlink(missing_ok=True)
     return {"results": out_dir / RESULTS_MD, "csv": out_dir / RESULTS_CSV, "repeats": repeats,
             "plots": [out_dir / PLOT_EPOCHS, out_dir / PLOT_BITS] if plots and sections else [],
             "runs": len(all_runs), "finished": n_fin, "sections": len(sections),

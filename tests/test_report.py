@@ -479,8 +479,11 @@ def test_accuracy_against_epochs_table_and_csv(runs_dir, tmp_path):
 
 
 def test_no_epoch_table_without_a_curve(runs_dir, tmp_path):
-    """Every format at one epoch count: no 'Accuracy against epochs' section and no CSV."""
+    """Every format at one epoch count: no 'Accuracy against epochs' section, and no CSV, not
+    even one an earlier report left in the folder."""
     out = tmp_path / "results"
+    out.mkdir()
+    (out / "acc_vs_epochs.csv").write_text("config\nstale\n")
     report.make_report(runs_dir, out, plots=False)
     assert "Accuracy against epochs" not in (out / "results.md").read_text()
     assert not (out / "acc_vs_epochs.csv").exists()
