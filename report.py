@@ -4,9 +4,10 @@ and acc_vs_epochs.csv when a format was trained to several epoch counts (the rec
     python report.py                                   # -> runs/report/ (nothing committed there)
     python report.py --recipe fast --data real --out results     # the committed results/
 
-Reads the run records kept in results/runs/ and the run folders in runs/ (summary.json,
+Reads the run records kept in results/runs/ (full test set) and results/runs-test1k/ (history:
+runs scored on the first 1,000 test images) and the run folders in runs/ (summary.json,
 metrics.jsonl, predictions.json, ptq.json from ptq_eval.py); a run of the same configuration
-and seed found twice counts once. Details: common/report.py.
+and seed found twice counts once, and runs on different test sets are kept in separate tables. Details: common/report.py.
 """
 import argparse
 import os
@@ -29,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("input")
     g.add_argument("--runs-dir", action="append", default=None, metavar="DIR",
                    help="folder of run folders; repeat the flag for several (default: "
-                        "results/runs/ and runs/ in the repo root)")
+                        "results/runs/, results/runs-test1k/ and runs/ in the repo root)")
     g.add_argument("--model", default=None, type=str.lower, metavar="NAME",
                    help="only runs of this model (default: all)")
     g.add_argument("--epochs", default=None, type=int, metavar="N",
@@ -55,7 +56,8 @@ def main(argv=None):
     if args.epochs is not None and args.epochs < 1:
         raise UserError("--epochs must be >= 1")
     argv = sys.argv[1:] if argv is None else list(argv)
-    runs_dirs = args.runs_dir or [str(sweep.DEFAULT_RECORDS_DIR), str(cli.DEFAULT_RUNS_DIR)]
+    runs_dirs = args.runs_dir or [str(sweep.DEFAULT_RECORDS_DIR), str(sweep.HISTORY_RECORDS_DIR),
+                                     str(cli.DEFAULT_RUNS_DIR)]
     res = report.make_report(runs_dirs, args.out, args.model, args.epochs, args.data,
                              args.plots, command=shlex.join(["python", "report.py", *argv]),
                              recipe=args.recipe)
