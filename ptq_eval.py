@@ -4,8 +4,9 @@ each format, with and without scaling, without retraining.
     python ptq_eval.py fp32_resnet20_e164_s0                      # a run name in runs/
     python ptq_eval.py runs/fp32_resnet20_e164_s*                 # every seed of the baseline
     python ptq_eval.py runs/x/last.pt --formats e4m3,posit8es1 --scalings scaled
+    python ptq_eval.py results/runs/fp32_resnet20_fast_e20_s0 --out ptq.json   # a record's weights
 
-Writes ptq.json into each run's folder (ptq_first-last-fp32.json with that flag, ...); ``python
+Writes ptq.json into each run's (or record's) folder (ptq_first-last-fp32.json with that flag, ...); ``python
 report.py`` shows it beside the trained results.
 Details: common/ptq.py.
 """
@@ -25,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ptq_eval.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sources", nargs="+", metavar="RUN",
-                   help="run names (in --runs-dir), run folders or checkpoint files (.pt)")
+                   help="run names (in --runs-dir), run or record folders (their weights.pt, else "
+                        "last.pt) or .pt files")
     g = p.add_argument_group("formats")
     g.add_argument("--formats", default=",".join(ptq.DEFAULT_FORMATS), metavar="LIST",
                    help=f"comma-separated formats (any spec of the scripts' --w-fmt) "

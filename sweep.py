@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
                    - {"--help", "--seed", "--name", "--runs-dir", "--resume", "--overwrite"})
     epilog = ("training flags (passed through to every run; meaning and defaults in any format "
               "script's --help):\n  " + " ".join(flags) + "\n\n"
-              "Run names: <config>_<model>_<recipe>_e<epochs>_s<seed>[_synthetic][_max<N>]"
+              "Run names: <config>_<model>_<recipe>_e<epochs>_s<seed>[_synthetic][_val][_max<N>]"
               "[_<tag>]. Exit code: 0 nothing failed (diverged runs are results), 1 a run failed, "
               "2 bad flags or existing runs made with other flags, 130 Ctrl-C.")
     p = argparse.ArgumentParser(prog="sweep.py", description=__doc__.split("\n")[0], epilog=epilog,

@@ -102,6 +102,7 @@ class RunConfig:
     device: str = "auto"
     data_dir: Optional[str] = None
     synthetic: bool = False
+    val_split: bool = False
     channels_last: Optional[bool] = None
     compile: bool = False
     cuda_graphs: bool = True
@@ -189,6 +190,11 @@ def build_parser(description: str, defaults: Optional[Mapping[str, Any]] = None,
         "the repo root", shown=f"${'CIFAR10_DIR'} if set, else data/ in the repo", metavar="DIR")
     add(g, "--synthetic", "synthetic", "use a small generated dataset (512 train / 256 test "
         "images) for smoke tests; results are meaningless", action="store_true")
+    add(g, "--val-split", "val_split", "hold out the last 5,000 training images (the second half "
+        "of data_batch_5; a tenth of a synthetic set) as a validation set: trained on 45,000, "
+        "val_acc reported beside test_acc each epoch. Make every choice (recipe, epochs, "
+        "layers kept in higher precision) on it, never on the test set; the run name gets _val",
+        action="store_true")
 
     g = parser.add_argument_group("model")
     add(g, "--model", "model", "network: " + ", ".join(MODELS), type=str.lower,
@@ -329,6 +335,8 @@ def make_config(args: argparse.Namespace, name: Derived = None, label: Derived =
         run_name = _derive(name, args) or script_run_name("", args)
         if values.get("synthetic"):
             run_name += "_synthetic"
+        if values.get("val_split"):
+            run_name += "_val"
         if values.get("max_steps_per_epoch"):
             run_name += f"_max{values['max_steps_per_epoch']}"
     if not NAME_RE.match(run_name):

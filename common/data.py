@@ -51,6 +51,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 BATCHES_DIR = "cifar-10-batches-py"                  # folder name inside the official tarball
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_FILE = "test_batch"
+# --val-split holds out the last 5,000 training images (the second half of data_batch_5): model
+# choices are made on them, never on the test set.
+VAL_IMAGES = 5000
 ENV_VAR = "CIFAR10_DIR"
 DEFAULT_DATA_DIR = REPO_ROOT / "data"
 NUM_CLASSES = 10
@@ -328,15 +331,28 @@ class DeviceData:
     test_x: torch.Tensor
     test_y: torch.Tensor
     source: str                                     # path of the batches, or "synthetic"
+    val_x: Optional[torch.Tensor] = None            # held out of training (--val-split)
+    val_y: Optional[torch.Tensor] = None
 
     @property
     def device(self) -> torch.device:
         return self.train_x.device
 
 
+def validation_images(n_train: int) -> int:
+    """How many training images ``--val-split`` holds out: ``VAL_IMAGES`` (the last 5,000 of
+    data_batch_5 on CIFAR-10), or a tenth of a smaller (synthetic) training set."""
+    return min(VAL_IMAGES, n_train // 10)
+
+
 def load_device_data(device: torch.device | str, data_dir: Optional[str] = None,
-                     synthetic: bool = False, download: bool = True) -> DeviceData:
-    """Load the real set (or the synthetic one) and move it to ``device`` once, as uint8."""
+                     synthetic: bool = False, download: bool = True,
+                     val_split: bool = False) -> DeviceData:
+    """Load the real set (or the synthetic one) and move it to ``device`` once, as uint8.
+
+    ``val_split``: the last ``validation_images`` training images (in the official order) become
+    the validation set and are not trained on: a fixed split, the same for every run and seed,
+    disjoint from the training images, for choices that must not look at the test set."""
     device = torch.device(device)
     if synthetic:
         arrays = synthetic_cifar()
@@ -345,7 +361,11 @@ def load_device_data(device: torch.device | str, data_dir: Optional[str] = None,
         *arrays, batches = load_cifar10(data_dir, download=download)
         source = str(batches)
     tx, ty, vx, vy = (torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in arrays)
-    return DeviceData(tx, ty, vx, vy, source)
+    if not val_split:
+        return DeviceData(tx, ty, vx, vy, source)
+    n_train = tx.shape[0] - validation_images(tx.shape[0])
+    return DeviceData(tx[:n_train], ty[:n_train], vx, vy, source,
+                      val_x=tx[n_train:], val_y=ty[n_train:])
 
 
 class TrainBatches:
@@ -396,13 +416,18 @@ class TrainBatches:
 
 
 def eval_batches(data: DeviceData, batch_size: int, normalizer: Normalizer, rank: int = 0,
-                 world_size: int = 1) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-    """The test set in order, normalised, no augmentation; rank r takes the r-th contiguous shard."""
-    n = data.test_x.shape[0]
+                 world_size: int = 1, split: str = "test"
+                 ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """The test set (``split="val"``: the validation set) in order, normalised, no augmentation;
+    rank r takes the r-th contiguous shard."""
+    images, labels = (data.test_x, data.test_y) if split == "test" else (data.val_x, data.val_y)
+    if images is None:
+        raise ValueError(f"no {split} images: load the data with val_split=True")
+    n = images.shape[0]
     lo, hi = (rank * n) // world_size, ((rank + 1) * n) // world_size
     for start in range(lo, hi, batch_size):
         end = min(start + batch_size, hi)
-        yield normalizer(data.test_x[start:end]), data.test_y[start:end]
+        yield normalizer(images[start:end]), labels[start:end]
 
 
 def make_generator(device: torch.device, seed: int) -> torch.Generator:
@@ -422,5 +447,5 @@ __all__ = [
     "BATCHES_DIR", "CIFAR10_MEAN", "CIFAR10_STD", "CLASSES", "DEFAULT_DATA_DIR", "DeviceData",
     "ENV_VAR", "Normalizer", "TrainBatches", "crop_flip", "draw_augmentation", "eval_batches",
     "candidate_dirs", "find_batches_dir", "load_cifar10", "load_device_data", "make_generator", "read_batch",
-    "resolve_data_dir", "steps_per_epoch", "synthetic_cifar",
+    "resolve_data_dir", "steps_per_epoch", "synthetic_cifar", "validation_images", "VAL_IMAGES",
 ]

@@ -1,12 +1,12 @@
-"""Post-training quantization: a trained checkpoint evaluated with its weights and activations cast
-to other formats, without retraining.
+"""Post-training quantization: trained weights (a record's weights.pt or a run's last.pt) evaluated
+with their weights and activations cast to other formats, without retraining.
 
     python ptq_eval.py fp32_resnet20_e164_s0                  # a run name in runs/
     python ptq_eval.py runs/fp32_resnet20_e164_s*             # several seeds (folders)
     python ptq_eval.py path/to/last.pt --formats e4m3,posit8es1 --scalings scaled
 
-For each checkpoint: the model is rebuilt from the run's saved config (model name, shortcut), its
-weights loaded, and the test set evaluated
+For each source: the float model is rebuilt from the run's saved config (model name, shortcut) as
+``common.evaluation`` does, its weights loaded, and the test set evaluated
 
 * in float32 (the reference row: the same function the training loop evaluates with,
   ``common.train.evaluate``, on the same data, layout and batch size, so for a float32 run it
@@ -23,7 +23,7 @@ weights loaded, and the test set evaluated
   one row, scaling ``none`` (no scale on top of theirs), whatever the scaling modes asked for.
   BatchNorm, residual adds and the head's pooling stay float32, as in training.
 
-The result goes to ``ptq.json`` in the run's folder (next to ``last.pt``), or a name that says
+The result goes to ``ptq.json`` in the run's or record's folder (next to the weights), or a name that says
 which non-default cast settings it used (``ptq_first-last-fp32.json``, ...), so evaluations with
 other settings sit beside it; ``report.py`` puts each beside the trained results. A
 BF16-autocast run's own evaluation ran under autocast: its float32 row here is the same weights
@@ -42,13 +42,13 @@ import torch.nn as nn
 
 from . import data as data_mod
 from . import runs
-from .cli import CHANNELS_LAST_DEFAULT, DEFAULT_RUNS_DIR, RunConfig
+from .cli import DEFAULT_RUNS_DIR, RunConfig
 from .errors import UserError
 from .formats import parse_format
 from .hardware import device_name
 from .qat import QuantConfig, RoleQuant, quantize_model, storage_bits
-from .resnet import build_model
-from .train import evaluate, resolve_device
+from .evaluation import find_weights, load_trained, rebuild_model, run_layout
+from .train import build_run_model, evaluate, resolve_device
 
 __all__ = ["DEFAULT_FORMATS", "SCALING_MODES", "WEIGHT_SCALINGS", "PTQ_FILE", "ptq_file_name",
            "resolve_checkpoint", "load_model", "ptq_qconfig", "evaluate_formats", "run_ptq", "parse_formats"]
@@ -80,39 +80,16 @@ def parse_formats(spec: str) -> List[str]:
 
 
 def resolve_checkpoint(source: str, runs_dir: Optional[str] = None) -> Path:
-    """A run name (in ``runs_dir``), a run folder, or a checkpoint file -> the checkpoint's path."""
-    p = Path(source).expanduser()
-    candidates = [p] if p.suffix == ".pt" else [p / runs.CHECKPOINT,
-                                                Path(runs_dir or DEFAULT_RUNS_DIR) / source / runs.CHECKPOINT]
-    for c in candidates:
-        if c.is_file():
-            return c.resolve()
-    raise UserError(f"{source}: no checkpoint found (looked for {' and '.join(map(str, candidates))}); "
-                    f"give a run name in --runs-dir, a run folder or a .pt file")
-
-
-def load_checkpoint(path: Path) -> Dict[str, Any]:
-    """The checkpoint at ``path`` (UserError, one line, when it is not one of this project's)."""
-    try:
-        ckpt = runs.load_checkpoint(path)
-    except Exception as e:
-        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise UserError(f"{path} is not a checkpoint of this project's training loop (no model/config)")
-    return ckpt
+    """A run name (in ``runs_dir``), a record or run folder, or a ``.pt`` file -> the file holding
+    the trained weights (``weights.pt``, else ``last.pt``)."""
+    return find_weights(source, str(runs_dir or DEFAULT_RUNS_DIR))
 
 
 def load_model(config: RunConfig, state_dict: Dict[str, torch.Tensor], device: torch.device,
                channels_last: bool) -> nn.Module:
     """Rebuild the float model of ``config``, on ``device`` in the loop's layout, with the weights
     of ``state_dict`` (a quantized run's state_dict loads too: its layers keep the same keys)."""
-    try:
-        model = build_model(config.model, num_classes=data_mod.NUM_CLASSES, shortcut=config.shortcut)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    model = model.to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = build_run_model(config, device, channels_last)
     model.load_state_dict(state_dict)
     return model.eval()
 
@@ -174,26 +151,25 @@ def run_ptq(checkpoint: Path, formats: Sequence[str] = DEFAULT_FORMATS,
             log=None) -> Dict[str, Any]:
     """Evaluate one checkpoint in every format; write and return the ptq.json dict."""
     checkpoint = Path(checkpoint)
-    ckpt = load_checkpoint(checkpoint)
-    config = RunConfig.from_dict(ckpt["config"])
+    trained = load_trained(checkpoint)
+    config = trained.config
     dev = resolve_device(device)
-    channels_last = CHANNELS_LAST_DEFAULT[dev.type] if config.channels_last is None else config.channels_last
+    channels_last = run_layout(trained, dev)
     batch = eval_batch_size or config.eval_batch_size
     data = data_mod.load_device_data(dev, data_dir or config.data_dir, config.synthetic)
     normalizer = data_mod.Normalizer(dev, channels_last=channels_last)
-    model = load_model(config, ckpt["model"], dev, channels_last)
-    metrics = ckpt.get("metrics") or []
-    last = metrics[-1] if metrics else {}
-    summary = runs.read_json(checkpoint.parent / runs.SUMMARY) or {}
+    model = rebuild_model(trained, dev, quantized=False)
+    last = trained.metrics[-1] if trained.metrics else {}
+    summary = trained.summary
     rows = evaluate_formats(model, data, normalizer, batch, formats, scalings, weight_scaling,
                             first_last_fp32, log)
     result = {
         "source": {
             "name": config.name, "checkpoint": str(checkpoint), "label": config.label,
             "format": config.format, "model": config.model, "recipe": config.recipe,
-            "epoch": ckpt.get("epoch"),
+            "epoch": trained.epoch,
             "epochs": config.epochs, "status": summary.get("status"),
-            "autocast": ckpt.get("autocast"), "trained_test_acc": last.get("test_acc"),
+            "autocast": trained.autocast, "trained_test_acc": last.get("test_acc"),
             "trained_test_loss": last.get("test_loss"), "config": config.to_dict(),
         },
         "device": str(dev), "device_name": device_name(dev), "channels_last": channels_last,

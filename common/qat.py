@@ -166,6 +166,14 @@ class QuantConfig:
         d.update(first_last_fp32=self.first_last_fp32, backend=self.backend)
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantConfig":
+        """Inverse of ``to_dict`` (a run record's ``format``; its other keys, such as family and
+        bits_per_element, are ignored; a role it lacks is fp32)."""
+        roles = {role.field: RoleQuant(**d[role.field]) for role in ROLES if role.field in d}
+        return cls(first_last_fp32=bool(d.get("first_last_fp32", False)),
+                   backend=d.get("backend", "native"), **roles)
+
 
 def _check_role_table() -> None:
     """ROLES and QuantConfig's RoleQuant fields name the same roles in the same order."""

@@ -10,6 +10,11 @@ Layout of ``runs/<name>/`` (written by rank 0 only):
 * ``predictions.json`` the final model's predicted class of every test image (test-set order),
                     whether it was right, and a hash of the test labels: what paired comparisons
                     between runs need (``report``), without the checkpoint.
+* ``weights.pt``    the finished model's ``state_dict`` alone (float32, contiguous, on the CPU; no
+                    optimizer state), written at the last epoch, loadable with
+                    ``torch.load(weights_only=True)``; its sha256 is in ``summary.json``. A record
+                    keeps it, so a new test set, a corruption benchmark or a PTQ row never needs a
+                    retrain (``evaluate.py``, ``ptq_eval.py``).
 * ``last.pt``       checkpoint after the last finished epoch (model, optimizer, grad scaler, epoch,
                     every RNG state, metrics so far).
 * ``.lock``         empty file whose ``flock`` the training process holds for the run's life: a
@@ -35,7 +40,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import IO, Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -47,9 +52,10 @@ CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 PREDICTIONS = "predictions.json"
+WEIGHTS = "weights.pt"
 LOCK = ".lock"
 # The small files of a run that results/runs/<name>/ keeps (never the checkpoint).
-RECORD_FILES = (CONFIG, METRICS, SUMMARY, PREDICTIONS)
+RECORD_FILES = (CONFIG, METRICS, SUMMARY, PREDICTIONS, WEIGHTS)
 CHECKPOINT_VERSION = 1
 
 
@@ -242,9 +248,73 @@ def read_correct(run_dir: Path) -> Optional[Tuple[str, np.ndarray]]:
         return None
 
 
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def save_weights(path: Path, state_dict: Mapping[str, torch.Tensor]) -> str:
+    """Write a model's ``state_dict`` as ``weights.pt`` (contiguous CPU copies: a channels-last or
+    GPU model's file loads anywhere), atomically; returns the file's sha256."""
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = bytes(buffer.getbuffer())
+    _atomic_write(path, lambda f: f.write(data))
+    return hashlib.sha256(data).hexdigest()
+
+
+def load_weights(path: Path, sha256: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    """The ``state_dict`` in a ``weights.pt``, loaded with ``weights_only=True``. A missing,
+    corrupt or foreign file, or one whose sha256 is not ``sha256``, raises UserError naming it."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read weights {path}: {e.strerror or e}") from None
+    if sha256 and hashlib.sha256(data).hexdigest() != sha256:
+        raise UserError(f"weights {path} do not match their record: sha256 "
+                        f"{hashlib.sha256(data).hexdigest()[:16]}..., the summary says "
+                        f"{sha256[:16]}... (a changed or damaged file)")
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"weights {path} are not a readable state_dict ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else 'no details'})") from None
+    if not isinstance(state, dict) or not state or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise UserError(f"weights {path} are not a model state_dict (a dict of named tensors)")
+    return state
+
+
+def ensure_weights(run_dir: Path) -> Optional[str]:
+    """The sha256 of a finished run's ``weights.pt``, writing it first from ``last.pt``'s model
+    when a run finished by older code has none (and noting it in ``summary.json``); None when the
+    run is not finished or has neither file."""
+    run_dir = Path(run_dir)
+    summary = read_json(run_dir / SUMMARY) or {}
+    if summary.get("status") != "finished":
+        return None
+    weights = run_dir / WEIGHTS
+    if weights.is_file():
+        sha = file_sha256(weights)
+    elif (run_dir / CHECKPOINT).is_file():
+        ckpt = load_checkpoint(run_dir / CHECKPOINT)
+        if ckpt.get("epoch") != summary.get("epochs_done"):
+            return None
+        sha = save_weights(weights, ckpt["model"])
+    else:
+        return None
+    if summary.get("weights_sha256") != sha:
+        write_json(run_dir / SUMMARY, {**summary, "weights_file": WEIGHTS, "weights_sha256": sha})
+    return sha
+
+
 def copy_record(run_dir: Path, record_dir: Path) -> None:
     """Copy a finished run's small files (``RECORD_FILES``, never the checkpoint) to
-    ``record_dir``, each atomically, the summary last (its presence marks the record complete)."""
+    ``record_dir``, each atomically, the summary last (its presence marks the record complete).
+    A finished run without ``weights.pt`` gets it from ``last.pt`` first (``ensure_weights``)."""
+    ensure_weights(run_dir)
     order = [f for f in RECORD_FILES if f != SUMMARY] + [SUMMARY]
     for name in order:
         src = Path(run_dir) / name

@@ -15,7 +15,8 @@ to every run; they are checked with the shared parser before anything starts, so
 once instead of after hours of runs.
 
 Run names are ``<key>_<model>_<recipe>_e<epochs>_s<seed>`` (plus ``_synthetic``, ``_max<N>`` for
-smoke runs and ``_<tag>`` with ``--tag``), so sweeps of different lengths never share a folder.
+smoke runs, ``_val`` with ``--val-split`` and ``_<tag>`` with ``--tag``), so sweeps of different
+lengths never share a folder.
 Before launching, a run's ``summary.json`` decides (its record in ``--records-dir`` first, else its
 run folder):
 
@@ -25,9 +26,10 @@ run folder):
 * anything else (no folder, ``running``/``interrupted``/``failed``): launched with ``--resume``,
   which continues ``last.pt`` exactly or starts fresh when there is none.
 
-Finished and diverged runs are recorded (their small files copied to ``--records-dir``); one
-that is not yet (a sweep with ``--records-dir none``, a run made by hand under the sweep's name)
-is recorded when the sweep skips it.
+Finished and diverged runs are recorded (their small files and final weights copied to
+``--records-dir``); one that is not yet (a sweep with ``--records-dir none``, a run made by hand
+under the sweep's name), or whose record has no weights while its run folder has them (or a
+``last.pt`` to take them from), is recorded when the sweep skips it.
 
 An existing run whose recorded training flags differ from this sweep's (say ``--lr``), or that was
 scored on other test images than this sweep's data holds (the 1,000-image subset against the full
@@ -168,12 +170,14 @@ class Job:
 
 def run_name(key: str, model: str, epochs: int, seed: int, synthetic: bool = False,
              max_steps: Optional[int] = None, tag: Optional[str] = None,
-             recipe: str = cli.DEFAULT_RECIPE) -> str:
-    """``<key>_<model>_<recipe>_e<epochs>_s<seed>[_synthetic][_max<N>][_<tag>]``: what makes a run
-    distinct."""
+             recipe: str = cli.DEFAULT_RECIPE, val_split: bool = False) -> str:
+    """``<key>_<model>_<recipe>_e<epochs>_s<seed>[_synthetic][_val][_max<N>][_<tag>]``: what makes
+    a run distinct (as the scripts' own names)."""
     name = f"{key}_{model}_{recipe}_e{epochs}_s{seed}"
     if synthetic:
         name += "_synthetic"
+    if val_split:
+        name += "_val"
     if max_steps:
         name += f"_max{max_steps}"
     if tag:
@@ -286,6 +290,17 @@ def _other_test_set(folder: Path, summary: Mapping, current: Tuple[str, int]) ->
             f"sweep's data holds ({current[1]:,})")
 
 
+def needs_record(job: Job, recorded: bool) -> bool:
+    """Whether a finished or diverged run is to be (re-)recorded: it has no record yet, or its
+    record, made before records kept weights, has none while the run folder can supply them."""
+    if job.record_dir is None:
+        return False
+    if not recorded:
+        return True
+    return not (job.record_dir / runs.WEIGHTS).is_file() and any(
+        (job.run_dir / f).is_file() for f in (runs.WEIGHTS, runs.CHECKPOINT))
+
+
 def plan(keys: Sequence[str], seeds: Sequence[int], training_flags: Sequence[str],
          runs_dir: Path, tag: Optional[str] = None,
          records_dir: Optional[Path] = None) -> List[Job]:
@@ -306,7 +321,7 @@ def plan(keys: Sequence[str], seeds: Sequence[int], training_flags: Sequence[str
         for key in keys:
             cfg = CONFIGS[key]
             name = run_name(key, args.model, args.epochs, seed, args.synthetic,
-                            args.max_steps_per_epoch, tag, args.recipe)
+                            args.max_steps_per_epoch, tag, args.recipe, args.val_split)
             cmd = [sys.executable, str(REPO_ROOT / cfg.script), *cfg.flags, *flags,
                    "--seed", str(seed), "--runs-dir", str(runs_dir), "--name", name, "--resume"]
             # smoke runs (synthetic data, capped epochs) are never kept as results
@@ -333,7 +348,7 @@ def plan(keys: Sequence[str], seeds: Sequence[int], training_flags: Sequence[str
                     if other:
                         conflicts.append(other)
                     job.action = "skip"
-                    job.record_now = job.record_dir is not None and not recorded
+                    job.record_now = needs_record(job, recorded)
                 done = f"{summary.get('epochs_done', '?')}/{summary.get('epochs', '?')} epochs"
                 if status == "finished":
                     job.reason = "recorded" if recorded else "finished"

@@ -163,10 +163,31 @@ def _unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def build_run_model(config: RunConfig, device: torch.device, channels_last: bool,
+                    model_transform: Optional[Callable[[nn.Module], Optional[nn.Module]]] = None
+                    ) -> nn.Module:
+    """The model a run trains: ``config.model`` built, its layers swapped by ``model_transform``
+    (a format script's quantization), on ``device`` in the run's memory layout. Training and the
+    evaluation of saved weights (``common.evaluation``) both build it here, so they match."""
+    try:
+        model = build_model(config.model, num_classes=data_mod.NUM_CLASSES, shortcut=config.shortcut)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if model_transform is not None:
+        out = model_transform(model)
+        model = out if out is not None else model
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
 def evaluate(model: nn.Module, data: data_mod.DeviceData, normalizer: data_mod.Normalizer,
              batch_size: int, autocast_dtype: Optional[torch.dtype] = None,
-             ctx: Optional[_Dist] = None, predictions: bool = False) -> Dict[str, Any]:
-    """Test loss (mean cross-entropy) and accuracy (%) on the whole test set; sharded under DDP.
+             ctx: Optional[_Dist] = None, predictions: bool = False,
+             split: str = "test") -> Dict[str, Any]:
+    """Test loss (mean cross-entropy) and accuracy (%) on the whole test set (``split="val"``:
+    the validation images held out of training); sharded under DDP.
 
     ``predictions=True`` adds ``"predictions"``: the predicted class of every test image, in the
     test set's order (gathered from every rank), for paired comparisons between runs.
@@ -178,7 +199,8 @@ def evaluate(model: nn.Module, data: data_mod.DeviceData, normalizer: data_mod.N
     preds = []
     with torch.no_grad(), torch.autocast(dev.type, dtype=autocast_dtype or torch.float32,
                                          enabled=autocast_dtype is not None):
-        for x, y in data_mod.eval_batches(data, batch_size, normalizer, ctx.rank, ctx.world_size):
+        for x, y in data_mod.eval_batches(data, batch_size, normalizer, ctx.rank, ctx.world_size,
+                                          split):
             out = model(x)
             pred = out.argmax(1)
             sums[0] += F.cross_entropy(out.float(), y, reduction="sum").double()
@@ -369,6 +391,8 @@ class _Trainer:
             "epochs_done": len(self.metrics),
             "final_test_acc": last.get("test_acc") if finished else None,
             "final_test_loss": last.get("test_loss") if finished else None,
+            **({"final_val_acc": last.get("val_acc") if finished else None,
+                "val_images": last.get("val_images")} if self.cfg.val_split else {}),
             "last_test_acc": last.get("test_acc"),
             "last_test_loss": last.get("test_loss"),
             "last_train_loss": last.get("train_loss"),
@@ -391,7 +415,15 @@ class _Trainer:
             "updated_at": _now(),
             "run_dir": str(self.run_dir),
             "config": self.cfg.to_dict(),
+            **self._weights_fields(finished),
         }
+
+    def _weights_fields(self, finished: bool) -> Dict[str, Any]:
+        """The finished model's weights file and its sha256, for the summary (and the record)."""
+        path = self.run_dir / runs.WEIGHTS
+        if not (finished and path.is_file()):
+            return {}
+        return {"weights_file": runs.WEIGHTS, "weights_sha256": runs.file_sha256(path)}
 
     def write_summary(self, status: str, message: str = "") -> Dict[str, Any]:
         s = self.summary(status, message)
@@ -533,17 +565,9 @@ class _Trainer:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
 
-        data = data_mod.load_device_data(device, cfg.data_dir, cfg.synthetic)
-        try:
-            model = build_model(cfg.model, num_classes=data_mod.NUM_CLASSES, shortcut=cfg.shortcut)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-        if self.model_transform is not None:
-            out = self.model_transform(model)
-            model = out if out is not None else model
-        model = model.to(device)
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
+        data = data_mod.load_device_data(device, cfg.data_dir, cfg.synthetic,
+                                         val_split=cfg.val_split)
+        model = build_run_model(cfg, device, channels_last, self.model_transform)
         raw_model = model
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                     weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
@@ -654,6 +678,9 @@ class _Trainer:
         self.resolved.setdefault("train_images_per_epoch", prev.get("train_images_per_epoch"))
         if prev.get("status") == "finished":
             summary = prev
+            # a run finished by older code has no weights.pt: write it from last.pt's model
+            if self.rank0 and "weights_sha256" not in prev and runs.ensure_weights(self.run_dir):
+                summary = runs.read_json(self.run_dir / runs.SUMMARY) or prev
         else:   # stopped after the last checkpoint but before its summary: finish the paperwork
             summary = self.summary("finished")
             summary["wall_seconds"] = round(self.wall_prev, 3)
@@ -738,6 +765,8 @@ class _Trainer:
                           predictions=last_epoch)
             if not math.isfinite(ev["test_loss"]):
                 self._check_finite(torch.tensor(ev["test_loss"]), epoch, steps, steps, "test loss")
+            val = (evaluate(eval_model, data, normalizer, cfg.eval_batch_size, self.autocast_dtype,
+                            ctx, split="val") if cfg.val_split else None)
             epoch_time = time.perf_counter() - t0
             self.train_seconds += train_time
             row = {
@@ -747,6 +776,8 @@ class _Trainer:
                 **({"ema_test_acc": evaluate(self.ema.model, data, normalizer, cfg.eval_batch_size,
                                              self.autocast_dtype, ctx)["test_acc"]}
                    if self.ema is not None else {}),
+                **({"val_loss": val["test_loss"], "val_acc": val["test_acc"],
+                    "val_images": val["test_images"]} if val else {}),
                 "train_images": images, "test_images": ev["test_images"],
                 "epoch_seconds": round(epoch_time, 3), "train_seconds": round(train_time, 3),
                 "images_per_s": round(images / train_time, 1),
@@ -755,6 +786,7 @@ class _Trainer:
             if self.rank0:
                 if last_epoch:      # before last.pt: a finished checkpoint has its predictions
                     runs.write_predictions(self.run_dir, ev["predictions"], data.test_y)
+                    runs.save_weights(self.run_dir / runs.WEIGHTS, raw_model.state_dict())
                 runs.save_checkpoint(self.ckpt_path, {
                     "version": runs.CHECKPOINT_VERSION, "epoch": epoch + 1,
                     "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -777,4 +809,5 @@ class _Trainer:
             self.log(f"epoch {epoch + 1:>{len(str(cfg.epochs))}}/{cfg.epochs}  lr {lr0:.5f}  "
                      f"train loss {row['train_loss']:.4f} acc {row['train_acc']:6.2f}%  "
                      f"test loss {row['test_loss']:.4f} acc {row['test_acc']:6.2f}%  "
-                     f"{epoch_time:6.1f}s  {row['images_per_s']:,.0f} img/s")
+                     + (f"val acc {row['val_acc']:6.2f}%  " if val else "")
+                     + f"{epoch_time:6.1f}s  {row['images_per_s']:,.0f} img/s")

@@ -97,7 +97,7 @@ def test_cli_and_errors(trained, tmp_path, capsys):
     res = json.loads(out.read_text())
     assert [(r["format"], r["scaling"]) for r in res["results"]] == [("fp32", "none"), ("e4m3", "scaled")]
 
-    for argv, needle in ([["nope", "--runs-dir", str(tmp_path)], "no checkpoint found"],
+    for argv, needle in ([["nope", "--runs-dir", str(tmp_path)], "no weights found"],
                          [[str(trained), "--formats", "e4m9x"], "--formats 'e4m9x'"],
                          [[str(trained), "--formats", "fp32"], "at least one format other than fp32"],
                          [[str(trained), "--scalings", "channel"], "--scalings 'channel'"],
