@@ -1,5 +1,6 @@
 """Write the comparison table and plots: results.md, results.csv, acc_per_epoch.png, acc_vs_bits.png,
-and acc_vs_epochs.csv when a format was trained to several epoch counts (the recipe's curve).
+forest.png (differences to FP32 with both 95% intervals), and acc_vs_epochs.csv when a format was
+trained to several epoch counts (the recipe's curve).
 
     python report.py                                   # -> runs/report/ (nothing committed there)
     python report.py --recipe fast --data real --out results     # the committed results/
@@ -25,7 +26,7 @@ DEFAULT_OUT = cli.DEFAULT_RUNS_DIR / "report"          # runs/ is not tracked by
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="report.py", description=__doc__.split("\n")[0],
+    p = cli.Parser(prog="report.py", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("input")
     g.add_argument("--runs-dir", action="append", default=None, metavar="DIR",

@@ -14,7 +14,9 @@ tables) form a section; inside it, runs with the same format (the config's ``for
 
 Each row: final test accuracy (the last epoch's, never the best epoch's) as mean and sample
 standard deviation over the finished seeds (n-1 in the denominator; "-" for one seed), the
-difference of the mean to the section's FP32 row, mean wall time per run and per epoch, mean
+difference of the mean to the section's FP32 row with two 95% intervals (the paired two-level
+bootstrap and, as an independent check, Welch's t-interval over seeds; common/stats.py) and
+where they disagree on whether it excludes 0, mean wall time per run and per epoch, mean
 training throughput, hardware and test-set size. Runs that did not finish (diverged, interrupted,
 still running or killed, failed) are not averaged in; the row notes them and a section of the
 report names each one with its status, epochs done and last accuracy.
@@ -22,7 +24,9 @@ report names each one with its status, epochs done and last accuracy.
 Plots (PNG, next to results.md): ``acc_per_epoch.png``, test accuracy after every epoch, mean over
 the finished seeds with the min-max band; ``acc_vs_bits.png``, final accuracy (mean, error bar 1
 std) against bits per element on a log2 axis, with post-training quantization results as open
-markers.
+markers; ``forest.png``, each configuration's difference to FP32 with both intervals, grouped by
+bits per element, for the table on the largest test set. A table of ResNet-20 on all 10,000 test
+images also compares FP32's mean with the accuracy He et al. report.
 """
 from __future__ import annotations
 
@@ -37,7 +41,8 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 from . import runs
 from .cli import REPO_ROOT
 from .errors import UserError
-from .stats import PairedDiff, paired_bootstrap
+from .stats import (PairedDiff, one_sample_bootstrap, paired_bootstrap, t_interval,
+                    welch_interval)
 from .sweep import CONFIGS, compared_values
 
 RESULTS_MD = "results.md"
@@ -46,10 +51,16 @@ EPOCHS_CSV = "acc_vs_epochs.csv"
 EPOCHS_COLUMNS = ("config", "label", "recipe", "model", "epochs", "seeds", "test_images",
                   "acc_mean", "acc_std", "ema_acc_mean", "hours_per_run")
 CSV_COLUMNS = ("config", "label", "recipe", "model", "epochs", "seeds", "test_images", "acc_mean",
-               "acc_std", "diff_vs_fp32", "ci_low", "ci_high", "resolved", "bits",
+               "acc_std", "diff_vs_fp32", "ci_low", "ci_high", "ci_half_width", "resolved",
+               "t_ci_low", "t_ci_high", "t_df", "t_resolved", "methods_disagree", "bits",
                "ema_acc_mean", "hours_per_run", "hardware", "not_finished")
 PLOT_EPOCHS = "acc_per_epoch.png"
 PLOT_BITS = "acc_vs_bits.png"
+PLOT_FOREST = "forest.png"
+# He, Zhang, Ren, Sun, "Deep Residual Learning for Image Recognition", CVPR 2016, Table 6:
+# ResNet-20 on CIFAR-10, 8.75% test error (164 epochs, the paper recipe), i.e. 91.25% accuracy.
+PAPER_RESNET20_ACC = 91.25
+PAPER_EPOCHS = 164
 DATA_CHOICES = ("all", "real", "synthetic")
 
 
@@ -248,6 +259,14 @@ class Group:
     runs: List[Run] = field(default_factory=list)
     paired: Optional[PairedDiff] = None      # difference to the section's FP32 row, with its CI
     paired_note: str = ""                    # why there is no interval, when there is none
+    welch: Optional[PairedDiff] = None       # the same difference, Welch t-interval over seeds
+
+    @property
+    def methods_disagree(self) -> Optional[bool]:
+        """Whether the bootstrap and the t-interval disagree on resolved (None: one is missing)."""
+        if self.paired is None or self.welch is None:
+            return None
+        return self.paired.resolved != self.welch.resolved
 
     @property
     def finished(self) -> List[Run]:
@@ -289,8 +308,13 @@ class Group:
         return self.format.get("bits_per_element")
 
     @property
+    def final_accs(self) -> List[float]:
+        """Each finished seed's final test accuracy (points)."""
+        return [r.summary["final_test_acc"] for r in self.finished]
+
+    @property
     def acc(self) -> Tuple[Optional[float], Optional[float]]:
-        return mean_std([r.summary["final_test_acc"] for r in self.finished])
+        return mean_std(self.final_accs)
 
     def mean_of(self, field_name: str) -> Optional[float]:
         return _mean(r.summary.get(field_name) for r in self.finished)
@@ -359,7 +383,7 @@ class Section:
     def compare_to_baseline(self) -> None:
         """Fill each row's paired difference to FP32 with its bootstrap interval (common.stats),
         where every finished run of both rows stored its per-image predictions on the same
-        test images."""
+        test images, and its Welch t-interval over seeds, where both rows have 2+ seeds."""
         base = self.baseline
         if base is None:
             return
@@ -367,6 +391,7 @@ class Section:
         for g in self.groups:
             if g is base or not g.finished:
                 continue
+            g.welch = welch_interval(g.final_accs, base.final_accs)
             digest, rows, why = g.correct_matrix()
             if base_rows is None or rows is None:
                 g.paired_note = why or f"FP32: {base_why}"
@@ -531,23 +556,72 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str = 
 
 
 RESULT_HEADER = ("configuration", "config", "bits", "n", "test acc (%)", "std", "vs FP32",
-                 "95% CI", "resolved", "EMA acc (%)", "wall/run", "time/epoch", "img/s",
-                 "hardware", "test images", "not finished")
-RESULT_ALIGN = "llrrrrrllrrrrlrl"
+                 "95% CI", "±", "resolved", "t-interval", "t resolved", "EMA acc (%)",
+                 "wall/run", "time/epoch", "img/s", "hardware", "test images", "not finished")
+RESULT_ALIGN = "llrrrrrlrlllrrrrlrl"
 
 
-def _diff_cells(g: Group, base: Optional[Group]) -> Tuple[str, str, str]:
-    """'vs FP32', '95% CI' and 'resolved' cells of a row."""
+def _interval(p: PairedDiff) -> str:
+    return f"[{fmt_num(p.ci_low, signed=True)}, {fmt_num(p.ci_high, signed=True)}]"
+
+
+def _diff_cells(g: Group, base: Optional[Group]) -> List[str]:
+    """'vs FP32', '95% CI', '±', 'resolved' (bootstrap), 't-interval' and 't resolved' cells."""
     if base is None or g is base:
-        return ("baseline" if g is base else "-"), "", ""
-    if g.paired is not None:
-        p = g.paired
-        return (fmt_num(p.diff, signed=True),
-                f"[{fmt_num(p.ci_low, signed=True)}, {fmt_num(p.ci_high, signed=True)}]",
-                "yes" if p.resolved else "no: within noise")
+        return [("baseline" if g is base else "-"), "", "", "", "", ""]
+    p, w = g.paired, g.welch
+    if w is None:
+        t_cells = ["-", "-: needs 2+ seeds a side" if g.finished else "-"]
+    else:
+        t_res = "yes" if w.resolved else "no"
+        if g.methods_disagree:
+            t_res += f": bootstrap {'does not' if w.resolved else 'does'}"
+        t_cells = [_interval(w), t_res]
+    if p is not None:
+        return [fmt_num(p.diff, signed=True), _interval(p), fmt_num(p.half_width),
+                "yes" if p.resolved else "no: within noise", *t_cells]
     acc, base_acc = g.acc[0], base.acc[0]
     diff = fmt_num(acc - base_acc, signed=True) if acc is not None and base_acc is not None else "-"
-    return diff, "-", g.paired_note or "-"
+    return [diff, "-", "-", g.paired_note or "-", *t_cells]
+
+
+def disagreement_line(sec: Section) -> Optional[str]:
+    """The sentence under a table on where bootstrap and t-interval disagree (None: no FP32 or no
+    row has both intervals)."""
+    both = [g for g in sec.groups if g.methods_disagree is not None]
+    if sec.baseline is None or not both:
+        return None
+    differ = [g for g in both if g.methods_disagree]
+    if not differ:
+        return (f"The bootstrap and the t-interval agree on whether the difference is resolved "
+                f"in every row that has both ({len(both)}).")
+    return ("The bootstrap and the t-interval disagree on whether the difference is resolved "
+            "for: " + "; ".join(f"{g.label} (bootstrap {_interval(g.paired)}, "
+                               f"t {_interval(g.welch)})" for g in differ) + ".")
+
+
+def paper_gap(sec: Section) -> Optional[Dict[str, Any]]:
+    """FP32's mean accuracy against He et al.'s ResNet-20 figure, for a section of ResNet-20 on
+    the real CIFAR-10 scored on all 10,000 test images (a subset's accuracy is not comparable):
+    the gap with the one-sample two-level bootstrap interval (seeds, then test images) and the
+    one-sample t-interval over seeds. None for any other section."""
+    base, c = sec.baseline, sec.config
+    if base is None or c.get("test_images") != 10000 or c.get("model") != "resnet20" \
+            or c.get("synthetic"):
+        return None
+    _, rows, why = base.correct_matrix()
+    boot = one_sample_bootstrap(rows, PAPER_RESNET20_ACC) if rows is not None else None
+    t = t_interval(base.final_accs, PAPER_RESNET20_ACC)
+    n = len(base.finished)
+    line = (f"FP32 mean {fmt_num(base.acc[0])}% ({n} seed{'s' if n != 1 else ''}, 10,000 test "
+            f"images, recipe {c.get('recipe', 'paper')}, {_epochs(c.get('epochs'))}) vs He et al. "
+            f"2016 {PAPER_RESNET20_ACC}% ({PAPER_EPOCHS} epochs): gap "
+            f"{fmt_num(base.acc[0] - PAPER_RESNET20_ACC, signed=True)} points, 95% CI "
+            + (f"{_interval(boot)} (bootstrap over seeds and test images)" if boot
+               else f"- ({why})")
+            + (f", t-interval {_interval(t)}" if t else ", t-interval - (undefined with one seed)"))
+    return {"line": line, "acc": base.acc[0], "seeds": n, "gap": base.acc[0] - PAPER_RESNET20_ACC,
+            "bootstrap": boot, "t": t}
 
 
 def section_rows(sec: Section) -> List[List[str]]:
@@ -574,7 +648,7 @@ def csv_rows(sections: Sequence[Section]) -> List[Dict[str, Any]]:
         base = sec.baseline
         for g in sec.groups:
             acc, std = g.acc
-            p = g.paired
+            p, w = g.paired, g.welch
             diff = p.diff if p else (acc - base.acc[0] if base and g is not base and acc is not None
                                      else (0.0 if g is base else None))
             wall = g.mean_of("wall_seconds")
@@ -585,7 +659,11 @@ def csv_rows(sections: Sequence[Section]) -> List[Dict[str, Any]]:
                 "test_images": "/".join(map(str, g.test_images)),
                 "acc_mean": acc, "acc_std": std, "diff_vs_fp32": diff,
                 "ci_low": p.ci_low if p else None, "ci_high": p.ci_high if p else None,
-                "resolved": (p.resolved if p else None), "bits": g.bits,
+                "ci_half_width": p.half_width if p else None,
+                "resolved": (p.resolved if p else None),
+                "t_ci_low": w.ci_low if w else None, "t_ci_high": w.ci_high if w else None,
+                "t_df": w.df if w else None, "t_resolved": w.resolved if w else None,
+                "methods_disagree": g.methods_disagree, "bits": g.bits,
                 "ema_acc_mean": g.ema_acc,
                 "hours_per_run": wall / 3600 if wall else None,
                 "hardware": "; ".join(g.hardware), "not_finished": g.notes,
@@ -1001,6 +1079,102 @@ def plot_bits(sections: Sequence[Section], ptq_groups: Sequence[PtqGroup],
     return plotted
 
 
+def main_section(sections: Sequence[Section]) -> Optional[Section]:
+    """The section the forest plot shows: the largest test set among sections with an FP32 row
+    and at least one row with a bootstrap interval (the first such in the report's order on a
+    tie); None when there is none."""
+    usable = [s for s in sections if s.baseline is not None and any(g.paired for g in s.groups)]
+    return max(usable, key=lambda s: s.config.get("test_images") or 0, default=None)
+
+
+def plot_forest(sec: Section, path: Path) -> Dict[str, Any]:
+    """Forest plot of one section: per configuration (FP32 excepted, labelled by its config key
+    as in the table), its difference to FP32 in points with the bootstrap 95% CI (thick bar) and
+    the Welch t-interval (thin line), grouped by bits per element (widest first), a zero line and
+    a band of ± the median bootstrap half-width (the resolution limit: a typical row cannot tell
+    a difference inside it from 0). The x range is the bootstrap intervals': with 2 seeds a side
+    a t-interval has about one degree of freedom and can be ten times wider, so such a line is
+    cut at the edge with an arrow, and every row's numbers are written on the right. Returns
+    what it drew (row labels top to bottom, group labels, the band, the x range), for tests."""
+    plt = _pyplot()
+    from matplotlib.transforms import blended_transform_factory
+    base = sec.baseline
+    rows = sorted((g for g in sec.groups if g is not base and (g.paired or g.welch)),
+                  key=lambda g: (-(g.bits or 0), g.config_key))
+    band = statistics.median(g.paired.half_width for g in rows if g.paired)
+    slots: List[Tuple[str, Optional[Group]]] = []       # top to bottom: group headers and rows
+    header = None
+    for g in rows:                                      # rows are sorted by bits
+        label = f"{fmt_bits(g.bits)} bits" if g.bits else "bits unknown"
+        if label != header:
+            header = label
+            slots.append((header, None))
+        slots.append((f"{g.config_key} (n={len(g.finished)})", g))
+    ends = [-band, band]
+    for g in rows:
+        shown = g.paired or g.welch
+        ends += [shown.ci_low, shown.ci_high]
+    pad = 0.08 * (max(ends) - min(ends))
+    x0, x1 = min(ends) - pad, max(ends) + pad
+
+    fig, ax = plt.subplots(figsize=(9.0, 1.9 + 0.34 * len(slots)))
+    ys = list(range(len(slots), 0, -1))
+    ax.axvspan(-band, band, color="0.87", lw=0,
+               label=f"resolution ±{band:.2f} (median 95% CI half-width)")
+    ax.axvline(0.0, color="black", lw=1.0)
+    right = blended_transform_factory(ax.transAxes, ax.transData)
+    clipped = False
+    for y, (_, g) in zip(ys, slots):
+        if g is None:
+            continue
+        p, w = g.paired, g.welch
+        if w:
+            ax.plot([max(w.ci_low, x0), min(w.ci_high, x1)], [y, y], color="black", lw=1.0,
+                    label="Welch t 95% interval (seeds only)")
+            for end, edge, marker in ((w.ci_low, x0, "<"), (w.ci_high, x1, ">")):
+                if (end < edge) if marker == "<" else (end > edge):
+                    ax.plot([edge], [y], marker=marker, ls="none", color="black", ms=5,
+                            clip_on=False,
+                            label="t-interval goes on beyond the axis (numbers on the right)")
+                    clipped = True
+        if p:
+            ax.plot([p.ci_low, p.ci_high], [y, y], color="tab:blue", lw=6, alpha=0.85,
+                    solid_capstyle="butt", label="bootstrap 95% CI (seeds, then test images)")
+        ax.plot([(p or w).diff], [y], "o", color="white", mec="black", ms=5, zorder=3)
+        ax.text(1.04, y, f"{(p or w).diff:+6.2f}  {_interval(p) if p else '-':<17} "
+                         f"{_interval(w) if w else '-'}", transform=right, va="center",
+                fontsize=8, family="monospace")
+    # the column heads share the first group header's line, which has no numbers
+    ax.text(1.04, ys[0], "  diff  bootstrap CI      t-interval", transform=right, va="center",
+            fontsize=8, family="monospace", fontweight="bold")
+    ax.set_yticks(ys)
+    ax.set_yticklabels([t for t, _ in slots])
+    for tick, (_, g) in zip(ax.get_yticklabels(), slots):
+        if g is None:
+            tick.set_fontweight("bold")
+    ax.tick_params(axis="y", length=0)
+    ax.set_xlim(x0, x1)
+    ax.set_ylim(0.4, len(slots) + 0.6)
+    ax.set_xlabel("difference to FP32 (percentage points of test accuracy)")
+    ax.grid(True, axis="x", alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    ax.legend(unique.values(), unique.keys(), fontsize=8, loc="upper center",
+              bbox_to_anchor=(0.5, -0.5 / len(slots) - 0.08), ncol=2, frameon=False)
+    c = sec.config
+    others = sorted({len(g.finished) for g in rows})
+    seeds = f"{others[0]}" if len(others) == 1 else f"{others[0]}-{others[-1]}"
+    ax.set_title(f"Difference to FP32: {c.get('model')}, recipe {c.get('recipe', 'paper')}, "
+                 f"{_epochs(c.get('epochs'))}, {c.get('test_images') or 0:,} test images; "
+                 f"seeds: FP32 {len(base.finished)}, others {seeds}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130, bbox_inches="tight")
+    plt.close(fig)
+    return {"rows": [t for t, g in slots if g is not None],
+            "groups": [t for t, g in slots if g is None], "band": band, "xlim": (x0, x1),
+            "clipped": clipped}
+
+
 # ----------------------------------------------------------------------------------------------
 # The report
 # ----------------------------------------------------------------------------------------------
@@ -1019,7 +1193,8 @@ def _median_epoch_time(r: Run) -> Optional[float]:
 def make_report(runs_dirs: Union[Path, Sequence[Path]], out_dir: Path, model: Optional[str] = None,
                 epochs: Optional[int] = None, data: str = "all", plots: bool = True,
                 command: str = "python report.py", recipe: Optional[str] = None) -> Dict[str, Any]:
-    """Write ``out_dir``/results.md, results.csv (and the two PNGs); return what went where."""
+    """Write ``out_dir``/results.md, results.csv (and the PNGs); return what went where, with
+    FP32's gap to the paper (``paper_gap``: one dict per 10,000-image section, see paper_gap)."""
     dirs = [Path(runs_dirs)] if isinstance(runs_dirs, (str, Path)) else [Path(d) for d in runs_dirs]
     if not any(d.is_dir() for d in dirs):
         raise UserError(f"--runs-dir {', '.join(map(str, dirs))}: no such folder (run sweep.py or "
@@ -1064,21 +1239,41 @@ def make_report(runs_dirs: Union[Path, Sequence[Path]], out_dir: Path, model: Op
              "is the training throughput. Runs that did not finish are not in the means: the last "
              "column counts them and the section \"Runs not in the means\" names "
              "them.", "",
-             "The difference to FP32 is paired: every run is scored on the same test images, and "
-             "\"95% CI\" is a two-level paired bootstrap (seeds of each configuration resampled, "
-             "then test images, the same images for both sides; 10,000 resamples, percentile "
-             "interval; `common/stats.py`). \"resolved\" says whether the interval excludes 0: "
-             "rows marked \"no: within noise\" cannot be told apart from FP32 with these seeds and "
-             "test images (with 1,000 test images, differences under about 2 points often cannot), "
-             "so do not rank them. With few seeds a \"yes\" is provisional: the bootstrap sees the "
-             "seed-to-seed spread only through the seeds there are (with 2 seeds about half of it, "
-             "with 1 none), so a row needs 3 or more seeds on both sides before its interval "
-             "covers seed noise fully. EMA acc is the final accuracy of an exponential moving average of "
-             "the weights (`--ema-decay`), logged beside the trained model's; the table's accuracy "
-             "is always the trained model's.", ""]
+             "The difference to FP32 comes with two 95% intervals from independent methods. "
+             "\"95% CI\" is a two-level paired bootstrap: every run is scored on the same test "
+             "images, so the seeds of each configuration are resampled, then the test images, the "
+             "same images for both sides (10,000 resamples, percentile interval; "
+             "`common/stats.py`); \"±\" is its half-width, and \"resolved\" says whether it "
+             "excludes 0. \"t-interval\" is Welch's t-interval of the difference of the mean "
+             "accuracies over seeds (each seed's final accuracy one observation, unequal "
+             "variances, Welch-Satterthwaite degrees of freedom), and \"t resolved\" whether it "
+             "excludes 0. Welch, not a paired t over seeds: seed s of one format has nothing to do "
+             "with seed s of FP32 (training diverges from the first step), and Welch uses every "
+             "FP32 seed however many the other row has. It takes the test images as fixed and "
+             "sees only the seed-to-seed spread, which the bootstrap resamples together with the "
+             "images, so the two can disagree near the edge; the sentence under each table names "
+             "the rows where they do. With one seed on either side the t-interval is undefined "
+             "(\"-\"). Rows marked \"no: within noise\" cannot be told apart from FP32 with these "
+             "seeds and test images (with 1,000 test images, differences under about 2 points "
+             "often cannot), so do not rank them. With few seeds a \"yes\" is provisional: the "
+             "bootstrap sees the seed-to-seed spread only through the seeds there are (with 2 "
+             "seeds about half of it, with 1 none), and with 2 seeds a side the t-interval has 1 "
+             "to 2 degrees of freedom (t up to 12.7) and is very wide, so a row needs 3 or more "
+             "seeds on both sides before either covers seed noise well. EMA acc is the final "
+             "accuracy of an exponential moving average of the weights (`--ema-decay`), logged "
+             "beside the trained model's; the table's accuracy is always the trained model's.",
+             ""]
+    gaps: List[Dict[str, Any]] = []
     for sec in sections:
         lines += [f"## {sec.title()}", ""]
         lines += md_table(RESULT_HEADER, section_rows(sec), RESULT_ALIGN)
+        disagree = disagreement_line(sec)
+        if disagree:
+            lines += ["", disagree]
+        gap = paper_gap(sec)
+        if gap:
+            gaps.append(gap)
+            lines += ["", gap["line"] + "."]
         per_epoch = [g.seconds_per_epoch for g in sec.groups if g.seconds_per_epoch]
         if per_epoch:
             hw = sorted({h for g in sec.groups for h in g.hardware})
@@ -1120,10 +1315,22 @@ def make_report(runs_dirs: Union[Path, Sequence[Path]], out_dir: Path, model: Op
              f"{r['test_images']:,}" if r["test_images"] else "-"] for r in curve_rows],
             "lllrlrrrrr")
         lines.append("")
+    plotted: List[Path] = []
+    (out_dir / PLOT_FOREST).unlink(missing_ok=True)     # an earlier report's would mislead
     if plots and sections:
         plot_epochs(sections, out_dir / PLOT_EPOCHS)
         plot_bits(sections, ptq_groups, out_dir / PLOT_BITS)
-        lines += ["## Plots", "", f"![test accuracy per epoch]({PLOT_EPOCHS})", "",
+        plotted = [out_dir / PLOT_EPOCHS, out_dir / PLOT_BITS]
+        lines += ["## Plots", ""]
+        main = main_section(sections)
+        if main is not None:
+            plot_forest(main, out_dir / PLOT_FOREST)
+            plotted.append(out_dir / PLOT_FOREST)
+            lines += [f"![difference to FP32 with both 95% intervals]({PLOT_FOREST})", "",
+                      f"Difference to FP32 in the table \"{main.title()}\": thick bar the "
+                      "bootstrap 95% CI, thin line the t-interval, shaded the resolution limit "
+                      "(± the median bootstrap half-width of the rows).", ""]
+        lines += [f"![test accuracy per epoch]({PLOT_EPOCHS})", "",
                   f"![final accuracy against bits per element]({PLOT_BITS})", ""]
     if ptq_groups:
         lines += ["## Post-training quantization", "",
@@ -1151,6 +1358,6 @@ def make_report(runs_dirs: Union[Path, Sequence[Path]], out_dir: Path, model: Op
     else:      # a curve of an earlier report in this folder would read as this one's
         (out_dir / EPOCHS_CSV).unlink(missing_ok=True)
     return {"results": out_dir / RESULTS_MD, "csv": out_dir / RESULTS_CSV, "repeats": repeats,
-            "plots": [out_dir / PLOT_EPOCHS, out_dir / PLOT_BITS] if plots and sections else [],
+            "plots": plotted, "paper_gap": gaps,
             "runs": len(all_runs), "finished": n_fin, "sections": len(sections),
             "not_finished": len(lost), "ptq": len(ptq_files)}

@@ -487,3 +487,158 @@ def test_no_epoch_table_without_a_curve(runs_dir, tmp_path):
     report.make_report(runs_dir, out, plots=False)
     assert "Accuracy against epochs" not in (out / "results.md").read_text()
     assert not (out / "acc_vs_epochs.csv").exists()
+
+
+# The headline experiment's shape: all 10,000 test images, FP32 at 5 seeds, the others at 3.
+FULL = {"FP32": (FP32, "fp32", [91.0, 91.5, 92.0, 91.0, 91.5]),
+        "FP8 e4m3": (FP8, "fp8", [91.2, 91.4, 91.0]),
+        "Posit4": (P4, "posit4", [80.0, 90.0, 85.0])}
+
+
+def write_full_set(rd, labels=tuple(FULL)):
+    """Finished runs scored on 10,000 images, with predictions (seed s gets the first
+    100 x accuracy images right); returns {label: one 0/1 row per seed}."""
+    rows = {}
+    for label in labels:
+        fmt, prefix, accs = FULL[label]
+        rows[label] = []
+        for seed, acc in enumerate(accs):
+            name = f"{prefix}_full_s{seed}"
+            s = write_run(rd, name, label, fmt, seed, "finished", [50.0, 70.0, acc], 300.0, "A")
+            (rd / name / "summary.json").write_text(json.dumps({**s, "test_images": 10000}))
+            right = round(100 * acc)
+            rows[label].append([1] * right + [0] * (10000 - right))
+            write_predictions(rd, name, rows[label][-1])
+    return rows
+
+
+def test_csv_and_table_have_both_intervals_and_where_they_disagree(tmp_path):
+    """FP8 against FP32 by hand: means 91.2 and 91.4; variances 0.04 (n 3) and 0.175 (n 5), so
+    squared standard errors 0.013333 and 0.035, sum 0.048333 (SE 0.219848); Welch's df =
+    0.048333^2 / (0.013333^2/2 + 0.035^2/4) = 0.0023361 / 0.00039514 = 5.912. Both intervals hold
+    0: the methods agree. Posit4's seeds (80, 90, 85) spread so far that Welch's interval holds 0
+    (SE 2.8928, df 2.017), while every bootstrap resample is below FP32 (no seed of Posit4 beats
+    90, none of FP32 is under 91): resolved by the bootstrap only, flagged as a disagreement."""
+    import csv
+    from common.stats import paired_bootstrap, t_quantile
+
+    rd = tmp_path / "runs"
+    rd.mkdir()
+    rows = write_full_set(rd)
+    out = tmp_path / "results"
+    report.make_report(rd, out, plots=False)
+    with open(out / "results.csv", newline="") as f:
+        table = {r["label"]: r for r in csv.DictReader(f)}
+    for col in ("ci_half_width", "t_ci_low", "t_ci_high", "t_df", "t_resolved", "methods_disagree"):
+        assert col in report.CSV_COLUMNS and table["FP32"][col] == ""
+
+    fp8 = table["FP8 e4m3"]
+    se2 = 0.04 / 3 + 0.175 / 5
+    df = se2 ** 2 / ((0.04 / 3) ** 2 / 2 + (0.175 / 5) ** 2 / 4)
+    assert df == pytest.approx(5.912, abs=1e-3)
+    assert float(fp8["t_df"]) == pytest.approx(df, abs=1e-4)
+    half = t_quantile(0.975, df) * math.sqrt(se2)
+    assert float(fp8["diff_vs_fp32"]) == pytest.approx(-0.2, abs=1e-4)
+    assert float(fp8["t_ci_low"]) == pytest.approx(-0.2 - half, abs=1e-4)
+    assert float(fp8["t_ci_high"]) == pytest.approx(-0.2 + half, abs=1e-4)
+    want = paired_bootstrap(rows["FP8 e4m3"], rows["FP32"])
+    assert float(fp8["ci_half_width"]) == pytest.approx((want.ci_high - want.ci_low) / 2, abs=1e-4)
+    assert (fp8["resolved"], fp8["t_resolved"], fp8["methods_disagree"]) == ("no", "no", "no")
+
+    p4 = table["Posit4"]
+    assert float(p4["ci_high"]) < -1.0 < 0.0 < float(p4["t_ci_high"])
+    assert float(p4["t_df"]) == pytest.approx(2.017, abs=1e-3)
+    assert (p4["resolved"], p4["t_resolved"], p4["methods_disagree"]) == ("yes", "no", "yes")
+
+    text = (out / "results.md").read_text()
+    _, md = table_rows(text, "## resnet20")
+    assert md["FP8 e4m3"]["t-interval"] == f"[{-0.2 - half:+.2f}, {-0.2 + half:+.2f}]"
+    assert md["FP8 e4m3"]["±"] == f"{(want.ci_high - want.ci_low) / 2:.2f}"
+    assert md["FP8 e4m3"]["t resolved"] == "no"
+    assert md["Posit4"]["t resolved"] == "no: bootstrap does"
+    line = next(ln for ln in text.splitlines() if ln.startswith("The bootstrap and the t-interval"))
+    assert "disagree" in line and "Posit4" in line and "FP8" not in line
+
+
+def test_one_seed_has_no_t_interval(runs_dir, tmp_path):
+    """With one FP32 seed the Welch interval is undefined: '-' and the reason, no CSV values."""
+    import shutil
+    shutil.rmtree(runs_dir / "fp32_s1")
+    out = tmp_path / "results"
+    report.make_report(runs_dir, out, plots=False)
+    _, rows = table_rows((out / "results.md").read_text(),
+                         "## resnet20, 3 epochs, batch 128, step schedule from lr 0.1,")
+    assert rows["FP8 e4m3"]["t-interval"] == "-"
+    assert rows["FP8 e4m3"]["t resolved"] == "-: needs 2+ seeds a side"
+    csv_text = (out / "results.csv").read_text().splitlines()
+    fp8 = dict(zip(report.CSV_COLUMNS, next(r for r in csv_text if r.startswith("fp8")).split(",")))
+    assert fp8["t_ci_low"] == fp8["t_ci_high"] == fp8["methods_disagree"] == ""
+
+
+def test_fp32_against_the_paper_only_on_the_full_test_set(runs_dir, tmp_path):
+    """The 10,000-image FP32 (91.0, 91.5, 92.0, 91.0, 91.5) against 91.25%: mean 91.4, gap
+    +0.15; variance 0.7/4 = 0.175, SE sqrt(0.175/5) = 0.187083, t_{0.975,4} = 2.776445, half-width
+    0.519432: t-interval [-0.369432, +0.669432]. The 1,000-image FP32 of the same folder gets no
+    such line: its accuracy is not comparable to the paper's, which is on all 10,000."""
+    from common.stats import one_sample_bootstrap
+
+    rows = write_full_set(runs_dir)
+    out = tmp_path / "results"
+    res = report.make_report(runs_dir, out, plots=False)
+    text = (out / "results.md").read_text()
+    assert len(res["paper_gap"]) == 1
+    gap = res["paper_gap"][0]
+    assert (gap["seeds"], gap["gap"]) == (5, pytest.approx(0.15))
+    assert (gap["t"].ci_low, gap["t"].ci_high) == (pytest.approx(-0.369432, abs=1e-5),
+                                                   pytest.approx(0.669432, abs=1e-5))
+    boot = one_sample_bootstrap(rows["FP32"], report.PAPER_RESNET20_ACC)
+    lines = [ln for ln in text.splitlines() if "He et al. 2016" in ln]
+    assert lines == [
+        "FP32 mean 91.40% (5 seeds, 10,000 test images, recipe paper, 3 epochs) vs He et al. "
+        f"2016 91.25% (164 epochs): gap +0.15 points, 95% CI [{boot.ci_low:+.2f}, "
+        f"{boot.ci_high:+.2f}] (bootstrap over seeds and test images), t-interval [-0.37, +0.67]."]
+    full = next(h for h in text.split("\n## ") if h.startswith("resnet20") and "10,000" in h)
+    assert lines[0] in full                         # under the 10,000-image table only
+
+
+def test_forest_plot_of_the_largest_test_set(runs_dir, tmp_path):
+    """forest.png shows the 10,000-image table (not the 1,000-image one, which has paired rows
+    too): FP8 and Posit4 grouped under 8 and 4 bits, the band the median bootstrap half-width."""
+    for name, right in (("fp32_s0", 913), ("fp32_s1", 907), ("fp8_s0", 899), ("fp8_s1", 904)):
+        write_predictions(runs_dir, name, [1] * right + [0] * (1000 - right))
+    write_full_set(runs_dir)
+    out = tmp_path / "results"
+    res = report.make_report(runs_dir, out)
+    data = (out / report.PLOT_FOREST).read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 10_000
+    assert out / report.PLOT_FOREST in res["plots"]
+    assert f"]({report.PLOT_FOREST})" in (out / "results.md").read_text()
+
+    sections = report.build_sections(report.load_runs(runs_dir)[0])
+    for sec in sections:
+        sec.compare_to_baseline()
+    main = report.main_section(sections)
+    assert main.config["test_images"] == 10000
+    drawn = report.plot_forest(main, tmp_path / "f.png")
+    assert drawn["groups"] == ["8 bits", "4 bits"]
+    assert [r.split(" ")[0] for r in drawn["rows"]] == ["fp8-e4m3", "posit4"]
+    assert all(r.endswith("(n=3)") for r in drawn["rows"])
+    halves = sorted(g.paired.half_width for g in main.groups if g.paired)
+    assert drawn["band"] == pytest.approx(sum(halves) / 2)       # median of two
+    x0, x1 = drawn["xlim"]
+    assert x0 < -6.4 and x1 > 0                  # Posit4's mean difference and the zero line
+
+
+def test_no_forest_plot_without_fp32(tmp_path):
+    """No FP32 row: nothing to compare with, so no forest.png, not even an earlier report's."""
+    rd = tmp_path / "runs"
+    rd.mkdir()
+    write_full_set(rd, labels=("FP8 e4m3", "Posit4"))
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / report.PLOT_FOREST).write_bytes(PNG_MAGIC)
+    res = report.make_report(rd, out)
+    assert not (out / report.PLOT_FOREST).exists()
+    assert out / report.PLOT_FOREST not in res["plots"] and (out / report.PLOT_BITS).exists()
+    assert report.PLOT_FOREST not in (out / "results.md").read_text()
+    assert res["paper_gap"] == []
