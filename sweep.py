@@ -30,8 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
               "script's --help):\n  " + " ".join(flags) + "\n\n"
               "Run names: <config>_<model>_<recipe>_e<epochs>_s<seed>[_synthetic][_val][_max<N>]"
               "[_<tag>]. Exit code: 0 nothing failed (diverged runs are results), 1 a run failed, "
-              "2 bad flags or existing runs made with other flags, 130 Ctrl-C.")
-    p = argparse.ArgumentParser(prog="sweep.py", description=__doc__.split("\n")[0], epilog=epilog,
+              "2 bad flags or existing runs made with other flags, 130 Ctrl-C, 143/129 SIGTERM/SIGHUP "
+              "(passed on to the running run, which saves and stops).")
+    p = cli.Parser(prog="sweep.py", description=__doc__.split("\n")[0], epilog=epilog,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
     g = p.add_argument_group("sweep")
@@ -94,9 +95,10 @@ def main(argv=None):
     res = sweep.execute(jobs, gpus)
     print("\n".join(sweep.summary_lines(res)), flush=True)
     if res.interrupted:
-        print("interrupted: rerun the same command to continue (finished runs are skipped, the "
-              "interrupted one resumes)", file=sys.stderr)
-        return sweep.EXIT_INTERRUPTED
+        how = f" by {sweep.signal.Signals(res.signum).name}" if res.signum else ""
+        print(f"interrupted{how}: rerun the same command to continue (finished runs are skipped, "
+              f"the interrupted one resumes)", file=sys.stderr)
+        return 128 + res.signum if res.signum else sweep.EXIT_INTERRUPTED
     return 1 if res.failed else 0
 
 

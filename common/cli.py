@@ -62,7 +62,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
 # Signals that stop a run like Ctrl-C does (status "interrupted", exit 128 + signal number).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
-__all__ = ["RunConfig", "UserError", "DataError", "Diverged", "build_parser", "parse_args",
+__all__ = ["RunConfig", "Parser", "UserError", "DataError", "Diverged", "build_parser", "parse_args",
            "make_config", "parse_config", "run_main", "fail", "script_run_name", "REPO_ROOT",
            "DEFAULT_RUNS_DIR", "PAPER_EPOCHS", "RECIPES"]
 
@@ -155,6 +155,14 @@ def _fmt_default(v: Any) -> str:
     return str(v)
 
 
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (``prog: error: ... (see prog --help)``), not
+    the usage block and then the error: the line that matters is not buried under 20 others."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(description: str, defaults: Optional[Mapping[str, Any]] = None,
                  prog: Optional[str] = None) -> argparse.ArgumentParser:
     """Parser with the shared groups: data, model, optimisation, run.
@@ -175,8 +183,8 @@ def build_parser(description: str, defaults: Optional[Mapping[str, Any]] = None,
         f = fields[dest]
         return f.default if f.default is not dataclasses.MISSING else None
 
-    parser = argparse.ArgumentParser(description=description, prog=prog,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=description, prog=prog,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
 
     def add(group, flag, dest, help, shown=None, **kw):
         d = dflt(dest)
@@ -250,8 +258,9 @@ def build_parser(description: str, defaults: Optional[Mapping[str, Any]] = None,
     add(g, "--deterministic", "deterministic", "CUDA: deterministic cuDNN/cuBLAS kernels, no "
         "autotuning, so GPU runs (and resumes) repeat bit for bit; slower. CPU runs always repeat",
         action="store_true")
-    add(g, "--runs-dir", "runs_dir", "where run folders go", shown="runs/ in the repo root",
-        metavar="DIR")
+    add(g, "--runs-dir", "runs_dir", "where run folders go; a relative DIR is an existing folder "
+        "from the current folder, else from the repo root, else made here",
+        shown="runs/ in the repo root", metavar="DIR")
     add(g, "--name", "name", "run name, the folder runs/<name>/", shown="derived from the config",
         metavar="NAME")
     add(g, "--resume", "resume", "continue runs/<name>/last.pt if present (a finished run prints "
@@ -318,6 +327,18 @@ def script_run_name(tag: str, args: argparse.Namespace) -> str:
     return f"{tag}_{name}" if tag else name
 
 
+def resolve_runs_dir(path: str) -> Path:
+    """A ``--runs-dir`` as an absolute path. A relative one is looked up as ``--data-dir`` is: an
+    existing folder from the current folder, else one from the repo root (so ``--runs-dir runs``
+    typed in FP32/ finds the repo's runs/ instead of making FP32/runs/), else made from the
+    current folder."""
+    p = Path(path).expanduser()
+    if p.is_absolute():
+        return p.resolve()
+    here, root = Path.cwd() / p, REPO_ROOT / p
+    return (root if not here.is_dir() and root.is_dir() else here).resolve()
+
+
 def make_config(args: argparse.Namespace, name: Derived = None, label: Derived = "",
                 format: Derived = None, script: Optional[str] = None) -> RunConfig:
     """Resolve parsed flags into a frozen ``RunConfig``.
@@ -342,7 +363,7 @@ def make_config(args: argparse.Namespace, name: Derived = None, label: Derived =
     if not NAME_RE.match(run_name):
         raise UserError(f"run name {run_name!r}: use letters, digits and . _ = + - only")
     if values.get("runs_dir") is not None:
-        values["runs_dir"] = str(Path(values["runs_dir"]).expanduser().resolve())
+        values["runs_dir"] = str(resolve_runs_dir(values["runs_dir"]))
     fmt = _derive(format, args)
     return RunConfig(name=run_name, label=_derive(label, args) or "", format=dict(fmt or {}),
                      script=script or os.path.relpath(os.path.abspath(sys.argv[0]), REPO_ROOT),

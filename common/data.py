@@ -179,8 +179,26 @@ def find_batches_dir(root: Path) -> Optional[Path]:
 
 def _download(root: Path) -> None:
     """Download and unpack the official archive into ``root`` with torchvision (needs internet)."""
-    from torchvision.datasets import CIFAR10
+    try:
+        from torchvision.datasets import CIFAR10
+    except Exception as e:      # not installed, or a build that does not match torch's
+        raise DataError(f"torchvision does not import here ({type(e).__name__}: {_first_line(e)}); "
+                        f"a download needs it and network access") from None
     CIFAR10(root=str(root), train=True, download=True)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else "no details"
+
+
+def _download_reason(e: BaseException) -> str:
+    """Why a download failed, in a few words: the network, named, when it is the network."""
+    if isinstance(e, DataError):
+        return str(e)
+    if isinstance(e, OSError):           # URLError, socket.gaierror, timeouts, refused connections
+        return f"no network access? ({type(e).__name__}: {_first_line(e)})"
+    return f"{type(e).__name__}: {_first_line(e)}"
 
 
 def _download_into(root: Path) -> None:
@@ -202,7 +220,7 @@ def _missing_message(path: Path, source: str, reason: str) -> str:
     relative = " (a relative path is taken from the current folder, then from the repo root)" \
         if not path.is_absolute() else ""
     return (f"CIFAR-10 not found: looked for {BATCHES_DIR}/ in {looked} ({where}){relative}; "
-            f"download failed ({reason}). Fix: pass --data-dir DIR or set {ENV_VAR}=DIR, "
+            f"no download ({reason}). Fix: pass --data-dir DIR or set {ENV_VAR}=DIR, "
             f"DIR being the folder that holds {BATCHES_DIR} (e.g. ../shared/cifar10), "
             f"or run once with internet access to download into {candidate_dirs(path)[0]}")
 
@@ -226,8 +244,7 @@ def load_cifar10(data_dir: Optional[str] = None, download: bool = True
         try:
             _download_into(root)
         except Exception as e:  # URLError when offline, HTTP errors, integrity failures
-            reason = str(e) if isinstance(e, DataError) else f"{type(e).__name__}: {e}"
-            raise DataError(_missing_message(path, source, reason)) from None
+            raise DataError(_missing_message(path, source, _download_reason(e))) from None
         batches = find_batches_dir(root)
     parts = [read_batch(batches / f) for f in TRAIN_FILES]
     train_x = np.concatenate([p[0] for p in parts])

@@ -76,12 +76,20 @@ def os_error_text(e: OSError) -> str:
     return f"{e.strerror or e}" + (f" ({advice})" if advice else "")
 
 
+def _file_mode() -> int:
+    """The mode a plain ``open()`` would give a new file: 0666 less the process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _atomic_write(path: Path, write) -> None:
     path = Path(path)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, _file_mode())      # mkstemp makes 0600; run files are as readable as others
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -176,6 +184,17 @@ def lock_run(run_dir: Path) -> IO[bytes]:
     f.write(f"{os.getpid()}\n".encode())          # who holds it, for the message above
     f.flush()
     return f
+
+
+def remove_if_empty(run_dir: Path) -> None:
+    """Remove ``run_dir`` if it holds nothing but its ``.lock`` file (a run that wrote nothing)."""
+    run_dir = Path(run_dir)
+    try:
+        if [p.name for p in run_dir.iterdir()] == [LOCK]:
+            (run_dir / LOCK).unlink()
+            run_dir.rmdir()
+    except OSError:                 # gone already, or something arrived meanwhile: leave it
+        pass
 
 
 def is_locked(run_dir: Path) -> bool:

@@ -42,9 +42,10 @@ one after another. Each run's output is appended to ``runs/<name>/stdout.log`` (
 terminal when the runs are sequential).
 
 Outcomes per run: finished, skipped, diverged (the script's exit 1; the sweep goes on), failed
-(any other exit code; the sweep goes on), interrupted (Ctrl-C: the sweep stops). Exit code of the
+(any other exit code; the sweep goes on), interrupted (Ctrl-C, or SIGTERM/SIGHUP sent to the sweep
+and passed on to the running run: the sweep stops and prints its summary). Exit code of the
 sweep: 0 when nothing failed, 1 when some run failed, 2 for bad flags or conflicting runs, 130 on
-Ctrl-C.
+Ctrl-C, 128 + the signal's number on SIGTERM/SIGHUP.
 """
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ import argparse
 import os
 import queue
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -313,7 +315,7 @@ def plan(keys: Sequence[str], seeds: Sequence[int], training_flags: Sequence[str
     if flags and flags[0] == "--":
         flags = flags[1:]
     args = parse_training_flags(flags)
-    runs_dir = Path(runs_dir).expanduser().resolve()
+    runs_dir = cli.resolve_runs_dir(str(runs_dir))
     jobs, conflicts = [], []
     current: List[Optional[Tuple[str, int]]] = []       # test_set(args), read once when needed
     for seed in seeds:
@@ -372,6 +374,58 @@ def plan(keys: Sequence[str], seeds: Sequence[int], training_flags: Sequence[str
 # ----------------------------------------------------------------------------------------------
 # Running
 # ----------------------------------------------------------------------------------------------
+class _StopSignals:
+    """SIGTERM and SIGHUP to the sweep alone (a job scheduler, a closed terminal) are passed on to
+    the running children, which save and stop as on Ctrl-C; no new run starts, and the sweep
+    prints its summary. (Ctrl-C reaches the children by itself: they share the process group.)"""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self.children: set = set()
+        self.lock = threading.Lock()
+        self.previous: Dict[int, object] = {}
+
+    def __enter__(self):
+        self.signum = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._forward) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        self.previous = {}
+
+    def _forward(self, signum, frame):
+        self.signum = signum
+        with self.lock:
+            children = list(self.children)
+        for proc in children:
+            _send(proc, signum)
+
+    def add(self, proc: subprocess.Popen) -> None:
+        with self.lock:
+            self.children.add(proc)
+        if self.signum is not None:        # the signal came while this child was starting
+            _send(proc, self.signum)
+
+    def remove(self, proc: subprocess.Popen) -> None:
+        with self.lock:
+            self.children.discard(proc)
+
+
+def _send(proc: subprocess.Popen, signum: int) -> None:
+    try:
+        proc.send_signal(signum)
+    except (ProcessLookupError, OSError):
+        pass
+
+
+_STOPS = _StopSignals()
+
+
 def _launch(job: Job, gpu: Optional[str], stream: bool, threads: Optional[int] = None) -> int:
     """Run ``job.cmd`` to its end; append its output to the run's stdout.log (and to our stdout
     when ``stream``). ``gpu`` restricts the subprocess to that CUDA device. Returns the exit code.
@@ -392,6 +446,7 @@ def _launch(job: Job, gpu: Optional[str], stream: bool, threads: Optional[int] =
         log.flush()
         proc = subprocess.Popen(job.cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, bufsize=1)
+        _STOPS.add(proc)
         interrupted = False
         try:
             for line in proc.stdout:
@@ -403,6 +458,7 @@ def _launch(job: Job, gpu: Optional[str], stream: bool, threads: Optional[int] =
         except KeyboardInterrupt:
             interrupted = True
         rc = job.returncode = _wait(proc)
+        _STOPS.remove(proc)
         if interrupted:                  # the rest of the child's output (its last words)
             rest = proc.stdout.read()
             log.write(rest)
@@ -516,6 +572,7 @@ class SweepResult:
     interrupted: bool = False
     seconds: float = 0.0
     counts: Dict[str, int] = field(default_factory=dict)
+    signum: Optional[int] = None        # SIGTERM/SIGHUP that stopped the sweep, if one did
 
     @property
     def failed(self) -> List[Job]:
@@ -524,7 +581,14 @@ class SweepResult:
 
 def execute(jobs: List[Job], gpus: Optional[List[str]] = None,
             out: Callable[[str], None] = print) -> SweepResult:
-    """Run the jobs marked "run" (sequentially, or one per GPU in parallel); mark skipped ones."""
+    """Run the jobs marked "run" (sequentially, or one per GPU in parallel); mark skipped ones.
+    SIGTERM/SIGHUP stop it like Ctrl-C (``_StopSignals``)."""
+    with _STOPS:
+        return _execute(jobs, gpus, out)
+
+
+def _execute(jobs: List[Job], gpus: Optional[List[str]], out: Callable[[str], None]
+             ) -> SweepResult:
     t0 = time.perf_counter()
     todo = [j for j in jobs if j.action == "run"]
     for j in jobs:
@@ -543,6 +607,9 @@ def execute(jobs: List[Job], gpus: Optional[List[str]] = None,
         interrupted = _execute_parallel(todo, gpus, out)
     else:
         for i, job in enumerate(todo, 1):
+            if _STOPS.signum is not None:
+                interrupted = True
+                break
             out(f"[{i}/{len(todo)}] {job.name} ({job.reason}): {shlex.join(job.cmd)}")
             t = time.perf_counter()
             try:
@@ -560,7 +627,8 @@ def execute(jobs: List[Job], gpus: Optional[List[str]] = None,
     for j in jobs:
         if not j.result:
             j.result = "not started"
-    res = SweepResult(jobs, interrupted, time.perf_counter() - t0)
+    interrupted = interrupted or _STOPS.signum is not None
+    res = SweepResult(jobs, interrupted, time.perf_counter() - t0, signum=_STOPS.signum)
     for j in jobs:
         res.counts[j.result] = res.counts.get(j.result, 0) + 1
     return res
@@ -581,7 +649,7 @@ def _execute_parallel(todo: List[Job], gpus: List[str], out: Callable[[str], Non
             out(msg)
 
     def worker(gpu):
-        while not stop.is_set():
+        while not stop.is_set() and _STOPS.signum is None:
             try:
                 job = jobs.get_nowait()
             except queue.Empty:

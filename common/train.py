@@ -343,6 +343,7 @@ class _Trainer:
         self.rank0 = ctx.rank == 0
         self.run_dir = config.run_dir
         self.ckpt_path = self.run_dir / runs.CHECKPOINT
+        self.made_run_dir = False       # rank 0 created the run folder (see unlock)
         self.metrics: List[Dict[str, Any]] = []
         self.wall_prev = 0.0            # seconds spent in earlier sessions of this run (resume)
         self.train_prev = 0.0
@@ -358,9 +359,14 @@ class _Trainer:
         self.saved_epoch = 0            # the epoch last.pt holds
 
     def unlock(self) -> None:
-        if self.lock is not None:
-            self.lock.close()
-            self.lock = None
+        """Release the run folder; one this run made and left empty (it stopped before writing
+        anything, e.g. on a data error) is removed, so no run folder holds only ``.lock``."""
+        if self.lock is None:
+            return
+        self.lock.close()
+        self.lock = None
+        if self.made_run_dir:
+            runs.remove_if_empty(self.run_dir)
 
     # -- output ---------------------------------------------------------------------------------
     def log(self, msg: str, err: bool = False) -> None:
@@ -472,6 +478,7 @@ class _Trainer:
         error = None
         if self.rank0:
             try:
+                self.made_run_dir = not self.run_dir.exists()
                 self.lock = runs.lock_run(self.run_dir)
                 prev = runs.read_summary(self.run_dir, live=False)
                 if prev is not None and prev.get("status") == "running":

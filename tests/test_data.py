@@ -330,3 +330,33 @@ def test_download_lands_where_the_path_points(tmp_path, monkeypatch):
     found = data.load_cifar10("new/cifar")[4]
     assert found == tmp_path / "new" / "cifar" / data.BATCHES_DIR
     assert sorted(p.name for p in (tmp_path / "new" / "cifar").iterdir()) == [data.BATCHES_DIR]
+
+
+@pytest.mark.parametrize("failure", ["torchvision", "network"])
+def test_offline_error_names_the_network_or_torchvision(tmp_path, monkeypatch, failure):
+    """A broken torchvision is named as such; a network failure is named as the network."""
+    import builtins
+    import urllib.error
+
+    if failure == "torchvision":
+        real_import = builtins.__import__
+
+        def broken(name, *args, **kw):
+            if name.startswith("torchvision"):
+                raise RuntimeError("operator torchvision::nms does not exist")
+            return real_import(name, *args, **kw)
+
+        monkeypatch.setattr(builtins, "__import__", broken)
+    else:
+        def offline(root):
+            raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+        monkeypatch.setattr(data, "_download", offline)
+    with pytest.raises(DataError) as e:
+        data.load_cifar10(str(tmp_path / "none"))
+    msg = str(e.value)
+    assert "\n" not in msg and "network" in msg
+    if failure == "torchvision":
+        assert "torchvision does not import here (RuntimeError" in msg
+    else:
+        assert "no network access? (URLError" in msg

@@ -49,3 +49,15 @@ def test_smoke_test_names_the_run_the_sweep_makes():
     ptq_line = next(ln for ln in reproduce.splitlines() if "ptq_eval.py --runs-dir /tmp/smoke" in ln)
     assert ptq_line.split()[-1] == sweep.run_name("fp32", "resnet8", 1, 0, synthetic=True,
                                                   max_steps=2)
+
+
+def test_train_blocks_can_be_pasted_whole_from_the_repo_root():
+    """Every ``cd <folder> && ...`` line of the Train section runs in a subshell: pasted as one
+    block, the second line's ``cd`` would otherwise start from the first one's folder."""
+    root = Path(__file__).resolve().parent.parent
+    train = README[README.index("## Train"):README.index("### Shared flags")]
+    lines = [ln for ln in train.splitlines() if re.match(r"\(?cd ", ln)]
+    assert len(lines) >= 10
+    for line in lines:
+        folder = re.match(r"\(cd (\S+) +&& ", line)
+        assert folder and (root / folder.group(1)).is_dir() and ")" in line.split("#")[0], line

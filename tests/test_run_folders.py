@@ -264,12 +264,27 @@ def test_a_checkpoint_of_older_code_resumes_and_its_run_is_reused_by_the_sweep(t
                                           (["--lr", "inf"], "--lr must be > 0 and finite"),
                                           (["--weight-decay", "inf"], "--weight-decay must be")])
 def test_out_of_range_numbers_are_one_line(flags, needle, tmp_path, capsys):
-    """argparse's usage lines, then one error line; no traceback, no run folder."""
+    """One error line, no usage block, no traceback, no run folder."""
     fp32 = load_fp32_script()
     assert exit_code(fp32.main, [*SMOKE, "--runs-dir", str(tmp_path), *flags]) == 2
     err = capsys.readouterr().err
-    assert "Traceback" not in err and needle in err.strip().splitlines()[-1], err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert needle in err and "see " in err and "--help" in err
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("script,flags,needle", [
+    ("FP8/train_cifar10_fp8.py", ["--w-fmt", "e9m9"], "accepted"),
+    ("Posit/train_cifar10_posit.py", ["--bits", "40"], "--bits"),
+    ("FP32/train_cifar10_fp32.py", ["--recipe", "slow"], "invalid choice"),
+    ("sweep.py", ["--configs", "fp32", "--gpus", "x"], "--gpus"),
+    ("report.py", ["--data", "imaginary"], "invalid choice")])
+def test_a_bad_value_is_one_line_not_a_usage_block(script, flags, needle, tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / script), *flags, "--runs-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], proc.stderr
+    assert "usage:" not in proc.stderr and "Traceback" not in proc.stderr
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,3 +408,31 @@ def test_corrupt_summary_is_reported_as_unreadable(tmp_path):
     assert runs.read_summary(tmp_path / "nothing") is None
     with pytest.raises(UserError, match=r"already holds a run \(status unreadable"):
         train.run(make_config(tmp_path))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_run_files_follow_the_umask(tmp_path, umask):
+    """Run files get the mode a plain open() would give (0644 under umask 022), not mkstemp's 0600."""
+    old = os.umask(umask)
+    try:
+        runs.write_json(tmp_path / "summary.json", {"a": 1})
+        runs.save_weights(tmp_path / "weights.pt", {"w": torch.zeros(2)})
+    finally:
+        os.umask(old)
+    for name in ("summary.json", "weights.pt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_relative_runs_dir_from_a_format_folder_finds_the_repos(tmp_path, monkeypatch):
+    """``--runs-dir runs`` typed in FP32/ is the repo's runs/ when there is one (not a new
+    FP32/runs/); an existing folder under the current one wins; otherwise it is made here."""
+    repo = tmp_path / "repo"
+    (repo / "FP32").mkdir(parents=True)
+    (repo / "runs").mkdir()
+    monkeypatch.setattr(cli, "REPO_ROOT", repo)
+    monkeypatch.chdir(repo / "FP32")
+    assert cli.resolve_runs_dir("runs") == repo / "runs"
+    assert cli.resolve_runs_dir("other") == repo / "FP32" / "other"     # nowhere yet: made here
+    (repo / "FP32" / "runs").mkdir()
+    assert cli.resolve_runs_dir("runs") == repo / "FP32" / "runs"
+    assert cli.resolve_runs_dir(str(tmp_path / "abs")) == tmp_path / "abs"

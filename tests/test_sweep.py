@@ -467,3 +467,32 @@ def test_a_run_folder_that_cannot_be_written_fails_that_run_only_in_parallel(tmp
     res = sweep.execute(jobs, gpus=["0", "1"], out=lambda msg: None)
     assert res.counts == {"finished": 3, "failed": 1}
     assert "Permission denied" in res.failed[0].message and res.failed[0].name.startswith("bf16")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
+def test_a_stop_signal_to_the_sweep_alone_reaches_its_run(tmp_path, signame):
+    """SIGTERM (or SIGHUP) sent to the sweep's process only, not its group: the running run gets
+    it too, saves and stops as interrupted (not orphaned, not failed), no further run starts, and
+    the sweep prints its summary and exits 128 + the signal."""
+    import signal
+
+    argv = ["--configs", "fp32,bf16", "--seeds", "1", "--runs-dir", str(tmp_path), "--synthetic",
+            "--epochs", "200", "--model", "resnet8", "--batch-size", "32"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "sweep.py"), *argv], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)   # its own group: only it gets the signal
+    first = tmp_path / sweep.run_name("fp32", "resnet8", 200, 0, True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not runs.read_jsonl(first / runs.METRICS):
+        time.sleep(0.5)                   # an epoch done: the run is training for sure
+    assert runs.read_jsonl(first / runs.METRICS), "the first run never finished an epoch"
+    proc.send_signal(getattr(signal, signame))
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + getattr(signal, signame), out[-2000:] + err[-2000:]
+    assert "sweep summary: 2 runs: 1 interrupted, 1 not started" in out, out[-2000:]
+    assert f"interrupted by {signame}" in err
+    summary = json.loads((first / runs.SUMMARY).read_text())
+    assert summary["status"] == "interrupted" and runs.load_checkpoint(first / runs.CHECKPOINT)
+    assert not (tmp_path / sweep.run_name("bf16", "resnet8", 200, 0, True)).exists()
+    assert not runs.is_locked(first)          # the run's process is gone, not orphaned

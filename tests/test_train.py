@@ -327,3 +327,27 @@ def test_compile_mode_uses_cuda_graphs_only_on_cuda():
     assert train.compile_mode(compiled, cpu) == "default"
     assert train.compile_mode(no_graphs, cuda) == "default"
     assert "cuda_graphs" in cli.RESUME_FREE_FIELDS        # how it runs, not what it trains
+
+
+def test_a_data_error_leaves_no_run_folder(tmp_path, monkeypatch):
+    """Missing data stops the run before it writes anything: no folder holding only .lock."""
+    from common import data as data_mod
+    from common.errors import DataError
+
+    def offline(root):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(data_mod, "_download", offline)
+    parser = cli.build_parser("test")
+    args = cli.parse_args(parser, ["--model", "resnet8", "--device", "cpu", "--data-dir",
+                                   str(tmp_path / "no-data"), "--runs-dir", str(tmp_path / "runs"),
+                                   "--name", "r"])
+    with pytest.raises(DataError):
+        train.run(cli.make_config(args, label="test", format={"name": "fp32"}, script="tests"))
+    assert not (tmp_path / "runs" / "r").exists()
+    (tmp_path / "runs" / "kept").mkdir(parents=True)             # a folder it did not make stays
+    (tmp_path / "runs" / "kept" / "stdout.log").write_text("sweep log\n")
+    args.name = "kept"
+    with pytest.raises(DataError):
+        train.run(cli.make_config(args, label="test", format={"name": "fp32"}, script="tests"))
+    assert sorted(p.name for p in (tmp_path / "runs" / "kept").iterdir()) == [".lock", "stdout.log"]
