@@ -245,10 +245,10 @@ def float_stochastic_e8(bits: torch.Tensor, p, rand: torch.Tensor) -> torch.Tens
 # ----------------------------------------------------------------------------------------------
 POSIT_PARAM_NAMES = ("n1", "es", "emask", "w", "kmax", "maxpos_bits", "minpos_bits")
 
-# floor(2^31 / (2^g - 1)) as the bit pattern "a one every g bits" for g = 2, 4, 8, 16 (index
-# log2 g - 1); posit stochastic rounding across cut exponent bits compares against it.
+# floor(2^31 / (2^g - 1)), the bit pattern "a one every g bits", for g = 2, 4, 8, 16 (index
+# log2 g - 1); posit stochastic rounding across cut exponent bits builds its threshold from it.
 _ONES_EVERY = (0x2AAAAAAA, 0x08888888, 0x00808080, 0x00008000)
-assert _ONES_EVERY[3] == 1 << 15
+assert all(v == 2**31 // ((1 << (2 << i)) - 1) for i, v in enumerate(_ONES_EVERY))
 
 
 def posit_params(fmt) -> tuple:
@@ -349,13 +349,15 @@ def posit_stochastic(bits: torch.Tensor, p, rand: torch.Tensor, rand2: torch.Ten
     bits to the dropped ones and carrying is exact. Exponent bits cut (lo = 2^L, hi = 2^(L+g),
     g = 2^(d-23)): adding random bits to the string would be biased (not linear in the value), so
     two unbiased steps compose: first x to its own binade ends 2^t, 2^(t+1) (exact, with the
-    fraction), then 2^(L+m) to lo or hi with probability (2^m - 1) / (2^g - 1), against a 31-bit
-    random integer. That probability's binary expansion repeats the block 2^m - 1 every g bits,
-    so its 31-bit truncation is (2^m - 1) * "a one every g bits": resolved to 2^-31, exact in
-    expectation to that. Gaps of g >= 32 (es >= 5) cannot be resolved this way: quant.py refuses
-    them. Below minpos, zero is the lower neighbour: |x| becomes minpos with probability
-    |x| / minpos, else 0 (sign kept), resolved to 2^-30 as in float_stochastic; |x| >= maxpos
-    gives maxpos. `shift` scales as in posit_nearest.
+    fraction), then 2^(L+m) to lo or hi with probability (2^m - 1) / (2^g - 1): up where a
+    31-bit random integer is below floor(2^31 (2^m - 1) / (2^g - 1)), so resolved to 2^-31.
+    With N = 2^m - 1 and 2^31 = q (2^g - 1) + 2^(31 mod g) (q: "a one every g bits"), that
+    floor is N q + floor(N 2^(31 mod g) / (2^g - 1)) = N q + (N >> 1) for m < g, as g - 1 =
+    31 mod g for every g here: the second term is N/2 + N / (2 (2^g - 1)), just above N/2.
+    Gaps of g >= 32 (es >= 5) cannot be resolved this way: quant.py refuses them. Below
+    minpos, zero is the lower neighbour: |x| becomes minpos with probability |x| / minpos,
+    else 0 (sign kept), resolved to 2^-30 as in float_stochastic; |x| >= maxpos gives maxpos.
+    `shift` scales as in posit_nearest.
     """
     n1, es, emask, w, kmax, maxpos_bits, minpos_bits = p
     mag, sign, special, sat_hi, sat_lo, scale, kc, a, d, dl, de, lo, step = _posit_split(
@@ -370,7 +372,8 @@ def posit_stochastic(bits: torch.Tensor, p, rand: torch.Tensor, rand2: torch.Ten
     # tensor so that no step promotes to int64)
     ones = torch.where(de == 1, _ONES_EVERY[0], torch.where(de == 2, _ONES_EVERY[1], torch.where(
         de == 3, _ONES_EVERY[2], (de >> 2) << 15)))
-    threshold = ((1 << torch.clamp(m, max=30)) - 1) * ones  # <= 2^31 - 1 for m <= g <= 16
+    n_up = (1 << torch.clamp(m, max=30)) - 1  # 2^m - 1
+    threshold = n_up * ones + (n_up >> 1)  # floor(2^31 n_up / (2^g - 1)) <= 2^31 - 1
     up_exp = ((rand2 & F32_ABS_MASK) < threshold) | (m == g)
     up = torch.where(de > 0, up_exp.to(torch.int32), up_frac)
     # below minpos, |x*s| / minpos = sig * 2^-(23 + t) with t = log2(minpos) - binade(x*s) >= 0

@@ -11,7 +11,9 @@ Blocks run along dim 1 (conv weight [C_out, C_in, kh, kw]: C_in; activation [N, 
 Linear weight [out, in]: in; input [N, features]: features), the reduction dimension of the
 forward GEMM. A 1-D tensor is blocked along its only dim; a 0-d tensor is refused (it has no
 dim 1 and no block). When dim 1 is not a multiple of k the last block is shorter: it holds its
-own elements only (computed on a zero-padded copy: zeros change no block's absolute maximum).
+own elements only (computed on a zero-padded copy: zeros change no block's absolute maximum;
+traced into a user's torch.compile, the full blocks and the short one are cast apart instead,
+with the same bits, see ``_split_cast``: inductor miscompiles the pad-then-slice form).
 
 Each cast is three small steps, as in torchao's float8 utilities (amax -> scale -> cast):
 1. the block's absolute maximum (``_block_amax``);
@@ -31,8 +33,9 @@ testable.
 
 Special values. MX: a block holding NaN or inf becomes NaN as a whole (its E8M0 scale is the NaN
 code 0xFF). NVFP4: NaN or inf anywhere makes the per-tensor scale g non-finite, and the formula
-then gives NaN for the whole tensor (torchao computes the same). The NaN is float32's default
-quiet NaN. -0.0 stays -0.0.
+then gives NaN for the whole tensor (torchao computes the same). A zero element gives 0 even
+where a tiny tensor amax makes (1/g) / s overflow to inf (0 * inf would be NaN). The NaN is
+float32's default quiet NaN. -0.0 stays -0.0.
 
 Rounding ("nearest" or "stochastic") applies to the elements; the scales are always computed
 deterministically. Stochastic rounding draws its random bits from the element's position in
@@ -85,15 +88,13 @@ _log = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------------------------
 # layout: a [M, kk, R] view whose middle dim is one block
 # ---------------------------------------------------------------------------------------------
-def _block_layout(x: torch.Tensor, k: int):
-    """x (float32, at least 1-D) as a contiguous [M, kk, R] tensor whose dim 1 runs along one
-    block (kk = k, or dim 1's whole length when that is at most k), and a function that maps a
-    result of that shape back to x's shape and memory format.
+def _rows(x: torch.Tensor):
+    """x (float32, at least 1-D) as [A, C, R], x's memory in order with C = x's dim 1, and a
+    function that maps a contiguous result of that shape back to x's shape and memory format.
 
-    [A, C, R] is x's memory in order with C = x's dim 1: contiguous x: A = dim 0, R = the
-    product of the dims after 1; channels-last 4-D x: A = N*H*W, R = 1 (a view, no copy);
-    1-D x: A = R = 1; any other layout is copied contiguous first. C is cut into blocks of k;
-    a C above k that k does not divide is zero-padded to the next multiple (a copy).
+    Contiguous x: A = dim 0, R = the product of the dims after 1; channels-last 4-D x:
+    A = N*H*W, R = 1 (a view, no copy); 1-D x: A = R = 1; any other layout is copied
+    contiguous first.
     """
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
             memory_format=torch.channels_last):
@@ -112,6 +113,23 @@ def _block_layout(x: torch.Tensor, k: int):
 
         def to_x(y3):
             return y3.view(shape)
+    return x3, to_x
+
+
+def _ragged(c: int, k: int) -> bool:
+    """Whether rows of c elements end in a short block after at least one full one."""
+    return c > k and c % k != 0
+
+
+def _block_layout(x: torch.Tensor, k: int):
+    """x (float32, at least 1-D) as a contiguous [M, kk, R] tensor whose dim 1 runs along one
+    block (kk = k, or dim 1's whole length when that is at most k), and a function that maps a
+    result of that shape back to x's shape and memory format.
+
+    x's rows [A, C, R] (``_rows``) with C cut into blocks of k; a C above k that k does not
+    divide is zero-padded to the next multiple (a copy), and the padding is cut off the result.
+    """
+    x3, to_x = _rows(x)
     a, c, r = x3.shape
     if c <= k:
         return x3, to_x
@@ -129,10 +147,10 @@ def _block_layout(x: torch.Tensor, k: int):
 # step 1: the block's absolute maximum
 # ---------------------------------------------------------------------------------------------
 def _block_amax(x: torch.Tensor) -> torch.Tensor:
-    """|x|'s maximum over each block (dim 1 of [M, kk, R]), keepdim, float32; NaN propagates.
-    (A float reduction: inductor's CPU code for an int32 maximum over a short inner dim was 15x
-    slower.)"""
-    return x.abs().amax(dim=1, keepdim=True)
+    """|x|'s maximum over each block (dim -2: [M, kk, R], or [A, nb, k, R] in ``_split_cast``),
+    keepdim, float32; NaN propagates. (A float reduction: inductor's CPU code for an int32
+    maximum over a short inner dim was 15x slower.)"""
+    return x.abs().amax(dim=-2, keepdim=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,7 +214,7 @@ def mx_scale_up(q: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
 
 
 def _mx_round(x, bits, p, emax, rand=None):
-    """MX cast of float32 [M, kk, R] (blocks along dim 1; `bits`: the same memory as int32)
+    """MX cast of float32 [M, kk, R] (blocks along dim -2; `bits`: the same memory as int32)
     to int32 patterns: amax -> E8M0 scale -> element cast of x / X (nearest, or stochastic with
     `rand`) -> times X, on the bit patterns. A block holding NaN or inf: NaN.
     (x and its patterns come in as two views: a bitcast inside an inductor CPU kernel made
@@ -226,12 +244,18 @@ def nvfp4_block_scale(amax_block: torch.Tensor, g: torch.Tensor, p_e4m3) -> torc
     return K.float_nearest(s.view(torch.int32), p_e4m3).view(torch.float32)
 
 
-def _nvfp4_round(x, p_e2m1, p_e4m3, rand=None):
-    """NVFP4 cast of float32 [M, 16, R] (blocks along dim 1): q = e2m1(clamp(x * ((1/g) / s),
-    -6, 6)) (nearest, or stochastic with `rand`), value = q * (g * s), all in float32."""
-    g = nvfp4_tensor_scale(x.abs().amax())
+def _nvfp4_round(x, p_e2m1, p_e4m3, rand=None, g=None):
+    """NVFP4 cast of float32 [M, 16, R] (blocks along dim -2): q = e2m1(clamp(x * ((1/g) / s),
+    -6, 6)) (nearest, or stochastic with `rand`), value = q * (g * s), all in float32. g: the
+    tensor scale, from x when not given (``_split_cast`` casts a tensor in two pieces).
+
+    A zero element gives q = 0 (its sign kept): where the tensor's amax is tiny, (1/g) / s
+    overflows to inf, and 0 * inf would make every zero of such a block NaN."""
+    if g is None:
+        g = nvfp4_tensor_scale(x.abs().amax())
     s = nvfp4_block_scale(_block_amax(x), g, p_e4m3)
     y = torch.clamp(x * ((1.0 / g) / s), -F4_E2M1_MAX, F4_E2M1_MAX)
+    y = torch.where(x == 0, x, y)
     yb = y.view(torch.int32)
     q = K.float_nearest(yb, p_e2m1) if rand is None else K.float_stochastic(yb, p_e2m1, rand)
     out = (q.view(torch.float32) * (g * s)).view(torch.int32)
@@ -393,6 +417,40 @@ def _compiled_call(v3, fmt, rounding, seed, strict):
         return None
 
 
+def _split_cast(x3: torch.Tensor, fmt: Format, seed) -> torch.Tensor:
+    """The cast of rows [A, C, R] whose C (> k) k does not divide, as the eager ops traced into
+    a user's torch.compile run it: the full blocks (an [A, C // k, k, R] view) and the short
+    last block (an [A, C % k, R] view) are cast apart and joined by torch.cat. The same bits
+    as the eager ops on the zero-padded copy: the same block maxima, NVFP4's tensor scale
+    from the whole tensor, and each element's random bits from its position in that copy.
+
+    Why not the padded copy and a slice, as eager: inductor's CPU code (torch 2.14) miscompiles
+    that pattern. A pointwise loop over C that reads a per-block value at index c // k (k > 8)
+    is split at k without checking that k divides C, so the slice that drops the padding never
+    writes the last C % k elements of each row (uninitialized memory comes out). Here no loop
+    that reads a per-block value runs over a ragged C (docs/block-formats.md).
+    """
+    a, c, r = x3.shape
+    k = fmt.block_size
+    nf = c // k
+    pieces = (x3[:, :nf * k].view(a, nf, k, r), x3[:, nf * k:])
+    rands = (None, None)
+    if seed is not None:  # positions in the zero-padded [A, (nf + 1) * k, R] copy, as _index
+        idx = torch.arange(int(a) * (int(nf) + 1) * k * int(r), dtype=torch.int32,
+                           device=x3.device).view(a, (nf + 1) * k, r)
+        rands = (K.random_bits(idx[:, :nf * k].view(a, nf, k, r), seed),
+                 K.random_bits(idx[:, nf * k:c], seed))
+    p = K.float_params(fmt.element, True)
+    if fmt.tensor_scale:
+        g = nvfp4_tensor_scale(x3.abs().amax())
+        p_scale = K.float_params(_E4M3, True)
+        ys = [_nvfp4_round(v, p, p_scale, rand, g) for v, rand in zip(pieces, rands)]
+    else:
+        ys = [_mx_round(v, v.view(torch.int32), p, fmt.element.max_exp, rand).view(torch.float32)
+              for v, rand in zip(pieces, rands)]
+    return torch.cat([ys[0].reshape(a, nf * k, r), ys[1]], dim=1)
+
+
 def _narrow(x: torch.Tensor, fmt: Format) -> torch.Tensor:
     """x as float32 (see the module docstring for which dtypes are accepted and why)."""
     if x.dtype == torch.float32:
@@ -433,16 +491,20 @@ def quantize_block(x: torch.Tensor, fmt, rounding: str = "nearest", saturate: bo
     x32 = _narrow(x, fmt)
     if x.numel() == 0:
         return x.clone()
-    v3, to_x = _block_layout(x32, fmt.block_size)
     if rounding == "nearest":
         seed = None
     elif seed is None:
-        seed = Q._draw_seed(generator, v3.device)
+        seed = Q._draw_seed(generator, x32.device)
     if path == "auto":
         path = os.environ.get("QUANT_PATH", "auto")
         if path not in Q._PATHS:
             raise ValueError(f"QUANT_PATH={path!r}; accepted: {', '.join(Q._PATHS)}")
     tracing = torch.compiler.is_compiling()
+    if tracing and path != "compiled":  # the eager ops, traced into a user's graph
+        x3, to_x = _rows(x32)
+        if _ragged(x3.shape[1], fmt.block_size):  # no pad-then-slice there: see _split_cast
+            return Q.to_input_dtype(to_x(_split_cast(x3, fmt, seed)), x.dtype)
+    v3, to_x = _block_layout(x32, fmt.block_size)
     if path == "auto":
         below = Q._EAGER_BITS_BELOW.get(v3.device.type, Q._EAGER_BITS_BELOW["cpu"])
         compiled = v3.numel() >= below and not tracing

@@ -548,16 +548,22 @@ def _pow2_exponent(amax: torch.Tensor, fmt: Format) -> torch.Tensor:
     k = floor(log2(max/amax)), computed from the exact frexp exponents (a float division could
     round across a power of two): with amax = ma*2^ea, max = mm*2^em (ma, mm in [0.5, 1)),
     k = em-ea if ma <= mm else em-ea-1. k is clamped so that the rescale is exact for every value:
-    floats to float32's normal exponents [-126, 127] (2^k and 2^-k exact); posits to
-    [log2(maxpos) - 127, 126 - log2(maxpos)], where every posit value divided by 2^k is a float32
-    normal. Only tensors with an extreme amax (a subnormal one; for posit16es1 below 2^-70 or
-    above 2^99) hit a clamp: amax*2^k then stays below max/2 (or above max: it saturates).
+    floats to [max(emax - 127, -126), 127] (emax: the exponent of the format's max): 2^k and
+    2^-k are exact, and every format value q < 2^(emax+1) gives q / 2^k < 2^128, a float32 (a
+    smaller k would turn values that round up to 2^(128+k) into inf). For bf16 and e8mY, whose
+    range reaches float32's top, that is k >= 0, which also keeps x*2^k out of float32's
+    subnormals, where it would be rounded once before the format's own rounding. (Formats with
+    fewer exponent bits round anything that small to 0 either way.) Posits: [log2(maxpos) - 127,
+    126 - log2(maxpos)], where every posit value divided by 2^k is a float32 normal. Only
+    tensors with an extreme amax (a subnormal one; above about 2^127 for floats, 1.7e38; for
+    posit16es1 below 2^-70 or above 2^99) hit a clamp: amax*2^k then stays below max/2 (or
+    above max: it saturates).
     """
     amax = amax.to(torch.float32)
     ma, ea = torch.frexp(amax)
     mm, em = math.frexp(fmt.max)
     exp = em - ea - (ma > mm).to(ea.dtype)
-    lo, hi = K.posit_shift_window(fmt) if fmt.is_posit else (-126, 127)
+    lo, hi = K.posit_shift_window(fmt) if fmt.is_posit else (max(fmt.max_exp - 127, -126), 127)
     exp = torch.clamp(exp, min=lo, max=hi)
     ok = torch.isfinite(amax) & (amax > 0)
     return torch.where(ok, exp, 0).to(torch.int32)
@@ -681,7 +687,8 @@ def quantize_scaled(x: torch.Tensor, fmt: Union[str, Format],
       the tensor in the tapered range: scaled posit8 lost half its PTQ accuracy that way.)
     A slice whose amax (floats) or rms (posits) is 0 (all zeros) or not finite (one inf or NaN
     in it) uses s = 1, so zeros stay zeros and NaN/inf behave as in plain quantize (NaN stays
-    NaN).
+    NaN). s stays in the window where the rescale is exact (``_pow2_exponent``): for bf16 and
+    e8mY s >= 1, and no float value divided by s leaves float32.
     `cast(x, fmt, rounding, saturate, generator)` replaces `quantize` (the qtorch backend).
     `scaling` may also be a ``Scaling`` (common/scaling.py); a string is parsed into one here.
     """

@@ -10,7 +10,9 @@ each implementation path: the eager bit arithmetic, the eager native cast (where
 and the compiled kernel.
 """
 import functools
+import itertools
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -647,6 +649,35 @@ def test_stochastic_eager_and_compiled_agree(spec):
         assert_same_bits(b, a.numpy(), x.numpy(), f"{spec} compiled vs eager")
 
 
+@pytest.mark.parametrize("spec", ["posit8es1", "posit8es2", "posit8es3", "posit6es4", "posit9es4"])
+def test_posit_stochastic_threshold_across_cut_exponent_bits(spec):
+    """Where exponent bits are cut, neighbours lo = 2^L and hi = 2^(L+g) are g binades apart,
+    and x = 2^t between them rounds up with probability p = (x - lo) / (hi - lo). The kernel
+    draws 31 random bits r and rounds up where r < floor(p * 2^31) (p resolved to 2^-31, as
+    docs/formats.md says): r one below that rounds up, r equal to it rounds down. Every power
+    of two strictly between two such neighbours, es = 1 to 4 (g = 2, 4, 8, 16)."""
+    from common import _quant_kernels as K
+    vals = [Fraction(v) for v in representable_values(spec).double().tolist() if v > 0]
+    xs, los, his, thresholds = [], [], [], []
+    for lo, hi in itertools.pairwise(vals):
+        t = 2 * lo
+        while hi / lo >= 4 and t < hi:  # only powers of two there: no fraction bits are left
+            xs.append(float(t))
+            los.append(float(lo))
+            his.append(float(hi))
+            thresholds.append(math.floor((t - lo) / (hi - lo) * 2**31))
+            t *= 2
+    assert xs
+    bits = torch.tensor(xs, dtype=torch.float32).view(torch.int32)
+    p = K.posit_params(parse_format(spec))
+    zero = torch.zeros_like(bits)  # no fraction bits to round: the ladder step alone decides
+    for offset, want in ((-1, his), (0, los)):
+        r2 = torch.tensor(thresholds, dtype=torch.int32) + offset
+        got = K.posit_stochastic(bits, p, zero, r2).view(torch.float32).double().tolist()
+        wrong = [(x, g, w) for x, g, w in zip(xs, got, want) if g != w]
+        assert not wrong, f"{spec} r = threshold {offset:+d}: (x, got, want) {wrong[:4]}"
+
+
 def test_random_bits_are_fair_and_decorrelated():
     from common import _quant_kernels as K
     seed = torch.tensor([1, 2], dtype=torch.int32)
@@ -804,13 +835,15 @@ def _pow2_reference(amax, fmax):
 
 
 def _scale_window(fmt):
-    """Scales quantize_scaled may use (its docstring): float32 normal powers of two; for posits
-    those with every posit value / s a float32 normal: s in [2^(K-127), 2^(126-K)],
-    K = log2(maxpos) = (n-2) * 2^es (from the posit definition, docs/formats.md)."""
+    """Scales quantize_scaled may use (docs/formats.md): for floats, powers of two s with s and
+    1/s float32 normals and every format value / s below 2^128 (a float32): s in
+    [2^(E-127), 2^127], E = the exponent of the format's max; for posits those with every posit
+    value / s a float32 normal: s in [2^(K-127), 2^(126-K)], K = log2(maxpos) = (n-2) * 2^es
+    (from the posit definition)."""
     if fmt.is_posit:
         big = (fmt.bits - 2) * 2**fmt.es
         return 2.0 ** (big - 127), 2.0 ** (126 - big)
-    return 2.0**-126, 2.0**127
+    return 2.0 ** max(math.frexp(fmt.max)[1] - 128, -126), 2.0**127
 
 
 def _posit_scale_reference(x, fmt):
@@ -838,6 +871,40 @@ def test_tensor_scaling_uses_power_of_two(spec, amax):
         s = min(max(s, lo), hi)
     want = quantize(x * s, spec) / s
     assert torch.equal(quantize_scaled(x, spec, "tensor"), want)
+
+
+@pytest.mark.parametrize("scaling", ["tensor", "channel"])
+@pytest.mark.parametrize("spec", ["bf16", "e8m3", "e5m2", "e4m3", "e2m1"])
+def test_scaled_cast_rounds_once_and_stays_finite(spec, scaling):
+    """An amax near float32's top: each value is x * s rounded once (the oracle's rounding of the
+    exact float64 product, saturating) and divided by s, with s from docs/formats.md's rule and
+    window, and nothing finite comes out as inf. Before, bf16 and e8mY took s = 1/2: x * s fell
+    into float32's subnormals and was rounded there first (65537 * 2^-149 gave 0 in bf16, the
+    audit's case: one rounding at s = 1 gives 2^-133, two at s = 1/2 gave 0); and a value that
+    rounds up to 2^(128+k) gave inf (e2m1 at amax 3e38, bf16 at 3.4e38). Inputs: values 2^-149
+    either side of bf16's rounding midpoints below 2^-125, random tiny values, large values."""
+    fmt = parse_format(spec)
+    rng = np.random.default_rng(5)
+    odd = rng.integers(0, 2**7, 20) * 2 + 1
+    units = np.concatenate([odd * 2**15 + 1, odd * 2**15 - 1, rng.integers(1, 2**24, 23),
+                            [65537]])
+    x = units.astype(np.float64) * 2.0**-149 * rng.choice([-1.0, 1.0], units.size)
+    x = x.reshape(2, -1)
+    x[:, :4] = [[3.395e38, 3.1e38, -1.7e38, 3.0e38], [-3.4e38, 2.9e38, 6.0e37, 3.3e38]]
+    x = x.astype(np.float32)
+    got = quantize_scaled(torch.from_numpy(x), spec, scaling, channel_dim=0).double().numpy()
+    lo, hi = _scale_window(fmt)
+    amax = np.abs(x).max(axis=None if scaling == "tensor" else 1, keepdims=True).astype(float)
+    s = np.clip([[_pow2_reference(a, fmt.max)] for a in amax.ravel()], lo, hi)
+    v = x.astype(np.float64) * s  # exact
+    _, e = np.frexp(np.abs(v))
+    q = np.ldexp(1.0, np.maximum(e - 1, 1 - fmt.bias) - fmt.man_bits)
+    want = np.copysign(np.minimum(np.rint(np.abs(v) / q) * q, fmt.max), v) / s
+    bad = np.argwhere(got != want)
+    assert not bad.size, [(x[tuple(i)], got[tuple(i)], want[tuple(i)]) for i in bad[:4]]
+    assert np.isfinite(got).all()
+    if spec == "bf16":  # the audit's case: 65537 * 2^-149, rounded once (to nearest: 2^-133)
+        assert abs(got[1, -1]) == 2.0**-133
 
 
 def _scaled_inputs(seed):
