@@ -10,7 +10,6 @@ when a run scored on the same images does not repeat its record; 2 for a missing
 mismatched weights file (one line naming it). Details: common/evaluation.py.
 """
 import argparse
-import json
 import os
 import sys
 

@@ -1,17 +1,22 @@
-"""Command line shared by every training script: argparse groups, the frozen ``RunConfig``, exit codes.
+"""Command line shared by every training script: argparse groups, flags -> ``RunConfig``, exit codes.
 
-A format script stays thin::
+A format script stays thin (FP32/train_cifar10_fp32.py is the whole pattern)::
 
-    parser = cli.build_parser("FP8 training of CIFAR ResNets")
-    g = parser.add_argument_group("format")
-    g.add_argument("--w-fmt", default="e4m3", help="weight format (default: e4m3)")
-    args = cli.parse_args(parser, argv)
-    config = cli.make_config(args, name=cli.script_run_name(f"fp8_w-{args.w_fmt}", args),
-                             label=f"FP8 w={args.w_fmt}", format={"w": args.w_fmt, "bits": 8})
-    return train.run(config, model_transform=...)
+    def plan(argv=None):
+        parser = cli.build_parser("FP32 training of CIFAR ResNets")
+        args = cli.parse_args(parser, argv)
+        config = cli.make_config(args, name=cli.script_run_name("fp32", args), label="FP32",
+                                 format={"family": "fp32", "bits_per_element": 32},
+                                 script="FP32/train_cifar10_fp32.py")
+        return {"config": config}                  # the keyword arguments of train.run
 
     if __name__ == "__main__":
-        cli.run_main(main)
+        cli.run_main(lambda argv: train.run(**plan(argv)))
+
+Quantized scripts add their format flags with ``common.qat_cli`` and return its
+``plan_quantized(args, ...)``. What a run is (``RunConfig``, recipes, defaults, paths) lives in
+``common.config``, which library code imports; only entry points and the flag helpers import
+this module.
 
 ``run_main`` turns the project's exceptions into one line on stderr and an exit code:
 0 finished (or already finished on ``--resume``), 1 diverged (NaN/inf loss), 2 user error
@@ -25,126 +30,29 @@ import argparse
 import dataclasses
 import math
 import os
-import re
 import signal
 import sys
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
+from .config import (CHANNELS_LAST_DEFAULT, DEFAULT_RECIPE, DEFAULT_RUNS_DIR, DEVICES, MAX_SEED,
+                     NAME_RE, PAPER_EPOCHS, RECIPES, REPO_ROOT, RESUME_FREE_FIELDS, SCHEDULES,
+                     RunConfig, resolve_runs_dir, with_defaults)
 from .errors import DataError, Diverged, Interrupted, UserError
 from .resnet import MODELS, SHORTCUTS
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_RUNS_DIR = REPO_ROOT / "runs"
-# He et al. 2016 trained the CIFAR ResNets for 64k iterations at batch 128, dividing the lr by 10
-# at 32k and 48k: 64,000 / (50,000 / 128) = 164 epochs, the steps at 50% and 75% of them.
-PAPER_EPOCHS = 164
-SCHEDULES = ("step", "cosine", "linear")
-# Named recipes: presets of ordinary flags (any flag given explicitly wins over its preset).
-# paper: He et al. 2016 as published. fast: the short CPU protocol of the results table, chosen
-# from an accuracy-against-epochs curve of FP32 ResNet-20 (README, "Results"): a one-cycle
-# schedule (short linear warm-up, linear decay to 0), Nesterov momentum, weight decay 5e-4 and
-# label smoothing 0.1 reach the paper's 164-epoch accuracy in a fraction of the epochs.
-RECIPES: Dict[str, Dict[str, Any]] = {
-    "paper": {},
-    "fast": {"epochs": 20, "schedule": "linear", "warmup_epochs": 1.0, "lr": 0.1,
-             "nesterov": True, "weight_decay": 5e-4, "label_smoothing": 0.1, "ema_decay": 0.999},
-}
-DEFAULT_RECIPE = "paper"
-DEVICES = ("auto", "cpu", "cuda")
-# channels-last (NHWC) default per device type, measured with benchmarks/pipeline_speed.py: on CUDA
-# it lets cuDNN use its fastest convolution kernels; on the 2-core x86 CPU (oneDNN) ResNet-20's
-# forward+backward ran about 20% faster in NHWC too.
-CHANNELS_LAST_DEFAULT = {"cuda": True, "cpu": True}
-MAX_SEED = 2**32 - 1                  # np.random.seed's range
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
 # Signals that stop a run like Ctrl-C does (status "interrupted", exit 128 + signal number).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
-__all__ = ["RunConfig", "Parser", "UserError", "DataError", "Diverged", "build_parser", "parse_args",
-           "make_config", "parse_config", "run_main", "fail", "script_run_name", "REPO_ROOT",
-           "DEFAULT_RUNS_DIR", "PAPER_EPOCHS", "RECIPES"]
+__all__ = ["RunConfig", "Parser", "UserError", "DataError", "Diverged", "build_parser",
+           "parse_args", "make_config", "run_main", "fail", "script_run_name",
+           # re-exported from common.config, where library code imports them
+           "REPO_ROOT", "DEFAULT_RUNS_DIR", "PAPER_EPOCHS", "RECIPES", "DEFAULT_RECIPE",
+           "CHANNELS_LAST_DEFAULT", "RESUME_FREE_FIELDS", "with_defaults", "resolve_runs_dir"]
 
 
 def fail(message: str) -> None:
     """Raise ``UserError(message)``: the entry point prints ``error: message`` and exits 2."""
     raise UserError(message)
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """Everything that defines a run, resolved once from the flags and saved as runs/<name>/config.json.
-
-    Fields a format script sets (beyond the shared flags): ``label`` (human-readable, for tables and
-    plots, e.g. "FP8 w=e5m2 a=e4m3"), ``format`` (a JSON-able dict of the script's format settings,
-    e.g. ``{"w": "e5m2", "a": "e4m3", "bits_per_element": 8}``; recorded in config.json and
-    summary.json for the report) and ``script``. Treat ``format`` as read-only.
-    ``channels_last=None`` means the device's default (``CHANNELS_LAST_DEFAULT``).
-    """
-
-    name: str
-    model: str = "resnet20"
-    shortcut: Optional[str] = None
-    epochs: int = PAPER_EPOCHS
-    batch_size: int = 128
-    eval_batch_size: int = 1000
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    nesterov: bool = False
-    schedule: str = "step"
-    warmup_epochs: float = 0.0
-    label_smoothing: float = 0.0
-    ema_decay: float = 0.0
-    recipe: str = DEFAULT_RECIPE
-    seed: int = 0
-    device: str = "auto"
-    data_dir: Optional[str] = None
-    synthetic: bool = False
-    val_split: bool = False
-    channels_last: Optional[bool] = None
-    compile: bool = False
-    cuda_graphs: bool = True
-    tf32: bool = False
-    deterministic: bool = False
-    runs_dir: str = str(DEFAULT_RUNS_DIR)
-    resume: bool = False
-    overwrite: bool = False
-    max_steps_per_epoch: Optional[int] = None
-    label: str = ""
-    format: Dict[str, Any] = field(default_factory=dict)
-    script: str = ""
-
-    def to_dict(self) -> Dict[str, Any]:
-        """A JSON-able copy (``format`` deep-copied)."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "RunConfig":
-        """Inverse of ``to_dict``; unknown keys are ignored (configs written by older code)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.runs_dir) / self.name
-
-
-def with_defaults(stored: Mapping[str, Any]) -> Dict[str, Any]:
-    """A stored config dict with the fields it lacks at their defaults: a run written before a
-    flag existed ran as that flag's default does, so comparing it with today's flags must not
-    read a missing field as a difference."""
-    defaults = {f.name: f.default for f in dataclasses.fields(RunConfig)
-                if f.default is not dataclasses.MISSING}
-    return {**defaults, **stored}
-
-
-# Fields that may differ when a run is resumed: they do not change what is trained or measured.
-# (Not --eval-batch-size: activations scaled per tensor take their scale per test batch, so it
-# changes the test accuracy. --compile may differ, with a note: see train.py.)
-RESUME_FREE_FIELDS = frozenset({"name", "runs_dir", "resume", "overwrite", "data_dir", "compile",
-                                "cuda_graphs", "device", "script"})
 
 
 def _fmt_default(v: Any) -> str:
@@ -327,18 +235,6 @@ def script_run_name(tag: str, args: argparse.Namespace) -> str:
     return f"{tag}_{name}" if tag else name
 
 
-def resolve_runs_dir(path: str) -> Path:
-    """A ``--runs-dir`` as an absolute path. A relative one is looked up as ``--data-dir`` is: an
-    existing folder from the current folder, else one from the repo root (so ``--runs-dir runs``
-    typed in FP32/ finds the repo's runs/ instead of making FP32/runs/), else made from the
-    current folder."""
-    p = Path(path).expanduser()
-    if p.is_absolute():
-        return p.resolve()
-    here, root = Path.cwd() / p, REPO_ROOT / p
-    return (root if not here.is_dir() and root.is_dir() else here).resolve()
-
-
 def make_config(args: argparse.Namespace, name: Derived = None, label: Derived = "",
                 format: Derived = None, script: Optional[str] = None) -> RunConfig:
     """Resolve parsed flags into a frozen ``RunConfig``.
@@ -368,13 +264,6 @@ def make_config(args: argparse.Namespace, name: Derived = None, label: Derived =
     return RunConfig(name=run_name, label=_derive(label, args) or "", format=dict(fmt or {}),
                      script=script or os.path.relpath(os.path.abspath(sys.argv[0]), REPO_ROOT),
                      **values)
-
-
-def parse_config(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None,
-                 name: Derived = None, label: Derived = "", format: Derived = None) -> RunConfig:
-    """``parse_args`` then ``make_config`` in one call, for scripts whose name/label/format are
-    functions of the parsed args (scripts that need the args themselves call the two separately)."""
-    return make_config(parse_args(parser, argv), name=name, label=label, format=format)
 
 
 def _is_rank0() -> bool:

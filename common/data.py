@@ -45,9 +45,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .config import REPO_ROOT
 from .errors import DataError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 BATCHES_DIR = "cifar-10-batches-py"                  # folder name inside the official tarball
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_FILE = "test_batch"
@@ -62,7 +62,7 @@ PIXELS_PER_IMAGE = 3 * 32 * 32
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
            "dog", "frog", "horse", "ship", "truck")
 # Per-channel mean and standard deviation of the 50,000 CIFAR-10 training images (pixel/255);
-# /work/shared/cifar10/README.md lists the same figures, and tests/test_data.py recomputes them.
+# the shared data folder's README lists the same figures, and tests/test_data.py recomputes them.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 PAD = 4                                              # random-crop padding, He et al. 2016

@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from . import data as data_mod
 from . import runs
-from .cli import CHANNELS_LAST_DEFAULT, RunConfig
+from .config import CHANNELS_LAST_DEFAULT, RunConfig
 from .errors import UserError
 from .qat import ROLES, QuantConfig, quantize_model
 from .train import build_run_model, evaluate, resolve_device

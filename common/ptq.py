@@ -42,7 +42,7 @@ import torch.nn as nn
 
 from . import data as data_mod
 from . import runs
-from .cli import DEFAULT_RUNS_DIR, RunConfig
+from .config import DEFAULT_RUNS_DIR, RunConfig
 from .errors import UserError
 from .formats import parse_format
 from .hardware import device_name

@@ -62,10 +62,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
-from . import cli, data, runs
+from . import cli, config, data, runs
 from .errors import UserError
 
-REPO_ROOT = cli.REPO_ROOT
+REPO_ROOT = config.REPO_ROOT
 
 
 class SweepConfig(NamedTuple):
@@ -133,7 +133,7 @@ OWN_FLAGS = {"seed": "--seeds", "name": "--tag", "runs_dir": "--runs-dir", "resu
              "overwrite": None}
 # RunConfig fields that define what is trained; an existing run must agree on them to be reused.
 # (The others: the run's identity, where it lives, or how fast it runs.)
-COMPARED_EXCLUDE = cli.RESUME_FREE_FIELDS | {"seed", "label", "format", "channels_last",
+COMPARED_EXCLUDE = config.RESUME_FREE_FIELDS | {"seed", "label", "format", "channels_last",
                                              "deterministic"}
 
 # Exit codes of the scripts (common.cli.run_main).
@@ -172,7 +172,7 @@ class Job:
 
 def run_name(key: str, model: str, epochs: int, seed: int, synthetic: bool = False,
              max_steps: Optional[int] = None, tag: Optional[str] = None,
-             recipe: str = cli.DEFAULT_RECIPE, val_split: bool = False) -> str:
+             recipe: str = config.DEFAULT_RECIPE, val_split: bool = False) -> str:
     """``<key>_<model>_<recipe>_e<epochs>_s<seed>[_synthetic][_val][_max<N>][_<tag>]``: what makes
     a run distinct (as the scripts' own names)."""
     name = f"{key}_{model}_{recipe}_e{epochs}_s{seed}"
@@ -251,14 +251,14 @@ def compared_values(config: Mapping) -> Dict[str, object]:
 
 def expected_config(args: argparse.Namespace, seed: int) -> Dict[str, object]:
     """What the shared flags resolve to for one seed, in the JSON form runs store."""
-    config = cli.make_config(args, name="x", script="-")
-    return runs.jsonable(compared_values(config.to_dict() | {"seed": seed}))
+    resolved = cli.make_config(args, name="x", script="-")
+    return runs.jsonable(compared_values(resolved.to_dict() | {"seed": seed}))
 
 
 def config_differences(stored: Mapping, expected: Mapping) -> List[str]:
     """``--flag new (run: old)`` for each compared field that differs (fields a run written by
     older code lacks count as their defaults)."""
-    stored = compared_values(runs.jsonable(cli.with_defaults(stored)))
+    stored = compared_values(runs.jsonable(config.with_defaults(stored)))
     out = []
     for k in sorted(set(stored) | set(expected)):
         if k in expected and stored.get(k) != expected.get(k):
@@ -315,7 +315,7 @@ def plan(keys: Sequence[str], seeds: Sequence[int], training_flags: Sequence[str
     if flags and flags[0] == "--":
         flags = flags[1:]
     args = parse_training_flags(flags)
-    runs_dir = cli.resolve_runs_dir(str(runs_dir))
+    runs_dir = config.resolve_runs_dir(str(runs_dir))
     jobs, conflicts = [], []
     current: List[Optional[Tuple[str, int]]] = []       # test_set(args), read once when needed
     for seed in seeds:

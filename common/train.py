@@ -2,8 +2,8 @@
 
 ``run(config, model_transform=None, autocast_dtype=None, after_step=None) -> summary dict``
 
-* Builds ``config.model``, applies ``model_transform(model)`` (issue 4's quantized-layer wrap; it
-  may modify in place or return a new module) before the model moves to the device and the
+* Builds ``config.model``, applies ``model_transform(model)`` (a format script's quantized-layer swap;
+  it may modify in place or return a new module) before the model moves to the device and the
   optimizer sees its parameters, then trains under ``torch.autocast(device, autocast_dtype)``
   when a dtype is given (float16 also gets a GradScaler). ``after_step(model)`` runs after every
   optimizer step (e.g. to cast the master weights).
@@ -15,6 +15,11 @@
 * Writes ``runs/<name>/`` (see ``common.runs``); checkpoints after every epoch; ``--resume``
   continues bit for bit on CPU (all RNG states, the optimizer and the data generator are saved;
   the learning rate is a pure function of (epoch, step), so there is no scheduler state to lose).
+
+The pieces, in timm's shape: ``setup`` builds a run's state at step 0 (data, model, optimizer,
+EMA, wrappers) as a ``Setup``; ``train_one_epoch`` and ``evaluate`` are plain functions;
+``common.checkpoint`` owns last.pt (its layout, restoring it, the resume check). ``_Trainer`` only
+adds the run folder around them: its lock, logs, summary and per-epoch checkpoints.
 
 Outcomes: returns the summary (status "finished"), also when ``--resume`` finds the run already
 finished. A NaN/inf loss raises ``Diverged`` (summary status "diverged", last.pt left at the last
@@ -57,10 +62,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import checkpoint, hardware, runs
 from . import data as data_mod
-from . import hardware
-from . import runs
-from .cli import CHANNELS_LAST_DEFAULT, REPO_ROOT, RESUME_FREE_FIELDS, RunConfig, with_defaults
+from .config import CHANNELS_LAST_DEFAULT, REPO_ROOT, RunConfig
 from .errors import Diverged, Interrupted, RunFileError, UserError
 from .resnet import build_model, count_parameters
 
@@ -250,15 +254,6 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-def _differences(where: str, new: Any, old: Any) -> List[tuple]:
-    """(where, new, old) for each differing leaf: dicts are compared key by key (``format.w``), so
-    a resume mismatch names only what differs."""
-    if isinstance(new, dict) and isinstance(old, dict):
-        return [d for k in sorted(set(new) | set(old), key=str)
-                for d in _differences(f"{where}.{k}", new.get(k), old.get(k))]
-    return [] if new == old else [(where, new, old)]
-
-
 class _Progress:
     """A one-line progress bar, drawn only when stdout is a terminal (no dependency)."""
 
@@ -333,7 +328,144 @@ def _restore_global_flags(saved):
     torch.use_deterministic_algorithms(det, warn_only=warn)
 
 
+@dataclass
+class Setup:
+    """Everything one training run works with, built by ``setup``."""
+
+    device: torch.device
+    channels_last: bool
+    data: data_mod.DeviceData
+    normalizer: data_mod.Normalizer
+    batches: data_mod.TrainBatches
+    model: nn.Module                  # the plain module: what checkpoints and weights.pt hold
+    train_model: nn.Module            # model, wrapped by DDP and/or torch.compile
+    eval_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    generator: torch.Generator        # the data pipeline's (shuffling, augmentation)
+    ema: Optional[WeightEMA]
+    compile_mode: Optional[str]
+
+
+def configure_backends(config: RunConfig, device: torch.device) -> None:
+    """CUDA's global arithmetic flags for this run (``run`` restores them afterwards)."""
+    if device.type != "cuda":
+        return
+    # FP32 means FP32: TF32 tensor-core arithmetic only with --tf32.
+    torch.backends.cuda.matmul.allow_tf32 = config.tf32
+    torch.backends.cudnn.allow_tf32 = config.tf32
+    # Autotuned cuDNN kernels are fastest but may differ from run to run (and some use atomics);
+    # --deterministic trades that speed for GPU runs that repeat exactly.
+    torch.backends.cudnn.benchmark = not config.deterministic
+    torch.backends.cudnn.deterministic = config.deterministic
+    if config.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)   # warn, not fail
+
+
+def setup(config: RunConfig, device: torch.device, channels_last: bool, ctx: Optional[_Dist] = None,
+          model_transform: Optional[Callable[[nn.Module], Optional[nn.Module]]] = None,
+          autocast_dtype: Optional[torch.dtype] = None) -> Setup:
+    """Seed, load the data, build the model (``build_run_model``), its optimizer, grad scaler,
+    EMA and batches, and wrap it for DDP and ``--compile``: a fresh run's state at step 0."""
+    ctx = ctx or _Dist()
+    torch.manual_seed(config.seed)       # the weights' initialisation
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    data = data_mod.load_device_data(device, config.data_dir, config.synthetic,
+                                     val_split=config.val_split)
+    model = build_run_model(config, device, channels_last, model_transform)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay, nesterov=config.nesterov)
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
+    generator = data_mod.make_generator(device, config.seed)
+    normalizer = data_mod.Normalizer(device, channels_last=channels_last)
+    try:
+        batches = data_mod.TrainBatches(data, config.batch_size, generator, normalizer,
+                                        rank=ctx.rank, world_size=ctx.world_size,
+                                        max_steps=config.max_steps_per_epoch)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    train_model = eval_model = model
+    if ctx.active:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    mode = compile_mode(config, device)
+    if mode is not None:
+        options = {"mode": mode} if mode != "default" else {}
+        train_model = torch.compile(train_model, **options)
+        eval_model = train_model if not ctx.active else torch.compile(model, **options)
+    ema = WeightEMA(model, config.ema_decay) if config.ema_decay > 0 else None
+    return Setup(device, channels_last, data, normalizer, batches, model, train_model, eval_model,
+                 optimizer, scaler, generator, ema, mode)
+
+
+@dataclass
+class EpochStats:
+    """What one pass over the training set measured."""
+
+    train_loss: float
+    train_acc: float
+    images: int
+    seconds: float
+
+
+def train_one_epoch(s: Setup, config: RunConfig, epoch: int,
+                    autocast_dtype: Optional[torch.dtype] = None,
+                    after_step: Optional[Callable[[nn.Module], None]] = None,
+                    check_finite: Optional[Callable[[torch.Tensor, int], None]] = None,
+                    ctx: Optional[_Dist] = None, progress: Optional[_Progress] = None
+                    ) -> EpochStats:
+    """One epoch of SGD (timm's ``train_one_epoch`` shape). Nothing is copied to the host inside
+    it: loss and accuracy are summed on the device, and ``check_finite(loss_sum, step)`` (which
+    may stop the run) sees the running loss every ``DIVERGENCE_CHECK_EVERY`` steps and at the end."""
+    ctx = ctx or _Dist()
+    steps = len(s.batches)
+    s.train_model.train()
+    t0 = time.perf_counter()
+    loss_sum = torch.zeros((), dtype=torch.float32, device=s.device)   # sum of batch means
+    correct = torch.zeros((), dtype=torch.int64, device=s.device)
+    for step, (x, y) in enumerate(s.batches):
+        lr = lr_at(config, epoch, step, steps)
+        for group in s.optimizer.param_groups:
+            group["lr"] = lr
+        with torch.autocast(s.device.type, dtype=autocast_dtype or torch.float32,
+                            enabled=autocast_dtype is not None):
+            out = s.train_model(x)
+            loss = F.cross_entropy(out, y, label_smoothing=config.label_smoothing)
+        s.optimizer.zero_grad(set_to_none=True)
+        s.scaler.scale(loss).backward()
+        s.scaler.step(s.optimizer)
+        s.scaler.update()
+        if after_step is not None:
+            after_step(s.model)
+        if s.ema is not None:
+            s.ema.update()
+        with torch.no_grad():
+            loss_sum += loss.detach().float()
+            correct += (out.argmax(1) == y).sum()
+        if check_finite is not None and (step + 1) % DIVERGENCE_CHECK_EVERY == 0:
+            check_finite(loss_sum, step + 1)
+        if progress is not None:
+            progress.update(epoch + 1, config.epochs, step + 1, steps,
+                            (step + 1) * config.batch_size, t0)
+    if check_finite is not None:
+        check_finite(loss_sum, steps)
+    if s.device.type == "cuda":
+        torch.cuda.synchronize(s.device)
+    seconds = time.perf_counter() - t0
+    # every step has the same global batch (the last partial batch is dropped), so the epoch's
+    # mean loss is the mean of the batch means; ranks' sums are added up
+    sums = _all_reduce(torch.stack([loss_sum.double(), correct.double()]), ctx)
+    batch_loss_sum, train_correct = sums.tolist()
+    images = steps * config.batch_size
+    return EpochStats(batch_loss_sum / (steps * ctx.world_size), 100.0 * train_correct / images,
+                      images, seconds)
+
+
 class _Trainer:
+    """One run of ``run``: its folder, lock, logs, summary, checkpoints and the epoch loop."""
+
     def __init__(self, config, ctx, model_transform, autocast_dtype, after_step):
         self.cfg = config
         self.ctx = ctx
@@ -344,19 +476,15 @@ class _Trainer:
         self.run_dir = config.run_dir
         self.ckpt_path = self.run_dir / runs.CHECKPOINT
         self.made_run_dir = False       # rank 0 created the run folder (see unlock)
+        self.prev = checkpoint.Clock(started_at=_now())   # earlier sessions of this run
         self.metrics: List[Dict[str, Any]] = []
-        self.wall_prev = 0.0            # seconds spent in earlier sessions of this run (resume)
-        self.train_prev = 0.0
-        # CPU seconds of this process (all its threads) in earlier sessions; None when a session
-        # before this field existed left it unknown
-        self.cpu_prev: Optional[float] = 0.0
-        self.started_at = _now()
         self.t_start = time.perf_counter()
         self.cpu_start = time.process_time()
-        self.train_seconds = 0.0
+        self.train_seconds = 0.0        # this session's
         self.resolved: Dict[str, Any] = {}
         self.lock = None                # the run folder's lock file (rank 0), see runs.lock_run
         self.saved_epoch = 0            # the epoch last.pt holds
+        self.ema: Optional[WeightEMA] = None
 
     def unlock(self) -> None:
         """Release the run folder; one this run made and left empty (it stopped before writing
@@ -376,51 +504,48 @@ class _Trainer:
     def cpu_seconds(self) -> Optional[float]:
         """CPU time of this run so far, over all its sessions (None if one of them did not count
         it): unlike wall time, it does not grow when other work shares the machine."""
-        if self.cpu_prev is None:
+        if self.prev.cpu_seconds is None:
             return None
-        return round(self.cpu_prev + time.process_time() - self.cpu_start, 1)
+        return round(self.prev.cpu_seconds + time.process_time() - self.cpu_start, 1)
+
+    def wall_seconds(self) -> float:
+        return round(self.prev.wall_seconds + time.perf_counter() - self.t_start, 3)
+
+    def clock(self) -> checkpoint.Clock:
+        """This run's totals over all its sessions, as the next checkpoint keeps them."""
+        return checkpoint.Clock(len(self.metrics), self.metrics, self.wall_seconds(),
+                                self.prev.train_seconds + self.train_seconds, self.cpu_seconds(),
+                                self.prev.started_at)
 
     def summary(self, status: str, message: str = "") -> Dict[str, Any]:
         last = self.metrics[-1] if self.metrics else {}
         finished = status == "finished"
-        train_time = self.train_prev + self.train_seconds
+        train_time = self.prev.train_seconds + self.train_seconds
         images = sum(m["train_images"] for m in self.metrics)
+        git = self.resolved.get("git", {})
         return {
-            "name": self.cfg.name,
-            "status": status,
-            "message": message,
-            "label": self.cfg.label,
-            "format": self.cfg.format,
-            "model": self.cfg.model,
+            "name": self.cfg.name, "status": status, "message": message,
+            "label": self.cfg.label, "format": self.cfg.format, "model": self.cfg.model,
             "params": self.resolved.get("params"),
-            "epochs": self.cfg.epochs,
-            "epochs_done": len(self.metrics),
+            "epochs": self.cfg.epochs, "epochs_done": len(self.metrics),
             "final_test_acc": last.get("test_acc") if finished else None,
             "final_test_loss": last.get("test_loss") if finished else None,
             **({"final_val_acc": last.get("val_acc") if finished else None,
                 "val_images": last.get("val_images")} if self.cfg.val_split else {}),
-            "last_test_acc": last.get("test_acc"),
-            "last_test_loss": last.get("test_loss"),
-            "last_train_loss": last.get("train_loss"),
-            "last_train_acc": last.get("train_acc"),
+            "last_test_acc": last.get("test_acc"), "last_test_loss": last.get("test_loss"),
+            "last_train_loss": last.get("train_loss"), "last_train_acc": last.get("train_acc"),
             "test_images": last.get("test_images"),
             "train_images_per_epoch": self.resolved.get("train_images_per_epoch"),
-            "wall_seconds": round(self.wall_prev + time.perf_counter() - self.t_start, 3),
-            "train_seconds": round(train_time, 3),
+            "wall_seconds": self.wall_seconds(), "train_seconds": round(train_time, 3),
             "cpu_seconds": self.cpu_seconds(),
             "mean_images_per_s": round(images / train_time, 1) if train_time > 0 and images else None,
-            "device": self.resolved.get("device"),
-            "device_name": self.resolved.get("device_name"),
-            "world_size": self.ctx.world_size,
-            "autocast": self.resolved.get("autocast"),
+            "device": self.resolved.get("device"), "device_name": self.resolved.get("device_name"),
+            "world_size": self.ctx.world_size, "autocast": self.resolved.get("autocast"),
             "channels_last": self.resolved.get("channels_last"),
-            "git_hash": self.resolved.get("git", {}).get("hash"),
-            "git_dirty": self.resolved.get("git", {}).get("dirty"),
+            "git_hash": git.get("hash"), "git_dirty": git.get("dirty"),
             "torch_version": torch.__version__,
-            "started_at": self.started_at,
-            "updated_at": _now(),
-            "run_dir": str(self.run_dir),
-            "config": self.cfg.to_dict(),
+            "started_at": self.prev.started_at, "updated_at": _now(),
+            "run_dir": str(self.run_dir), "config": self.cfg.to_dict(),
             **self._weights_fields(finished),
         }
 
@@ -446,32 +571,6 @@ class _Trainer:
             pass
 
     # -- existing run folder ----------------------------------------------------------------------
-    def _check_resume_config(self, ckpt: Dict[str, Any], device: torch.device) -> None:
-        old, new = with_defaults(ckpt["config"]), runs.jsonable(self.cfg.to_dict())
-        differing = [k for k in sorted(set(old) | set(new))
-                     if k not in RESUME_FREE_FIELDS and old.get(k) != new.get(k)]
-        if len(differing) > 1 and "label" in differing:
-            differing.remove("label")    # the label only describes the other fields
-        diffs = []
-        for k in differing:
-            flag = "--" + k.replace("_", "-") if k not in ("format", "label") else k
-            diffs += [f"{where} {n!r} (checkpoint: {o!r})"
-                      for where, n, o in _differences(flag, new.get(k), old.get(k))]
-        if ckpt.get("device_type") != device.type:
-            diffs.append(f"device {device.type} (checkpoint: {ckpt.get('device_type')})")
-        if ckpt.get("world_size", 1) != self.ctx.world_size:
-            diffs.append(f"{self.ctx.world_size} processes (checkpoint: {ckpt.get('world_size', 1)})")
-        if ckpt.get("autocast") != self.resolved["autocast"]:
-            diffs.append(f"autocast {self.resolved['autocast']} (checkpoint: {ckpt.get('autocast')})")
-        if diffs:
-            raise UserError(f"cannot resume {self.run_dir}: the run differs from its checkpoint in "
-                            f"{'; '.join(diffs)}. Use the original flags, or a new --name")
-        if bool(old.get("compile")) != bool(new.get("compile")):
-            self.log(f"note: resuming {'with' if new.get('compile') else 'without'} --compile, "
-                     f"unlike the epochs before: the same training, but other kernels (and, for "
-                     f"stochastic rounding, another random stream), so not bit for bit the run "
-                     f"that was not interrupted")
-
     def _lock_run_dir(self) -> None:
         """Rank 0 locks the run folder for the run's life (every rank learns if that failed);
         a summary still saying "running" was left by a dead process: say "interrupted"."""
@@ -500,11 +599,8 @@ class _Trainer:
         have_run = have_ckpt or (self.run_dir / runs.SUMMARY).is_file()
         if self.cfg.resume:
             if have_ckpt:
-                ckpt = self._load_checkpoint()
-                if ckpt.get("version") != runs.CHECKPOINT_VERSION:
-                    raise UserError(f"{self.ckpt_path}: checkpoint version {ckpt.get('version')} "
-                                    f"is not {runs.CHECKPOINT_VERSION}; pass --overwrite to start over")
-                self._check_resume_config(ckpt, device)
+                ckpt = checkpoint.read(self.ckpt_path)
+                self._check_resume(ckpt, device)
                 return ckpt
             prev = runs.read_summary(self.run_dir, live=False) or {}
             if prev.get("epochs_done"):     # epochs were trained, but nothing can continue them
@@ -525,40 +621,28 @@ class _Trainer:
             dist.barrier()
         return None
 
-    def _load_checkpoint(self) -> Dict[str, Any]:
-        """last.pt for --resume; a file that is not one of this project's checkpoints is refused
-        with one line naming it and the choices (torch's own advice does not apply here)."""
-        try:
-            ckpt = runs.load_checkpoint(self.ckpt_path)
-        except OSError as e:
-            raise UserError(f"cannot read checkpoint {self.ckpt_path}: {e.strerror or e}") from None
-        except Exception:
-            ckpt = None
-        if not isinstance(ckpt, dict) or not {"epoch", "config", "model"} <= set(ckpt):
-            raise UserError(f"{self.ckpt_path} is not a checkpoint of this project (corrupt or "
-                            f"truncated); pass --overwrite to start the run over, or delete the file")
-        return ckpt
+    def _check_resume(self, ckpt: Dict[str, Any], device: torch.device) -> None:
+        diffs = checkpoint.resume_mismatches(ckpt, self.cfg, device.type, self.ctx.world_size,
+                                             self.resolved["autocast"])
+        if diffs:
+            raise UserError(f"cannot resume {self.run_dir}: the run differs from its checkpoint in "
+                            f"{'; '.join(diffs)}. Use the original flags, or a new --name")
+        if checkpoint.compile_changed(ckpt, self.cfg):
+            self.log(f"note: resuming {'with' if self.cfg.compile else 'without'} --compile, "
+                     f"unlike the epochs before: the same training, but other kernels (and, for "
+                     f"stochastic rounding, another random stream), so not bit for bit the run "
+                     f"that was not interrupted")
 
     # -- main -----------------------------------------------------------------------------------
     def execute(self) -> Dict[str, Any]:
-        cfg, ctx = self.cfg, self.ctx
-        device = resolve_device(cfg.device, ctx.local_rank)
-        if device.type == "cuda":
-            # FP32 means FP32: TF32 tensor-core arithmetic only with --tf32.
-            torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
-            torch.backends.cudnn.allow_tf32 = cfg.tf32
-            # Autotuned cuDNN kernels are fastest but may differ from run to run (and some use
-            # atomics); --deterministic trades that speed for GPU runs that repeat exactly.
-            torch.backends.cudnn.benchmark = not cfg.deterministic
-            torch.backends.cudnn.deterministic = cfg.deterministic
-            if cfg.deterministic:
-                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-                torch.use_deterministic_algorithms(True, warn_only=True)   # warn, not fail
+        cfg = self.cfg
+        device = resolve_device(cfg.device, self.ctx.local_rank)
+        configure_backends(cfg, device)
         channels_last = (CHANNELS_LAST_DEFAULT[device.type] if cfg.channels_last is None
                          else cfg.channels_last)
         self.resolved = {
             "device": str(device), "device_name": hardware.device_name(device),
-            "channels_last": channels_last, "world_size": ctx.world_size,
+            "channels_last": channels_last, "world_size": self.ctx.world_size,
             "autocast": str(self.autocast_dtype).replace("torch.", "") if self.autocast_dtype else None,
             "tf32": bool(cfg.tf32 and device.type == "cuda"),
             "git": runs.git_info(REPO_ROOT),
@@ -566,88 +650,20 @@ class _Trainer:
         ckpt = self._prepare_run_dir(device)
         if ckpt is not None and ckpt["epoch"] >= cfg.epochs:
             return self._already_finished(ckpt)
-
-        # Seeds: weights' initialisation (torch CPU RNG) and anything using python/numpy RNGs.
-        torch.manual_seed(cfg.seed)
-        random.seed(cfg.seed)
-        np.random.seed(cfg.seed)
-
-        data = data_mod.load_device_data(device, cfg.data_dir, cfg.synthetic,
-                                         val_split=cfg.val_split)
-        model = build_run_model(cfg, device, channels_last, self.model_transform)
-        raw_model = model
-        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                    weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
-        scaler = torch.amp.GradScaler(device.type, enabled=self.autocast_dtype == torch.float16)
-        generator = data_mod.make_generator(device, cfg.seed)
-        self.ema = WeightEMA(raw_model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        s = setup(cfg, device, channels_last, self.ctx, self.model_transform, self.autocast_dtype)
+        self.ema = s.ema
         start_epoch = 0
         if ckpt is not None:
-            raw_model.load_state_dict(ckpt["model"])
-            if self.ema is not None:
-                self.ema.model.load_state_dict(ckpt["ema"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scaler.load_state_dict(ckpt["scaler"])
-            runs.set_rng_state(ckpt["rng"], generator)
-            self.metrics = list(ckpt["metrics"])
-            self.wall_prev = ckpt.get("wall_seconds", 0.0)
-            self.train_prev = ckpt.get("train_seconds", 0.0)
-            self.cpu_prev = ckpt.get("cpu_seconds")
-            self.started_at = ckpt.get("started_at", self.started_at)
+            started = self.prev.started_at
+            self.prev = checkpoint.restore(ckpt, s.model, s.optimizer, s.scaler, s.generator,
+                                           s.ema.model if s.ema is not None else None)
+            self.prev.started_at = self.prev.started_at or started
+            self.metrics = list(self.prev.metrics)
             start_epoch = self.saved_epoch = ckpt["epoch"]
-
-        normalizer = data_mod.Normalizer(device, channels_last=channels_last)
-        try:
-            batches = data_mod.TrainBatches(data, cfg.batch_size, generator, normalizer,
-                                            rank=ctx.rank, world_size=ctx.world_size,
-                                            max_steps=cfg.max_steps_per_epoch)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-        train_model = model
-        if ctx.active:
-            train_model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None)
-        eval_model = raw_model
-        mode = compile_mode(cfg, device)
-        self.resolved["compile_mode"] = mode
-        if mode is not None:
-            options = {"mode": mode} if mode != "default" else {}
-            train_model = torch.compile(train_model, **options)
-            eval_model = train_model if not ctx.active else torch.compile(raw_model, **options)
-
-        n_params = count_parameters(raw_model)
-        self.resolved.update({
-            "params": n_params, "steps_per_epoch": len(batches),
-            "train_images_per_epoch": len(batches) * cfg.batch_size,
-            "train_images": int(data.train_x.shape[0]), "test_images": int(data.test_x.shape[0]),
-            "data_source": data.source,
-        })
-        if self.rank0:
-            runs.write_json(self.run_dir / runs.CONFIG, {
-                "config": cfg.to_dict(), "resolved": self.resolved,
-                "torch_version": torch.__version__, "python_version": platform.python_version(),
-                "numpy_version": np.__version__, "argv": sys.argv, "cwd": os.getcwd(),
-                "resumed_from_epoch": start_epoch if ckpt is not None else None, "written_at": _now(),
-            })
-            if ckpt is not None:
-                runs.write_jsonl(self.run_dir / runs.METRICS, self.metrics)
-        shortcut = getattr(raw_model, "shortcut_option", None)
-        self.log(f"run {cfg.name}: {cfg.model} ({n_params / 1e6:.2f}M params"
-                 f"{', shortcut ' + shortcut if shortcut else ''}) on {device} "
-                 f"({self.resolved['device_name']}{', ' + str(ctx.world_size) + ' processes' if ctx.active else ''}"
-                 f", channels-last {'on' if channels_last else 'off'}"
-                 f"{', autocast ' + self.resolved['autocast'] if self.autocast_dtype else ''})")
-        self.log(f"  data: {data.train_x.shape[0]} train / {data.test_x.shape[0]} test images from "
-                 f"{data.source}; {cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''} x {len(batches)} steps "
-                 f"of {cfg.batch_size}, "
-                 f"{cfg.schedule} schedule from lr {cfg.lr:g}; writing {self.run_dir}")
-        if ckpt is not None:
-            self.log(f"  resuming after epoch {start_epoch} from {self.ckpt_path}")
+        self._start_log(s, start_epoch, resumed=ckpt is not None)
         self.write_summary("running")
-
         try:
-            self._loop(start_epoch, train_model, eval_model, raw_model, optimizer, scaler, generator,
-                       batches, data, normalizer, device)
+            self._epochs(s, start_epoch)
         except Diverged:
             raise
         except KeyboardInterrupt as e:
@@ -670,12 +686,44 @@ class _Trainer:
         self.log(f"final test accuracy: {last['test_acc']:.2f}% ({last['test_images']} test images)")
         return summary
 
+    def _start_log(self, s: Setup, start_epoch: int, resumed: bool) -> None:
+        """config.json (and, on resume, metrics.jsonl as the checkpoint has it) and the header."""
+        cfg = self.cfg
+        n_params = count_parameters(s.model)
+        self.resolved.update({
+            "compile_mode": s.compile_mode, "params": n_params, "steps_per_epoch": len(s.batches),
+            "train_images_per_epoch": len(s.batches) * cfg.batch_size,
+            "train_images": int(s.data.train_x.shape[0]), "test_images": int(s.data.test_x.shape[0]),
+            "data_source": s.data.source,
+        })
+        if self.rank0:
+            runs.write_json(self.run_dir / runs.CONFIG, {
+                "config": cfg.to_dict(), "resolved": self.resolved,
+                "torch_version": torch.__version__, "python_version": platform.python_version(),
+                "numpy_version": np.__version__, "argv": sys.argv, "cwd": os.getcwd(),
+                "resumed_from_epoch": start_epoch if resumed else None, "written_at": _now(),
+            })
+            if resumed:
+                runs.write_jsonl(self.run_dir / runs.METRICS, self.metrics)
+        shortcut = getattr(s.model, "shortcut_option", None)
+        procs = f", {self.ctx.world_size} processes" if self.ctx.active else ""
+        autocast = f", autocast {self.resolved['autocast']}" if self.autocast_dtype else ""
+        self.log(f"run {cfg.name}: {cfg.model} ({n_params / 1e6:.2f}M params"
+                 f"{', shortcut ' + shortcut if shortcut else ''}) on {s.device} "
+                 f"({self.resolved['device_name']}{procs}, channels-last "
+                 f"{'on' if s.channels_last else 'off'}{autocast})")
+        self.log(f"  data: {s.data.train_x.shape[0]} train / {s.data.test_x.shape[0]} test images "
+                 f"from {s.data.source}; {cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''} x "
+                 f"{len(s.batches)} steps of {cfg.batch_size}, {cfg.schedule} schedule from lr "
+                 f"{cfg.lr:g}; writing {self.run_dir}")
+        if resumed:
+            self.log(f"  resuming after epoch {start_epoch} from {self.ckpt_path}")
+
     def _already_finished(self, ckpt: Dict[str, Any]) -> Dict[str, Any]:
-        self.metrics = list(ckpt["metrics"])
-        self.wall_prev = ckpt.get("wall_seconds", 0.0)
-        self.train_prev = ckpt.get("train_seconds", 0.0)
-        self.cpu_prev = ckpt.get("cpu_seconds")
-        self.started_at = ckpt.get("started_at", self.started_at)
+        started = self.prev.started_at
+        self.prev = checkpoint.clock_of(ckpt)
+        self.prev.started_at = self.prev.started_at or started
+        self.metrics = list(self.prev.metrics)
         self.t_start = time.perf_counter()
         self.cpu_start = time.process_time()
         if self.rank0 and len(runs.read_jsonl(self.run_dir / runs.METRICS)) != len(self.metrics):
@@ -690,8 +738,8 @@ class _Trainer:
                 summary = runs.read_json(self.run_dir / runs.SUMMARY) or prev
         else:   # stopped after the last checkpoint but before its summary: finish the paperwork
             summary = self.summary("finished")
-            summary["wall_seconds"] = round(self.wall_prev, 3)
-            summary["cpu_seconds"] = self.cpu_prev
+            summary["wall_seconds"] = round(self.prev.wall_seconds, 3)
+            summary["cpu_seconds"] = self.prev.cpu_seconds
             if self.rank0:
                 runs.write_json(self.run_dir / runs.SUMMARY, summary)
         last = self.metrics[-1]
@@ -717,104 +765,74 @@ class _Trainer:
         summary = self.write_summary("diverged", msg)
         raise Diverged(msg, summary)
 
-    def _loop(self, start_epoch, train_model, eval_model, raw_model, optimizer, scaler, generator,
-              batches, data, normalizer, device) -> None:
+    def _epochs(self, s: Setup, start_epoch: int) -> None:
+        """Train, evaluate, save and log each remaining epoch."""
         cfg, ctx = self.cfg, self.ctx
-        steps = len(batches)
+        steps = len(s.batches)
         progress = _Progress(self.rank0)
-        ac_enabled = self.autocast_dtype is not None
-        ac_dtype = self.autocast_dtype or torch.float32
         for epoch in range(start_epoch, cfg.epochs):
-            train_model.train()
             t0 = time.perf_counter()
-            loss_sum = torch.zeros((), dtype=torch.float32, device=device)   # sum of batch means
-            correct = torch.zeros((), dtype=torch.int64, device=device)
-            lr0 = lr_at(cfg, epoch, 0, steps)
-            for step, (x, y) in enumerate(batches):
-                lr = lr_at(cfg, epoch, step, steps)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                with torch.autocast(device.type, dtype=ac_dtype, enabled=ac_enabled):
-                    out = train_model(x)
-                    loss = F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                if self.after_step is not None:
-                    self.after_step(raw_model)
-                if self.ema is not None:
-                    self.ema.update()
-                with torch.no_grad():            # on the device: no host sync per step
-                    loss_sum += loss.detach().float()
-                    correct += (out.argmax(1) == y).sum()
-                if (step + 1) % DIVERGENCE_CHECK_EVERY == 0:
-                    self._check_finite(loss_sum, epoch, step + 1, steps)
-                progress.update(epoch + 1, cfg.epochs, step + 1, steps,
-                                (step + 1) * cfg.batch_size, t0)
-            self._check_finite(loss_sum, epoch, steps, steps)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            train_time = time.perf_counter() - t0
+            stats = train_one_epoch(
+                s, cfg, epoch, self.autocast_dtype, self.after_step,
+                lambda loss_sum, step: self._check_finite(loss_sum, epoch, step, steps), ctx,
+                progress)
             progress.clear()
-            # every step has the same global batch (the last partial batch is dropped), so the
-            # epoch's mean loss is the mean of the batch means; ranks' sums are added up
-            sums = _all_reduce(torch.stack([loss_sum.double(), correct.double()]), ctx)
-            batch_loss_sum, train_correct = sums.tolist()
-            images = steps * cfg.batch_size
-            train_loss = batch_loss_sum / (steps * ctx.world_size)
-
+            self.train_seconds += stats.seconds
             if ctx.active:                      # evaluate the same BN statistics on every rank
-                for buf in raw_model.buffers():
+                for buf in s.model.buffers():
                     dist.broadcast(buf, 0)
             last_epoch = epoch + 1 == cfg.epochs
-            ev = evaluate(eval_model, data, normalizer, cfg.eval_batch_size, self.autocast_dtype, ctx,
-                          predictions=last_epoch)
-            if not math.isfinite(ev["test_loss"]):
-                self._check_finite(torch.tensor(ev["test_loss"]), epoch, steps, steps, "test loss")
-            val = (evaluate(eval_model, data, normalizer, cfg.eval_batch_size, self.autocast_dtype,
-                            ctx, split="val") if cfg.val_split else None)
-            epoch_time = time.perf_counter() - t0
-            self.train_seconds += train_time
-            row = {
-                "epoch": epoch + 1, "lr": lr0,
-                "train_loss": train_loss, "train_acc": 100.0 * train_correct / images,
-                "test_loss": ev["test_loss"], "test_acc": ev["test_acc"],
-                **({"ema_test_acc": evaluate(self.ema.model, data, normalizer, cfg.eval_batch_size,
-                                             self.autocast_dtype, ctx)["test_acc"]}
-                   if self.ema is not None else {}),
-                **({"val_loss": val["test_loss"], "val_acc": val["test_acc"],
-                    "val_images": val["test_images"]} if val else {}),
-                "train_images": images, "test_images": ev["test_images"],
-                "epoch_seconds": round(epoch_time, 3), "train_seconds": round(train_time, 3),
-                "images_per_s": round(images / train_time, 1),
-                "wall_seconds": round(self.wall_prev + time.perf_counter() - self.t_start, 3),
-            }
+            row, predictions = self._evaluate_epoch(s, epoch, stats, last_epoch)
+            row["epoch_seconds"] = round(time.perf_counter() - t0, 3)
             if self.rank0:
-                if last_epoch:      # before last.pt: a finished checkpoint has its predictions
-                    runs.write_predictions(self.run_dir, ev["predictions"], data.test_y)
-                    runs.save_weights(self.run_dir / runs.WEIGHTS, raw_model.state_dict())
-                runs.save_checkpoint(self.ckpt_path, {
-                    "version": runs.CHECKPOINT_VERSION, "epoch": epoch + 1,
-                    "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                    **({"ema": self.ema.model.state_dict()} if self.ema is not None else {}),
-                    "scaler": scaler.state_dict(), "rng": runs.rng_state(generator),
-                    "metrics": self.metrics + [row], "config": runs.jsonable(cfg.to_dict()),
-                    "device_type": device.type,
-                    "world_size": ctx.world_size, "autocast": self.resolved["autocast"],
-                    "wall_seconds": row["wall_seconds"],
-                    "train_seconds": self.train_prev + self.train_seconds,
-                    "cpu_seconds": self.cpu_seconds(),
-                    "started_at": self.started_at,
-                })
+                self._save_epoch(s, row, predictions)
             # only once saved: a run stopped during the save never counts the epoch as done
             self.metrics.append(row)
             if self.rank0:
                 self.saved_epoch = epoch + 1
                 runs.write_jsonl(self.run_dir / runs.METRICS, self.metrics)
                 self.write_summary("running")
-            self.log(f"epoch {epoch + 1:>{len(str(cfg.epochs))}}/{cfg.epochs}  lr {lr0:.5f}  "
+            val = f"val acc {row['val_acc']:6.2f}%  " if "val_acc" in row else ""
+            self.log(f"epoch {epoch + 1:>{len(str(cfg.epochs))}}/{cfg.epochs}  lr {row['lr']:.5f}  "
                      f"train loss {row['train_loss']:.4f} acc {row['train_acc']:6.2f}%  "
-                     f"test loss {row['test_loss']:.4f} acc {row['test_acc']:6.2f}%  "
-                     + (f"val acc {row['val_acc']:6.2f}%  " if val else "")
-                     + f"{epoch_time:6.1f}s  {row['images_per_s']:,.0f} img/s")
+                     f"test loss {row['test_loss']:.4f} acc {row['test_acc']:6.2f}%  {val}"
+                     f"{row['epoch_seconds']:6.1f}s  {row['images_per_s']:,.0f} img/s")
+
+    def _evaluate_epoch(self, s: Setup, epoch: int, stats: EpochStats, last_epoch: bool):
+        """The epoch's metrics row (test, EMA and validation accuracy), and on the last epoch the
+        predicted class of every test image."""
+        cfg, ctx = self.cfg, self.ctx
+        ev = evaluate(s.eval_model, s.data, s.normalizer, cfg.eval_batch_size, self.autocast_dtype,
+                      ctx, predictions=last_epoch)
+        if not math.isfinite(ev["test_loss"]):
+            self._check_finite(torch.tensor(ev["test_loss"]), epoch, 0, 0, "test loss")
+        val = (evaluate(s.eval_model, s.data, s.normalizer, cfg.eval_batch_size,
+                        self.autocast_dtype, ctx, split="val") if cfg.val_split else None)
+        ema = (evaluate(self.ema.model, s.data, s.normalizer, cfg.eval_batch_size,
+                        self.autocast_dtype, ctx) if self.ema is not None else None)
+        row = {
+            "epoch": epoch + 1, "lr": lr_at(cfg, epoch, 0, len(s.batches)),
+            "train_loss": stats.train_loss, "train_acc": stats.train_acc,
+            "test_loss": ev["test_loss"], "test_acc": ev["test_acc"],
+            **({"ema_test_acc": ema["test_acc"]} if ema else {}),
+            **({"val_loss": val["test_loss"], "val_acc": val["test_acc"],
+                "val_images": val["test_images"]} if val else {}),
+            "train_images": stats.images, "test_images": ev["test_images"],
+            "epoch_seconds": None, "train_seconds": round(stats.seconds, 3),
+            "images_per_s": round(stats.images / stats.seconds, 1),
+            "wall_seconds": self.wall_seconds(),
+        }
+        return row, ev.get("predictions")
+
+    def _save_epoch(self, s: Setup, row: Dict[str, Any], predictions) -> None:
+        """Rank 0: predictions and weights.pt after the last epoch, then last.pt (so a finished
+        checkpoint always has its predictions and weights beside it)."""
+        if predictions is not None:
+            runs.write_predictions(self.run_dir, predictions, s.data.test_y)
+            runs.save_weights(self.run_dir / runs.WEIGHTS, s.model.state_dict())
+        clock = self.clock()
+        clock.wall_seconds = row["wall_seconds"]
+        runs.save_checkpoint(self.ckpt_path, checkpoint.state(
+            row["epoch"], s.model, s.optimizer, s.scaler, s.generator,
+            self.ema.model if self.ema is not None else None, self.cfg, self.metrics + [row],
+            self.resolved, self.ctx.world_size, clock))

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common import cli, runs, sweep, train
+from common import cli, config, runs, sweep, train
 from common.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -429,10 +429,12 @@ def test_relative_runs_dir_from_a_format_folder_finds_the_repos(tmp_path, monkey
     repo = tmp_path / "repo"
     (repo / "FP32").mkdir(parents=True)
     (repo / "runs").mkdir()
-    monkeypatch.setattr(cli, "REPO_ROOT", repo)
+    monkeypatch.setattr(config, "REPO_ROOT", repo)
     monkeypatch.chdir(repo / "FP32")
-    assert cli.resolve_runs_dir("runs") == repo / "runs"
-    assert cli.resolve_runs_dir("other") == repo / "FP32" / "other"     # nowhere yet: made here
+    assert config.resolve_runs_dir("runs") == repo / "runs"
+    assert config.resolve_runs_dir("other") == repo / "FP32" / "other"     # nowhere yet: made here
     (repo / "FP32" / "runs").mkdir()
-    assert cli.resolve_runs_dir("runs") == repo / "FP32" / "runs"
-    assert cli.resolve_runs_dir(str(tmp_path / "abs")) == tmp_path / "abs"
+    assert config.resolve_runs_dir("runs") == repo / "FP32" / "runs"
+    assert config.resolve_runs_dir(str(tmp_path / "abs")) == tmp_path / "abs"
+    args = cli.parse_args(cli.build_parser("t"), ["--runs-dir", "runs"])
+    assert cli.make_config(args, name="x").runs_dir == str(repo / "FP32" / "runs")   # the flag
