@@ -8,7 +8,9 @@ trained to several epoch counts (the recipe's curve).
 Reads the run records kept in results/runs/ (full test set) and results/runs-test1k/ (history:
 runs scored on the first 1,000 test images) and the run folders in runs/ (summary.json,
 metrics.jsonl, predictions.json, ptq.json from ptq_eval.py); a run of the same configuration
-and seed found twice counts once, and runs on different test sets are kept in separate tables. Details: common/report.py.
+and seed found twice counts once, and runs on different test sets are kept in separate tables. A
+run folder that cannot be read (a corrupt summary.json or metrics.jsonl) is left out with a
+warning and named in results.md. Details: common/report/.
 """
 import argparse
 import os
@@ -25,9 +27,14 @@ from common.errors import UserError  # noqa: E402
 DEFAULT_OUT = cli.DEFAULT_RUNS_DIR / "report"          # runs/ is not tracked by git
 
 
+def description() -> str:
+    """The first paragraph of this docstring (its first sentence, whole), for --help."""
+    return __doc__.split("\n\n")[0].strip()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = cli.Parser(prog="report.py", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(prog="report.py", description=description(),
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("input")
     g.add_argument("--runs-dir", action="append", default=None, metavar="DIR",
                    help="folder of run folders; repeat the flag for several (default: "
@@ -48,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the repo root, which git ignores, so a bare call never overwrites "
                         "results/)")
     g.add_argument("--no-plots", dest="plots", action="store_false",
-                   help="write results.md only (default: plots on)")
+                   help="write the tables only (results.md, results.csv and acc_vs_epochs.csv), no "
+                        "PNGs (default: plots on)")
     return p
 
 
@@ -64,6 +72,8 @@ def main(argv=None):
                              recipe=args.recipe)
     for line in res["repeats"]:
         print(f"repeat: {line}")
+    for line in res["warnings"]:
+        print(f"warning: {line}", file=sys.stderr)
     print(f"{res['runs']} runs ({res['finished']} finished, {res['not_finished']} not finished) in "
           f"{res['sections']} table{'s' if res['sections'] != 1 else ''}, {res['ptq']} ptq.json; "
           f"wrote {res['results']}, {res['csv']}" + "".join(f", {p}" for p in res["plots"]))

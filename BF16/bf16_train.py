@@ -26,6 +26,7 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 from common import cli, hardware, qat_cli, runs, train  # noqa: E402  (after the sys.path line)
+from common.config import FormatRecord  # noqa: E402
 
 DEFAULTS = {"w_fmt": "bf16", "a_fmt": "bf16", "g_fmt": "bf16"}
 WHY = "Used by --mode emulated only (autocast decides its own casts)."
@@ -91,7 +92,7 @@ def plan(argv=None):
     if emulation_flags:
         parser.error(f"{', '.join(emulation_flags)}: the quantization flags need --mode emulated "
                      f"(autocast makes no casts of its own)")
-    fmt = {"family": "bf16", "mode": "autocast", "bits_per_element": 16}
+    fmt = FormatRecord(family="bf16", bits_per_element=16, mode="autocast").to_dict()
     config = cli.make_config(args, name=cli.script_run_name("bf16_autocast", args),
                              label="BF16 autocast", format=fmt, script="BF16/bf16_train.py")
     return {"config": config, "autocast_dtype": torch.bfloat16}

@@ -16,8 +16,9 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from common import cli, train  # noqa: E402  (after the sys.path line, so it runs from any folder)
+from common.config import FormatRecord  # noqa: E402
 
-FORMAT = {"family": "fp32", "bits_per_element": 32}
+FORMAT = FormatRecord(family="fp32", bits_per_element=32).to_dict()
 
 
 def plan(argv=None):

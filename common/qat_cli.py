@@ -21,6 +21,7 @@ import argparse
 from typing import Dict, Optional, Union
 
 from common import cli
+from common.config import FormatRecord
 from common.formats import NAMED_BLOCK_SPECS, NAMED_FLOAT_SPECS, parse_format
 from common.qat import (BACKENDS, ROLES, QuantConfig, Role, RoleQuant, master_cast,
                         quantize_model, storage_bits)
@@ -199,7 +200,7 @@ def plan_quantized(args: argparse.Namespace, family: str, title: str, script: st
         from common.qtorch_backend import require_qtorch
 
         require_qtorch(q)
-    fmt = {"family": family, "bits_per_element": bits_per_element(q), **q.to_dict()}
+    fmt = FormatRecord.quantized(family, bits_per_element(q), q.to_dict()).to_dict()
     config = cli.make_config(args, name=cli.script_run_name(f"{family}_{run_tag(q)}", args),
                              label=f"{title} {describe(q)}", format=fmt, script=script)
     return {"config": config, "model_transform": lambda m: quantize_model(m, q),

@@ -163,8 +163,8 @@ def test_table_numbers_fp32_difference_and_runs_not_finished(runs_dir, tmp_path)
 
 def test_runs_folder_inside_the_repo_is_named_relative_to_it():
     """results.md is committed: a runs folder in the repo must not show this machine's path."""
-    assert report._shown(cli.REPO_ROOT / "runs") == "runs/"
-    assert report._shown(cli.REPO_ROOT / "runs" / ".." / "runs" / "sub") == "runs/sub/"
+    assert report.shown(cli.REPO_ROOT / "runs") == "runs/"
+    assert report.shown(cli.REPO_ROOT / "runs" / ".." / "runs" / "sub") == "runs/sub/"
 
 
 def test_filters_and_no_plots(runs_dir, tmp_path):
@@ -178,7 +178,7 @@ def test_filters_and_no_plots(runs_dir, tmp_path):
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
-    sys.path.insert(0, str(report.runs.Path(report.__file__).resolve().parent.parent))
+    sys.path.insert(0, str(cli.REPO_ROOT))
     import report as report_cli                      # the entry point at the repo root
 
     for argv, needle in ([["--runs-dir", str(tmp_path / "missing")], "no such folder"],
@@ -198,10 +198,11 @@ def write_predictions(runs_dir, name, correct):
 
 
 def test_paired_ci_and_csv(runs_dir, tmp_path):
-    """Rows with per-image predictions get the bootstrap interval of common.stats on exactly
-    their seeds' right/wrong rows; the CSV holds the documented columns and the same numbers."""
+    """Rows with per-image predictions get the bootstrap interval of common.report.stats on
+    exactly their seeds' right/wrong rows; the CSV holds the documented columns and the same
+    numbers."""
     import csv
-    from common.stats import paired_bootstrap
+    from common.report.stats import paired_bootstrap
 
     n = 1000
     fp32 = [[1] * 913 + [0] * 87, [1] * 907 + [0] * 93]
@@ -316,7 +317,8 @@ def test_default_output_is_not_the_committed_results(tmp_path):
 
 
 def test_plot_data_true_bit_widths_family_panels_and_short_run_ticks(runs_dir, tmp_path):
-    """PTQ markers sit at their format's real bit width (no sideways shift); the per-epoch plot
+    """PTQ markers are at their format's real bit width (drawn beside each other only where
+    they would hide one another: ``drawn_x``); the per-epoch plot
     has one panel per family, FP32 in each; a 1-epoch run gets the single tick 1. A cast with
     other settings (--first-last-fp32) stays out of the plot: one marker per format and scaling."""
     other = json.loads((runs_dir / "fp32_s0" / "ptq.json").read_text())
@@ -325,10 +327,10 @@ def test_plot_data_true_bit_widths_family_panels_and_short_run_ticks(runs_dir, t
     all_runs, _ = report.load_runs(runs_dir)
     sections = report.build_sections([r for r in all_runs if r.config["lr"] == 0.1])
     ptq = report.group_ptq(report.load_ptq(runs_dir))
-    points = report.plot_bits(sections, ptq, tmp_path / "bits.png")
-    ptq_x = sorted((label, x) for x, _, label, panel in points if panel == "ptq")
+    points = report.plot_bits(sections, ptq, tmp_path / "bits.png")["points"]
+    ptq_x = sorted((p.label, p.x) for p in points if p.panel == "ptq")
     assert ptq_x == [("e4m3", 8), ("e4m3 sc.", 8), ("posit4es0", 4), ("posit4es0 sc.", 4)]
-    trained = {label: (x, y) for x, y, label, panel in points if panel == "trained"}
+    trained = {p.label: (p.x, p.y) for p in points if p.panel == "trained"}
     assert trained["fp32"][0] == 32 and trained["fp8-e4m3"] == (8, pytest.approx((89.9 + 90.4) / 2))
 
     panels = report.plot_epochs(sections, tmp_path / "ep.png")
@@ -347,7 +349,7 @@ def test_plot_data_true_bit_widths_family_panels_and_short_run_ticks(runs_dir, t
 
 def test_spread_labels_keeps_a_gap_and_order():
     ys = [90.0, 90.2, 90.1, 40.0]
-    out = report._spread_labels(ys, 2.0)
+    out = report.plots._spread_labels(ys, 2.0)
     assert sorted(range(4), key=lambda i: out[i]) == sorted(range(4), key=lambda i: ys[i])
     ordered = sorted(out)
     assert all(b - a >= 2.0 - 1e-9 for a, b in zip(ordered, ordered[1:]))
@@ -391,7 +393,7 @@ def test_fp4_configurations_share_a_panel_at_their_own_bit_widths(tmp_path):
                                                ("nvfp4", 4.5, "none", 66.0)], fp32["config"])
     sections = report.build_sections(report.load_runs(rd)[0])
     points = report.plot_bits(sections, report.group_ptq(report.load_ptq(rd)), tmp_path / "b.png")
-    x_of = {(label, panel): x for x, _, label, panel in points}
+    x_of = {(p.label, p.panel): p.x for p in points["points"]}
     assert [x_of[(k, "trained")] for k in ("fp4", "fp4-mx", "fp4-nv")] == [4, 4.25, 4.5]
     assert (x_of[("mxfp4", "ptq")], x_of[("nvfp4", "ptq")]) == (4.25, 4.5)
     panels = report.plot_epochs(sections, tmp_path / "e.png")
@@ -413,14 +415,14 @@ def test_bit_plot_label_columns_never_share_a_gap():
     points = [(8, 90.2, "fp8-e5m2w", "r"), (16, 90.3, "posit16es1", "k"),
               (6.25, 90.4, "mxfp6", "k"), (8.25, 89.6, "mxfp8", "k"),
               (4, 9.8, "e2m1", "k"), (4.5, 87.9, "nvfp4", "k")]
-    columns = report._label_columns(points)
+    columns = report.plots._label_columns(points)
     assert [sorted(p[2] for p in c) for c in columns] == [
         ["e2m1", "nvfp4"], ["fp8-e5m2w", "mxfp6", "mxfp8"], ["posit16es1"]]
     where = {p[2]: (p[3], p[5]) for c in columns for p in c}
     assert where["e2m1"] == where["nvfp4"] == (-1, 4)
     assert where["mxfp6"] == where["fp8-e5m2w"] == where["mxfp8"] == (1, 8.25)
     assert where["posit16es1"] == (1, 16)
-    spread = report._spread_labels([p[1] for p in columns[1]], 3.6)
+    spread = report.plots._spread_labels([p[1] for p in columns[1]], 3.6)
     ordered = sorted(spread)
     assert all(b - a >= 3.6 - 1e-9 for a, b in zip(ordered, ordered[1:]))
 
@@ -520,7 +522,7 @@ def test_csv_and_table_have_both_intervals_and_where_they_disagree(tmp_path):
     (SE 2.8928, df 2.017), while every bootstrap resample is below FP32 (no seed of Posit4 beats
     90, none of FP32 is under 91): resolved by the bootstrap only, flagged as a disagreement."""
     import csv
-    from common.stats import paired_bootstrap, t_quantile
+    from common.report.stats import paired_bootstrap, t_quantile
 
     rd = tmp_path / "runs"
     rd.mkdir()
@@ -580,7 +582,7 @@ def test_fp32_against_the_paper_only_on_the_full_test_set(runs_dir, tmp_path):
     +0.15; variance 0.7/4 = 0.175, SE sqrt(0.175/5) = 0.187083, t_{0.975,4} = 2.776445, half-width
     0.519432: t-interval [-0.369432, +0.669432]. The 1,000-image FP32 of the same folder gets no
     such line: its accuracy is not comparable to the paper's, which is on all 10,000."""
-    from common.stats import one_sample_bootstrap
+    from common.report.stats import one_sample_bootstrap
 
     rows = write_full_set(runs_dir)
     out = tmp_path / "results"
@@ -642,3 +644,141 @@ def test_no_forest_plot_without_fp32(tmp_path):
     assert out / report.PLOT_FOREST not in res["plots"] and (out / report.PLOT_BITS).exists()
     assert report.PLOT_FOREST not in (out / "results.md").read_text()
     assert res["paper_gap"] == []
+
+
+def test_help_description_is_the_docstrings_first_sentence_whole():
+    """--help starts with a whole sentence (it used to stop at the end of the docstring's
+    first line), and --no-plots names every file it still writes."""
+    sys.path.insert(0, str(cli.REPO_ROOT))
+    import report as report_cli
+
+    parser = report_cli.build_parser()
+    text = " ".join(parser.description.split())
+    assert text.startswith("Write the comparison table") and text.endswith(".")
+    assert text.count(".") == text.count(".md") + text.count(".png") + text.count(".csv") + 1
+    help_text = " ".join(parser.format_help().split())
+    assert "results.md, results.csv and acc_vs_epochs.csv" in help_text
+
+
+def test_damaged_metrics_line_leaves_the_run_out_with_a_warning(runs_dir, tmp_path, capsys):
+    """A metrics.jsonl cut off mid-line (a run killed while writing it) does not stop the
+    report: that run is left out, named with the file and line in a warning and in 'Runs not
+    in the means', and the other runs make the table."""
+    path = runs_dir / "fp8_s1" / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:2] + [lines[2][:17]]) + "\n")      # line 3 truncated
+    out = tmp_path / "r"
+    res = report.make_report(runs_dir, out, plots=False)
+    assert len(res["warnings"]) == 1
+    assert str(path) in res["warnings"][0] and "line 3" in res["warnings"][0]
+    text = (out / "results.md").read_text()
+    _, rows = table_rows(text, "## resnet20, 3 epochs, batch 128, step schedule from lr 0.1,")
+    assert rows["FP8 e4m3"]["n"] == "1" and rows["FP8 e4m3"]["test acc (%)"] == "89.90"
+    _, lost = table_rows(text, "## Runs not in the means")
+    assert lost["fp8_s1"]["status"] == "unreadable" and lost["fp8_s1"]["configuration"] == "FP8 e4m3"
+    assert "metrics.jsonl, line 3: not JSON" in lost["fp8_s1"]["message"]
+
+    sys.path.insert(0, str(cli.REPO_ROOT))
+    import report as report_cli
+    report_cli.main(["--runs-dir", str(runs_dir), "--out", str(out), "--no-plots"])
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: ") and "line 3" in err[0]
+
+
+def test_configuration_keys_come_from_the_stored_config_not_the_run_name(tmp_path):
+    """A run is the sweep's configuration whose script records the same format: a folder named
+    anything gets fp8-e5m2w, and a folder whose name starts with 'fp32_' but holds another
+    format does not get fp32."""
+    from common.report import records
+
+    known = records.known_configs()
+    assert [k for k, _, _ in known] == list(report.records.CONFIGS)
+    assert len({repr(rec) for _, _, rec in known}) == len(known)      # told apart by format
+    script, fp8 = next((s, rec) for k, s, rec in known if k == "fp8-e5m2w")
+    rd = tmp_path / "runs"
+    rd.mkdir()
+    s = write_run(rd, "my_own_name", "FP8 run", fp8.to_dict(), 0, "finished", [50.0, 60.0, 70.0],
+                  100.0, "A")
+    s["config"]["script"] = script
+    (rd / "my_own_name" / "summary.json").write_text(json.dumps(s))
+    write_run(rd, "fp32_but_fp8", "Hand-made FP8", FP8, 0, "finished", [50.0, 60.0, 70.0], 100.0, "A")
+    keys = {r.name: r.config_key for r in report.load_runs(rd)[0]}
+    assert keys == {"my_own_name": "fp8-e5m2w", "fp32_but_fp8": None}
+    assert records.config_key({**s["config"], "script": "FP4/train_cifar10_fp4.py"}) is None
+    groups = report.build_sections(report.load_runs(rd)[0])[0].groups
+    assert sorted(g.config_key for g in groups) == ["fp8-e5m2w", "hand-made-fp8"]
+
+
+def test_one_colour_per_configuration_the_same_in_every_figure(runs_dir, tmp_path):
+    """config_colors gives each sweep configuration its own colour whatever else is in the
+    report, other keys distinct ones too; the three figures draw each configuration in it."""
+    from common import sweep
+
+    keys = list(sweep.CONFIGS) + ["made-up-a", "made-up-b"]
+    colors = report.config_colors(keys)
+    assert len(set(colors.values())) == len(keys) and colors["fp32"] == "#000000"
+    assert report.config_colors(reversed(keys)) == colors
+    assert report.config_colors(["posit8", "other"])["posit8"] == colors["posit8"]
+
+    for name, right in (("fp32_s0", 913), ("fp32_s1", 907), ("fp8_s0", 899), ("fp8_s1", 904)):
+        write_predictions(runs_dir, name, [1] * right + [0] * (1000 - right))
+    sections = report.build_sections(report.load_runs(runs_dir)[0])
+    for sec in sections:
+        sec.compare_to_baseline()
+    colors = report.config_colors(g.config_key for s in sections for g in s.groups)
+    key_of = {g.label: g.config_key for s in sections for g in s.groups}
+    for panel in report.plot_epochs(sections, tmp_path / "e.png", colors):
+        assert all(colors[key_of[label]] == c for label, c in panel["colors"].items())
+    points = report.plot_bits(sections, [], tmp_path / "b.png", colors)["points"]
+    assert all(p.color == colors[p.label] for p in points)
+    forest = report.plot_forest(report.main_section(sections), tmp_path / "f.png", colors)
+    assert forest["colors"] == {"fp8-e4m3 (n=2)": colors["fp8-e4m3"]}
+    assert report.plot_forest(report.main_section(sections), tmp_path / "g.png")["colors"] == \
+        forest["colors"]                                     # the same without being told
+
+
+def test_bit_plot_zooms_the_trained_panel_and_keeps_legends_off_the_data(runs_dir, tmp_path):
+    """Trained accuracies all above 50%: the trained panel's y axis is its own and leaves 0 out,
+    while the PTQ panel (casts at 10%) keeps its range; every legend of the bits and epoch plots
+    lies outside its axes."""
+    all_runs, _ = report.load_runs(runs_dir)
+    sections = report.build_sections([r for r in all_runs if r.config["lr"] == 0.1])
+    drawn = report.plot_bits(sections, report.group_ptq(report.load_ptq(runs_dir)),
+                             tmp_path / "b.png")
+    ylim = {p["panel"]: p["ylim"] for p in drawn["panels"]}
+    trained = [p.y for p in drawn["points"] if p.panel == "trained"]
+    assert min(trained) > 50 and ylim["trained"][0] > 50 and ylim["trained"][1] < 100
+    assert ylim["ptq"][0] < 10
+    panels = drawn["panels"] + report.plot_epochs(sections, tmp_path / "e.png")
+    for p in panels:
+        ax0, ay0, ax1, ay1 = p["axes_box"]
+        lx0, ly0, lx1, ly1 = p["legend_box"]
+        assert ly1 <= ay0 or ly0 >= ay1 or lx1 <= ax0 or lx0 >= ax1    # no overlap
+
+
+def test_dodge_puts_markers_that_would_hide_each_other_side_by_side():
+    """Three markers at 8 bits and one accuracy go side by side, a step apart, the first at 8;
+    one far below stays at 8, as does a marker alone; an error bar reaching another marker
+    counts as overlap."""
+    import math
+
+    from common.report import plots
+
+    xs = plots.dodge([8, 8, 8, 8, 16], [90.0, 90.1, 89.9, 60.0, 90.0], dy=0.5, step=0.1)
+    logs = sorted(math.log2(x) for x in xs[:3])
+    assert xs[0] == 8 and all(b - a >= 0.1 - 1e-9 for a, b in zip(logs, logs[1:]))
+    assert xs[3] == 8 and xs[4] == 16
+    assert plots.dodge([4, 4], [82.0, 79.5], dy=0.5, step=0.1) == [4, 4]
+    assert plots.dodge([4, 4], [82.0, 79.5], dy=0.5, step=0.1, errs=[3.5, 1.6])[1] != 4
+
+
+def test_labels_keep_off_the_fp32_line():
+    """Labels within half a gap of the FP32 line move off it, on their side, and keep their
+    order and spacing."""
+    from common.report import plots
+
+    ys = [89.0, 90.3, 90.5, 90.9, 92.0]
+    out = plots._clear_of_line(ys, 90.45, 0.6)
+    assert all(abs(y - 90.45) >= 0.3 - 1e-9 for y in out)
+    assert sorted(range(5), key=lambda i: out[i]) == list(range(5))
+    assert out[0] == 89.0 and out[1] <= 90.15 and out[2] >= 90.75 and out[3] >= out[2] + 0.6

@@ -25,12 +25,14 @@ arbitrary runs; Welch compares the two groups as they are and uses every FP32 se
 which images were right, so it cannot see the test set's share of the noise the way the bootstrap
 does, and it needs 2 or more seeds on each side. ``one_sample_bootstrap`` and ``t_interval`` give
 the same two intervals for one configuration's accuracy alone (FP32 against a published figure).
+``mean_std`` gives a row's mean and sample standard deviation over its seeds.
 """
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, Iterable, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -57,6 +59,19 @@ class PairedDiff:
     def resolved(self) -> bool:
         """True when the interval excludes 0: the data tell the two apart."""
         return self.ci_low > 0 or self.ci_high < 0
+
+
+def mean_std(values: Sequence[float]) -> Tuple[Optional[float], Optional[float]]:
+    """Mean and sample standard deviation (n-1); std None for fewer than two values."""
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def mean_or_none(values: Iterable[Optional[float]]) -> Optional[float]:
+    """The mean of the values that are not None; None when there is none."""
+    vals = [v for v in values if v is not None]
+    return statistics.fmean(vals) if vals else None
 
 
 def _as_matrix(correct: Sequence[Sequence[int]]) -> np.ndarray:
