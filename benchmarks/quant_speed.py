@@ -285,7 +285,7 @@ def sizes_table(args) -> None:
     device = args.device
     print(f"# {machine_line(device)}")
     print("# M elements/s by tensor size: eager vs compiled (quantize switches at "
-          "common.quant._EAGER_CAST_BELOW / _EAGER_BITS_BELOW)")
+          "common.dispatch.EAGER_CAST_BELOW / EAGER_BITS_BELOW)")
     sizes = [1 << k for k in range(8, 23, 2)]
     print("| format | rounding | path | " + " | ".join(f"{n:,}" for n in sizes) + " |")
     print("|" + "|".join(["---"] * (3 + len(sizes))) + "|")

@@ -1,4 +1,5 @@
-"""Element-wise rounding kernels on float32 bit patterns (private to common/quant.py).
+"""Element-wise rounding kernels on float32 bit patterns (used by common/quant.py,
+common/blocks.py and common/dispatch.py; no public API of its own).
 
 Every function here is a straight sequence of element-wise PyTorch ops on int32 tensors holding
 float32 bit patterns, with format parameters passed either as Python ints (eager mode) or as 0-d
@@ -409,7 +410,7 @@ def cast_nearest(x: torch.Tensor, dtype: torch.dtype, bound: float) -> torch.Ten
 def cast_nearest_fused(x: torch.Tensor, dtype: torch.dtype, bound: torch.Tensor) -> torch.Tensor:
     """cast_nearest for bf16/fp16 in a compiled kernel, with bound a 0-d float32 tensor (a
     runtime input: one kernel serves both overflow modes). x != x, not isnan: inductor's CPU
-    code vectorises the comparison, not isnan (4x slower)."""
+    code vectorises the comparison, not isnan."""
     y = torch.clamp(x, -bound, bound).to(dtype).to(torch.float32)
     return torch.where(x != x, math.nan, y)
 

@@ -1,9 +1,11 @@
 """Block-scaled formats: OCP MX (mxfp8, mxfp6, mxfp4, mx<k>-<elem>) and NVFP4.
 
 ``quantize(x, "mxfp4")`` lands here (common/quant.py routes every block Format to
-``quantize_block``). A block format stores small elements plus one shared scale per block of k
-consecutive elements; emulated like every other format, the result is float32 (x's dtype), every
-element exactly element_value * block_scale (* tensor_scale for NVFP4). The rules are the
+``quantize_block``); which path a call takes, eager ops or a compiled kernel, is decided by
+common/dispatch.py, as for every other format. A block format stores small elements plus one
+shared scale per block of k consecutive elements; emulated like every other format, the result
+is float32 (x's dtype), every element exactly element_value * block_scale (* tensor_scale for
+NVFP4). The rules are the
 project's number-format contract ("Block-scaled formats"), written up for users in
 docs/block-formats.md.
 
@@ -60,16 +62,14 @@ float64 is narrowed to float32 by round-to-odd first, as quantize does for every
 """
 from __future__ import annotations
 
-import logging
-import os
-import types
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from . import _quant_kernels as K
-from . import quant as Q
+from . import dispatch
+from .dispatch import unpack
 from .formats import E2M1_MAX, E4M3_MAX, E8M0_MAX_EXP, E8M0_MIN_EXP, Format, parse_format
 
 __all__ = ["quantize_block", "mx_scale_exponent", "mx_scale_down", "mx_scale_up",
@@ -81,8 +81,6 @@ E4M3_MIN_NORMAL = 2.0**-6  # NVFP4 block scales are clamped to [2^-6, 448]: no e
 NVFP4_TENSOR_DIVISOR = E4M3_MAX * F4_E2M1_MAX  # g = amax / 2688 maps amax to 448 * 6
 _E4M3 = parse_format("e4m3")
 _E2M1 = parse_format("e2m1")
-
-_log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,7 +147,7 @@ def _block_layout(x: torch.Tensor, k: int):
 def _block_amax(x: torch.Tensor) -> torch.Tensor:
     """|x|'s maximum over each block (dim -2: [M, kk, R], or [A, nb, k, R] in ``_split_cast``),
     keepdim, float32; NaN propagates. (A float reduction: inductor's CPU code for an int32
-    maximum over a short inner dim was 15x slower.)"""
+    maximum over a short inner dim is much slower.)"""
     return x.abs().amax(dim=-2, keepdim=True)
 
 
@@ -218,7 +216,7 @@ def _mx_round(x, bits, p, emax, rand=None):
     to int32 patterns: amax -> E8M0 scale -> element cast of x / X (nearest, or stochastic with
     `rand`) -> times X, on the bit patterns. A block holding NaN or inf: NaN.
     (x and its patterns come in as two views: a bitcast inside an inductor CPU kernel made
-    the whole kernel several times slower, depending on what surrounded it.)"""
+    the whole kernel much slower, depending on what surrounded it.)"""
     amax = _block_amax(x).view(torch.int32) & K.F32_ABS_MASK
     e = mx_scale_exponent(amax, emax)
     mag = bits & K.F32_ABS_MASK
@@ -268,16 +266,12 @@ def _nvfp4_round(x, p_e2m1, p_e4m3, rand=None, g=None):
 # ---------------------------------------------------------------------------------------------
 # kernels: the same functions run eagerly (params as ints) or compiled (params as tensors)
 # ---------------------------------------------------------------------------------------------
-def _unpack(p):
-    return p.unbind(0) if isinstance(p, torch.Tensor) else p
-
-
 def _index(t: torch.Tensor, lane: Optional[torch.Tensor] = None,
            static_sizes: bool = False) -> torch.Tensor:
     """int32 position of every element of the contiguous [M, kk, R] `t` in memory, in t's
     shape. For R == 1 pass `lane` = arange(kk) as [1, kk, 1]: row * kk + lane vectorises on
     the CPU, where inductor builds an in-kernel arange over a short inner dim one lane at a time
-    (MX stochastic rounding ran at a quarter of its speed). The values are the same.
+    (MX stochastic rounding was several times slower). The values are the same.
 
     static_sizes: take the sizes as Python ints (the eager ops, also when a user's torch.compile
     traces them). With symbolic sizes, torch 2.11's Triton code computed size * row in int64
@@ -297,45 +291,38 @@ def _index(t: torch.Tensor, lane: Optional[torch.Tensor] = None,
 
 
 def _k_mx_nearest(x, bits, p, emax):
-    return _mx_round(x, bits, _unpack(p), emax)
+    return _mx_round(x, bits, unpack(p), emax)
 
 
 def _k_mx_stochastic(x, bits, p, emax, seed, lane=None, static_sizes=False):
-    return _mx_round(x, bits, _unpack(p), emax,
+    return _mx_round(x, bits, unpack(p), emax,
                      K.random_bits(_index(x, lane, static_sizes), seed))
 
 
 def _k_nvfp4_nearest(x, p, p_scale):
-    return _nvfp4_round(x, _unpack(p), _unpack(p_scale))
+    return _nvfp4_round(x, unpack(p), unpack(p_scale))
 
 
 def _k_nvfp4_stochastic(x, p, p_scale, seed, lane=None, static_sizes=False):
-    return _nvfp4_round(x, _unpack(p), _unpack(p_scale),
+    return _nvfp4_round(x, unpack(p), unpack(p_scale),
                         K.random_bits(_index(x, lane, static_sizes), seed))
 
 
 _KERNELS = {("mx", "nearest"): _k_mx_nearest, ("mx", "stochastic"): _k_mx_stochastic,
             ("nvfp4", "nearest"): _k_nvfp4_nearest, ("nvfp4", "stochastic"): _k_nvfp4_stochastic}
-_INT_TENSORS: dict = {}
-_LANES: dict = {}
 
 
 def _lane(kk: int, device: torch.device) -> torch.Tensor:
     """arange(kk) as an int32 [1, kk, 1] tensor on `device`, made once (see _index)."""
-    key = (kk, str(device))
-    t = _LANES.get(key)
-    if t is None:
-        t = _LANES[key] = torch.arange(kk, dtype=torch.int32, device=device).view(1, kk, 1)
-    return t
+    return dispatch.device_constant(
+        ("block lane", kk), device,
+        lambda d: torch.arange(kk, dtype=torch.int32, device=d).view(1, kk, 1))
 
 
 def _int_tensor(value: int, device: torch.device) -> torch.Tensor:
     """A 0-d int32 tensor on `device`, made once (a runtime input of the compiled kernels)."""
-    key = (value, str(device))
-    t = _INT_TENSORS.get(key)
-    if t is None:
-        t = _INT_TENSORS[key] = torch.tensor(value, dtype=torch.int32, device=device)
-    return t
+    return dispatch.device_constant(("int", value), device,
+                                    lambda d: torch.tensor(value, dtype=torch.int32, device=d))
 
 
 def _family(fmt: Format) -> str:
@@ -350,8 +337,8 @@ def _kernel_args(v3, fmt: Format, seed, compiled: bool) -> tuple:
     elem, dev = fmt.element, v3.device
     head = () if fmt.tensor_scale else (_alias(v3.view(torch.int32)),)
     if compiled:
-        args = (Q._param_tensor(elem, True, dev, "bits"),)
-        args += ((Q._param_tensor(_E4M3, True, dev, "bits"),) if fmt.tensor_scale
+        args = (dispatch.param_tensor(elem, True, dev, "bits"),)
+        args += ((dispatch.param_tensor(_E4M3, True, dev, "bits"),) if fmt.tensor_scale
                  else (_int_tensor(elem.max_exp, dev),))
     else:
         args = (K.float_params(elem, True),)
@@ -375,46 +362,24 @@ def _alias(t: torch.Tensor) -> torch.Tensor:
 
 # inductor options per kernel family. MX: inline every intermediate (no "realized" buffers):
 # with inductor's defaults (torch 2.14, CPU) the long integer chains were realized into
-# per-row local buffers, and stochastic rounding over contiguous blocks ran at a third of its
-# speed; NVFP4 is faster with the defaults (its per-block scales are then computed once per
-# block, not per element).
+# per-row local buffers, which slowed stochastic rounding over contiguous blocks severalfold;
+# NVFP4 is faster with the defaults (its per-block scales are then computed once per block,
+# not per element).
 _INLINE_ALL = {"realize_opcount_threshold": 1 << 20, "realize_reads_threshold": 1 << 20,
                "realize_acc_reads_threshold": 1 << 20}
 _OPTIONS = {"mx": _INLINE_ALL, "nvfp4": None}
 
 
-def _compile(fn, tag: str, options):
-    """torch.compile of a fresh copy of `fn` (dynamo's cache and recompile limit are per code
-    object, as quant._compile), dynamic shapes, one graph, with inductor `options`."""
-    code = fn.__code__.replace(co_name=f"_quantize_{tag}")
-    clone = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__,
-                               fn.__closure__)
-    if not torch.cuda.is_available():  # as quant._compile: no "No CUDA runtime" log noise
-        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    return torch.compile(clone, dynamic=True, fullgraph=True, options=options)
-
-
 def _compiled_call(v3, fmt, rounding, seed, strict):
-    """The compiled kernel's result, or None (remembered) where compiling is not possible."""
+    """The compiled kernel's result, or None where compiling is not possible
+    (common/dispatch.py)."""
     family = _family(fmt)
     # R == 1 (blocks contiguous in memory) and R > 1 are different loop nests: separate caches
     key = ("block", family, rounding, v3.device.type, "r1" if v3.shape[2] == 1 else "r")
-    fn = Q._COMPILED.get(key, False)
-    if fn is None and not strict:
-        return None
-    try:
-        if not fn:
-            fn = Q._COMPILED[key] = _compile(_KERNELS[(family, rounding)], "_".join(key),
-                                             _OPTIONS[family])
-        v3 = _alias(v3)
-        return fn(v3, *_kernel_args(v3, fmt, seed, compiled=True))
-    except Exception as err:  # no compiler, unsupported platform, ...: eager is exact too
-        if strict:
-            raise
-        Q._COMPILED[key] = None
-        _log.info("quantize: compiled block kernel %s unavailable (%s: %s); using eager ops",
-                  key, type(err).__name__, (str(err).splitlines() or [""])[0])
-        return None
+    v3 = _alias(v3)
+    args = (v3,) + _kernel_args(v3, fmt, seed, compiled=True)
+    return dispatch.run_compiled(key, _KERNELS[(family, rounding)], args, strict,
+                                 _OPTIONS[family])
 
 
 def _split_cast(x3: torch.Tensor, fmt: Format, seed) -> torch.Tensor:
@@ -479,8 +444,8 @@ def quantize_block(x: torch.Tensor, fmt, rounding: str = "nearest", saturate: bo
     fmt = parse_format(fmt)
     if not fmt.is_block:
         raise ValueError(f"quantize_block needs a block format, got {fmt}")
-    Q._check_rounding(rounding)
-    Q._check_tensor(x)
+    dispatch.check_rounding(rounding)
+    dispatch.check_tensor(x)
     if not saturate:
         raise ValueError(f"{fmt}: block formats always saturate their elements (saturate=False "
                          f"is refused); accepted: saturate=True")
@@ -494,25 +459,17 @@ def quantize_block(x: torch.Tensor, fmt, rounding: str = "nearest", saturate: bo
     if rounding == "nearest":
         seed = None
     elif seed is None:
-        seed = Q._draw_seed(generator, x32.device)
-    if path == "auto":
-        path = os.environ.get("QUANT_PATH", "auto")
-        if path not in Q._PATHS:
-            raise ValueError(f"QUANT_PATH={path!r}; accepted: {', '.join(Q._PATHS)}")
-    tracing = torch.compiler.is_compiling()
-    if tracing and path != "compiled":  # the eager ops, traced into a user's graph
+        seed = dispatch.draw_seed(generator, x32.device)
+    path = dispatch.resolve_path(path)
+    if dispatch.tracing() and path != "compiled":  # the eager ops, traced into a user's graph
         x3, to_x = _rows(x32)
         if _ragged(x3.shape[1], fmt.block_size):  # no pad-then-slice there: see _split_cast
-            return Q.to_input_dtype(to_x(_split_cast(x3, fmt, seed)), x.dtype)
+            return dispatch.to_input_dtype(to_x(_split_cast(x3, fmt, seed)), x.dtype)
     v3, to_x = _block_layout(x32, fmt.block_size)
-    if path == "auto":
-        below = Q._EAGER_BITS_BELOW.get(v3.device.type, Q._EAGER_BITS_BELOW["cpu"])
-        compiled = v3.numel() >= below and not tracing
-    else:
-        compiled = path == "compiled"
+    compiled = dispatch.use_compiled(path, v3.numel(), v3.device, dispatch.EAGER_BITS_BELOW)
     y = _compiled_call(v3, fmt, rounding, seed, strict=path == "compiled") if compiled else None
     if y is None:
         static = {"static_sizes": True} if seed is not None else {}  # see _index
         y = _KERNELS[(_family(fmt), rounding)](v3, *_kernel_args(v3, fmt, seed, compiled=False),
                                                **static)
-    return Q.to_input_dtype(to_x(y.view(torch.float32)), x.dtype)
+    return dispatch.to_input_dtype(to_x(y.view(torch.float32)), x.dtype)

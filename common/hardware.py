@@ -1,18 +1,16 @@
 """What the training device runs fast: a one-time micro-probe of bf16 autocast convolutions.
 
 torch.autocast(bfloat16) is real mixed precision only where the hardware has bf16 arithmetic: CUDA
-GPUs, and CPUs with AMX or AVX512-BF16 (oneDNN's bf16 kernels). Elsewhere, e.g. an AMD EPYC with
-AVX2 only, oneDNN converts every operand and runs bf16 convolutions about ten times slower than
-float32 (measured: a 3x3 conv, 16 channels, batch 128, 67 ms in bf16 against 5.9 ms in fp32), so a
-"BF16" run would train ten times slower than FP32 without saying why.
+GPUs, and CPUs with AMX or AVX512-BF16 (oneDNN's bf16 kernels). Elsewhere (a CPU with AVX2 only)
+oneDNN converts every operand and runs bf16 convolutions many times slower than float32 (README,
+Speed), so a "BF16" run would train far slower than FP32 without saying why.
 
 A flag list cannot tell: oneDNN may be limited (``ONEDNN_MAX_CPU_ISA``), a hypervisor may hide
 flags, and which kernels win depends on oneDNN's version. So the probe times what training does:
 one ResNet-sized convolution's forward and backward, float32 against bf16 autocast, on the device,
 alternating and keeping each one's best time. It runs on one thread (a busy machine disturbs one
-thread far less than a team of spinning OpenMP threads), took 0.3-0.4 s (fast path) and 0.7 s
-(slow path, which stops after one round) on the 2-core development CPU while it was busy, and is
-made once per process and device.
+thread far less than a team of spinning OpenMP threads), stops after one round when bf16 is
+clearly slow, takes a fraction of a second, and is made once per process and device.
 """
 from __future__ import annotations
 
@@ -23,10 +21,10 @@ from typing import Dict, Tuple
 import torch
 import torch.nn as nn
 
-# bf16 autocast counts as fast where one conv step takes less time than in float32 (the issue's
-# rule: use autocast unless it would be slower than FP32). Measured on the development CPU
-# (AVX512-BF16): 0.1-0.8 while the machine was busy; limited to AVX2: 11-88. The wide gap keeps
-# the choice stable under load.
+# bf16 autocast counts as fast where one conv step takes less time than in float32 (the rule:
+# use autocast unless it would be slower than FP32). The ratio lies well below 1 with bf16
+# hardware and an order of magnitude above it without, even on a busy machine, so the choice
+# is stable under load.
 BF16_FAST_RATIO = 1.0
 PROBE_SHAPE = (16, 16, 32, 32)          # batch, channels, height, width: ResNet-20's first stage
 PROBE_ROUNDS = 5                         # alternating rounds; each times one call per dtype
@@ -76,8 +74,8 @@ def bf16_autocast_speed(device: torch.device) -> Tuple[bool, float]:
 def cpu_name() -> str:
     """The CPU's model name and the instruction set torch's kernels use, e.g. 'AMD EPYC, AVX512'.
 
-    Runs and benchmarks name their CPU because this project's machines change between sessions
-    (a Xeon with AMX one day, an EPYC with AVX2 the next) and speed differs several-fold."""
+    Runs and benchmarks name their CPU because the machines a project runs on change, and
+    speed differs several-fold between CPUs (instruction sets, bf16 and AMX units)."""
     name = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:

@@ -6,8 +6,8 @@ rounds ties away from zero and does not saturate like OCP; qtorch-plus has no st
 rounding (it silently rounds to nearest), so that combination is refused here rather than run
 wrongly. Power-of-two scaling is this project's (`quant.quantize_scaled`), only the cast differs.
 
-Both libraries compile C++ at their first import (about 20 s each, needs ninja), so they are
-imported only when this backend is asked for.
+Both libraries compile C++ at their first import (needs ninja; README, Install and test), so
+they are imported only when this backend is asked for.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def import_isolated(pkg: str):
     """`<pkg>.quant` for pkg qtorch or qtorch_plus, each JIT-built in its own extension folder.
 
     Both name their C++ extension "quant_cpu": in torch's shared default folder, importing one
-    invalidates the other's build, so every run would rebuild (about 20 s each). Raises what the
+    invalidates the other's build, so every run would rebuild. Raises what the
     import raises (ImportError, or the build's error where no compiler is found).
     """
     old = os.environ.get("TORCH_EXTENSIONS_DIR")

@@ -1,14 +1,8 @@
-"""Test setup: make the repo root importable and point the data tests at CIFAR10_DIR; the
-``one_thread`` fixture for test modules that train small models."""
-import os
-import sys
-
+"""Test setup: the ``one_thread`` fixture for test modules that train small models. (The repo
+root is importable through pytest.ini's ``pythonpath``; shared test code lives in
+tests/oracles.py and tests/cast_paths.py.)"""
 import pytest
 import torch
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 
 @pytest.fixture(scope="module")

@@ -5,209 +5,34 @@ references, never against the code itself:
   ``NVFP4Tensor.to_nvfp4`` with a per-tensor scale plus ``dequantize`` for NVFP4. torchao
   blocks along the last dim, so dim 1 is moved last to compare. It covers dims that k divides,
   finite inputs, and MX blocks whose scale exponent is above -127.
-- an oracle written here from the number-format contract ("Block-scaled formats", "Rounding";
-  docs/block-formats.md for users) with Python fractions (MX: exact) and numpy float32 scalars
-  (NVFP4: the contract's float32 formula), independent of the implementation and of
-  common.formats, for the rest: short last blocks, 4-D tensors in both memory formats, all-zero,
-  NaN and inf blocks, scales at E8M0's limits, float32-subnormal inputs, and stochastic rounding
-  (statistical, 6 sigma, seeded). test_torchao_differences pins where torchao differs.
+- an oracle (tests/oracles.py) written from the number-format contract ("Block-scaled formats",
+  "Rounding"; docs/block-formats.md for users) with Python fractions (MX: exact) and numpy
+  float32 scalars (NVFP4: the contract's float32 formula), independent of the implementation
+  and of common.formats, for the rest: short last blocks, 4-D tensors in both memory formats,
+  all-zero, NaN and inf blocks, scales at E8M0's limits, float32-subnormal inputs, and
+  stochastic rounding (statistical, 6 sigma, seeded). test_torchao_differences pins where
+  torchao differs.
 
 Every cast runs on each path: the eager ops and the compiled kernel.
 """
 import math
-import re
 from fractions import Fraction
 
 import numpy as np
 import pytest
 import torch
 
-from common import blocks
+from common import blocks, dispatch
 from common.formats import parse_format
 from common.quant import quantize, quantize_scaled, representable_values
+from cast_paths import check_default_nans, run_block
+from oracles import (E2M1, E4M3, FloatDef, assert_same_array_bits, block_inputs_for_user_compile,
+                     block_oracle, f32, mx_oracle_block, mx_scale_of_block, nvfp4_oracle_tensor,
+                     pow2, random_finite, signed, special_blocks)
 
 PATHS = ("eager", "compiled")
 MX_SPECS = ("mxfp8", "mx-e5m2", "mxfp6", "mx-e3m2", "mxfp4")
 SEED = 20250101
-
-
-def run(path, x, spec, rounding="nearest", seed=None):
-    return blocks.quantize_block(x, spec, rounding, path=path, seed=seed)
-
-
-def assert_same_bits(got, want, what):
-    """Bit-for-bit equality, NaN matching any NaN; names the first mismatches."""
-    got = got.detach().cpu().contiguous().numpy() if isinstance(got, torch.Tensor) else got
-    want = want.detach().cpu().contiguous().numpy() if isinstance(want, torch.Tensor) else want
-    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-    assert got.shape == want.shape, (got.shape, want.shape)
-    bad = (got.view(np.uint32) != want.view(np.uint32)) & ~(np.isnan(got) & np.isnan(want))
-    if bad.any():
-        idx = [tuple(int(i) for i in ix) for ix in np.argwhere(bad)[:5]]
-        rows = ", ".join(f"{ix}: got {got[ix]!r} want {want[ix]!r}" for ix in idx)
-        raise AssertionError(f"{what}: {int(bad.sum())} of {bad.size} differ: {rows}")
-
-
-# =============================================================================================
-# the oracle, from the contract
-# =============================================================================================
-# the format contract (docs/formats.md, "Formats"): maxima of the named OCP formats; other eXmY are IEEE-like
-NAMED_MAX = {"e4m3": 448, "e5m2": 57344, "e2m1": 6, "e2m3": Fraction(15, 2), "e3m2": 28}
-# docs/block-formats.md, "Specs": element and block size of each spec
-MX_TABLE = {"mxfp8": ("e4m3", 32), "mx-e4m3": ("e4m3", 32), "mx-e5m2": ("e5m2", 32),
-            "mxfp6": ("e2m3", 32), "mx-e2m3": ("e2m3", 32), "mx-e3m2": ("e3m2", 32),
-            "mxfp4": ("e2m1", 32), "mx-e2m1": ("e2m1", 32)}
-
-
-def pow2(e):
-    return Fraction(2) ** e
-
-
-def floor_log2(v: Fraction) -> int:
-    e = v.numerator.bit_length() - v.denominator.bit_length()
-    while pow2(e) > v:
-        e -= 1
-    while pow2(e + 1) <= v:
-        e += 1
-    return e
-
-
-class Elem:
-    """An eXmY element by the contract: +-(1 + f/2^m) 2^(e-bias), subnormals (f/2^m) 2^(1-bias),
-    bias 2^(X-1) - 1, the named maxima above, else the top exponent reserved (IEEE-like)."""
-
-    def __init__(self, spec):
-        x, m = map(int, re.fullmatch(r"e(\d+)m(\d+)", spec).groups())
-        self.m, self.bias = m, 2 ** (x - 1) - 1
-        self.emin = 1 - self.bias
-        self.max = Fraction(NAMED_MAX[spec]) if spec in NAMED_MAX else (
-            (2 - Fraction(1, 2**m)) * pow2(2**x - 2 - self.bias))
-        self.emax = floor_log2(self.max)  # exponent of the largest normal
-
-    def neighbours(self, a: Fraction):
-        """lo <= a < hi, adjacent values, for 0 <= a < max."""
-        u = pow2(max(floor_log2(a), self.emin) - self.m) if a > 0 else pow2(self.emin - self.m)
-        n = math.floor(a / u)
-        return n * u, (n + 1) * u
-
-    def _even(self, v: Fraction) -> bool:
-        """Is v's bit pattern even? The mantissa's last bit; the exponent field's if m == 0."""
-        if v == 0:
-            return True
-        if self.m == 0:
-            return (floor_log2(v) + self.bias) % 2 == 0
-        b = max(floor_log2(v), self.emin)
-        return (v / pow2(b - self.m)) % 2 == 0
-
-    def nearest(self, a: Fraction) -> Fraction:
-        """|value| rounded to nearest, ties to the even pattern, saturating at max."""
-        if a >= self.max:
-            return self.max
-        lo, hi = self.neighbours(a)
-        d, half = a - lo, (hi - lo) / 2
-        if d < half or (d == half and self._even(lo)):
-            return lo
-        return min(hi, self.max)
-
-
-E4M3, E2M1 = Elem("e4m3"), Elem("e2m1")
-
-
-def _signed(q: Fraction, v: float) -> float:
-    return math.copysign(float(q), v)
-
-
-def mx_oracle_block(vals, elem: Elem):
-    """One MX block by the contract: NaN/inf anywhere -> all NaN; X = 2^(floor(log2 amax) - emax)
-    clamped to [2^-127, 2^127] (2^-127 for an all-zero block); x/X to nearest, saturating; times
-    X. Also checks the contract's premise that float32 holds every result exactly."""
-    if not all(math.isfinite(v) for v in vals):
-        return [math.nan] * len(vals)
-    amax = max(abs(Fraction(v)) for v in vals)
-    e = -127 if amax == 0 else min(127, max(-127, floor_log2(amax) - elem.emax))
-    out = []
-    for v in vals:
-        r = elem.nearest(abs(Fraction(v)) / pow2(e)) * pow2(e)
-        assert Fraction(float(np.float32(float(r)))) == r, (v, e, r)
-        out.append(_signed(r, v))
-    return out
-
-
-def mx_scale_of_block(vals, elem):
-    amax = max(abs(Fraction(v)) for v in vals)
-    return -127 if amax == 0 else min(127, max(-127, floor_log2(amax) - elem.emax))
-
-
-def _f32(v):
-    return np.float32(v)
-
-
-def nvfp4_oracle_tensor(blocks_f32, amax_tensor):
-    """NVFP4 blocks by the contract, float32 arithmetic with numpy scalars: g = amax/2688 (1 for
-    an all-zero tensor), s = e4m3(clamp((amax_b/6)/g, 2^-6, 448)), q = e2m1(clamp(x*((1/g)/s),
-    -6, 6)), value = q*(g*s); a zero x gives q = 0 (signed) even where (1/g)/s overflows to inf
-    (docs/block-formats.md: a zero block stays zero). Returns the values and, per element,
-    (y, g*s) for the SR tests."""
-    with np.errstate(all="ignore"):
-        g = _f32(1.0) if amax_tensor == 0 else _f32(amax_tensor) / _f32(2688.0)
-        out, parts = [], []
-        for vals in blocks_f32:
-            amax = _f32(max(abs(v) for v in vals)) if all(not math.isnan(v) for v in vals) \
-                else _f32(math.nan)
-            s0 = (amax / _f32(6.0)) / g
-            if math.isnan(s0):
-                s = _f32(math.nan)
-            else:
-                s0 = min(max(s0, _f32(2.0**-6)), _f32(448.0))
-                s = _f32(float(E4M3.nearest(Fraction(float(s0)))))
-            r = (_f32(1.0) / g) / s
-            gs = g * s
-            blk, blk_parts = [], []
-            for v in vals:
-                y = _f32(v) * r if v != 0 else _f32(v)
-                if math.isnan(y):
-                    blk.append(math.nan)
-                    blk_parts.append((y, gs))
-                    continue
-                y = min(max(y, _f32(-6.0)), _f32(6.0))
-                q = _f32(_signed(E2M1.nearest(abs(Fraction(float(y)))), float(y)))
-                blk.append(float(q * gs))
-                blk_parts.append((y, gs))
-            out.append(blk)
-            parts.append(blk_parts)
-    return out, parts
-
-
-def oracle(x: np.ndarray, spec: str) -> np.ndarray:
-    """The contract's result for an array x (float32): blocks along axis 1 (axis 0 of 1-D), the
-    last block of a row shorter when k does not divide that axis."""
-    x = np.asarray(x, np.float32)
-    xm = x.reshape(1, -1) if x.ndim == 1 else np.moveaxis(x, 1, -1)
-    rows = xm.reshape(-1, xm.shape[-1]).astype(np.float64)
-    c = rows.shape[1]
-    if spec == "nvfp4":
-        k = 16
-    else:
-        elem_spec, k = MX_TABLE.get(spec) or _mx_spec(spec)
-        elem = Elem(elem_spec)
-    cuts = [(r, j, min(j + k, c)) for r in range(rows.shape[0]) for j in range(0, c, k)]
-    blks = [[float(v) for v in rows[r, a:b]] for r, a, b in cuts]
-    if spec == "nvfp4":
-        with np.errstate(invalid="ignore"):
-            amax_t = float(np.max(np.abs(x))) if x.size else 0.0
-        res = nvfp4_oracle_tensor(blks, amax_t)[0]
-    else:
-        res = [mx_oracle_block(b, elem) for b in blks]
-    out = np.empty_like(rows)
-    for (r, a, b), vals in zip(cuts, res):
-        out[r, a:b] = vals
-    out = out.astype(np.float32).reshape(xm.shape)
-    return out.reshape(x.shape) if x.ndim == 1 else np.moveaxis(out, -1, 1)
-
-
-def _mx_spec(spec):
-    m = re.fullmatch(r"mx(\d*)-(e\d+m\d+)", spec)
-    return m.group(2), int(m.group(1) or 32)
 
 
 # =============================================================================================
@@ -217,8 +42,8 @@ def test_oracle_worked_values():
     # e2m1 values {0, 0.5, 1, 1.5, 2, 3, 4, 6}; ties to even; saturation
     assert [float(E2M1.nearest(Fraction(v))) for v in (0.25, 0.75, 2.5, 5.0, 7.0, 100.0)] == \
         [0.0, 1.0, 2.0, 4.0, 6.0, 6.0]
-    assert (E4M3.emax, Elem("e5m2").emax, Elem("e2m3").emax, Elem("e3m2").emax, E2M1.emax) == \
-        (8, 15, 2, 4, 2)  # docs/block-formats.md's emax of the element
+    emaxes = [FloatDef(spec).emax for spec in ("e4m3", "e5m2", "e2m3", "e3m2", "e2m1")]
+    assert emaxes == [8, 15, 2, 4, 2]  # docs/block-formats.md's emax of the element
     # amax 448 -> X = 1; amax 511 (floor rule) -> X = 1 too, 511 saturates to 448
     assert mx_oracle_block([448.0, 1.0], E4M3) == [448.0, 1.0]
     assert mx_oracle_block([511.0, -3.0], E4M3) == [448.0, -3.0]
@@ -327,7 +152,7 @@ def torchao_mx():
 
 def _grid(elem_spec):
     """Positive element values by the contract (ascending), for ties and saturation inputs."""
-    el = Elem(elem_spec)
+    el = FloatDef(elem_spec)
     vals, v = [], Fraction(0)
     while v < el.max:
         v = el.neighbours(v)[1]
@@ -340,7 +165,7 @@ def mx_blocks(elem_spec, k, n_blocks, rng, e_lo=-110, e_hi=110):
     in [e_lo, e_hi]: Gaussian blocks; ties (midpoints between element values, +-1 float32 ulp)
     under a block max that sets X exactly; the saturation range (amax/X up to 2^(emax+1));
     random bit patterns near the block's binade (float32 subnormals when e is low); NaN."""
-    el = Elem(elem_spec)
+    el = FloatDef(elem_spec)
     grid = _grid(elem_spec)
     mids = (np.concatenate([[0.0], grid[:-1]]) + grid) / 2
     out = []
@@ -396,7 +221,8 @@ def test_mx_matches_torchao(spec, path, torchao_mx):
     x2 = torch.from_numpy(mx_blocks(fmt.element.name, k, 400, rng, e_lo=-126)).reshape(-1, c)
     x2 = x2[: x2.shape[0] // 4 * 4]
     for name, x in _layouts(x2, c).items():
-        assert_same_bits(run(path, x, spec), torchao_mx(x, spec), f"{spec} {path} {name}")
+        assert_same_array_bits(run_block(path, x, spec), torchao_mx(x, spec),
+                               f"{spec} {path} {name}")
 
 
 def test_mx_layouts_kept():
@@ -431,8 +257,8 @@ def test_nvfp4_matches_torchao(path, torchao_mx):
     rng = np.random.default_rng(SEED)
     for i, x2 in enumerate(nvfp4_tensors(rng)):
         for name, x in _layouts(x2, x2.shape[1]).items():
-            assert_same_bits(run(path, x, "nvfp4"), torchao_mx(x, "nvfp4"),
-                             f"nvfp4 {path} tensor {i} {name}")
+            assert_same_array_bits(run_block(path, x, "nvfp4"), torchao_mx(x, "nvfp4"),
+                                   f"nvfp4 {path} tensor {i} {name}")
 
 
 def test_quantize_routes_block_formats(torchao_mx):
@@ -441,8 +267,8 @@ def test_quantize_routes_block_formats(torchao_mx):
     x = torch.randn(512, 128) * 3
     for spec in ("mxfp4", "nvfp4"):
         want = torchao_mx(x, spec)
-        assert_same_bits(quantize(x, spec), want, f"quantize {spec}")
-        assert_same_bits(quantize_scaled(x, spec, "none"), want, f"quantize_scaled {spec}")
+        assert_same_array_bits(quantize(x, spec), want, f"quantize {spec}")
+        assert_same_array_bits(quantize_scaled(x, spec, "none"), want, f"quantize_scaled {spec}")
 
 
 def test_torchao_differences(torchao_mx):
@@ -452,8 +278,8 @@ def test_torchao_differences(torchao_mx):
     x[0] = torch.linspace(-1, 1, 32) * 2.0**-119  # e4m3 block with scale exponent -127
     x[1] = 1.0
     x[1, 3] = math.inf  # inf block
-    want = oracle(x.numpy(), "mxfp8")
-    assert_same_bits(run("eager", x, "mxfp8"), want, "mxfp8 vs oracle")
+    want = block_oracle(x.numpy(), "mxfp8")
+    assert_same_array_bits(run_block("eager", x, "mxfp8"), want, "mxfp8 vs oracle")
     ref = torchao_mx(x, "mxfp8")
     nz = x[0] != 0
     assert torch.equal(ref[0][nz] * 2, torch.from_numpy(want[0])[nz])  # torchao: half
@@ -461,20 +287,12 @@ def test_torchao_differences(torchao_mx):
     assert np.isnan(want[1]).all()  # contract: the block is NaN
     z = torch.zeros(2, 16)
     assert torch.isnan(torchao_mx(z, "nvfp4")).all()  # torchao: g = 0, 0/0
-    assert_same_bits(run("eager", z, "nvfp4"), z, "nvfp4 zeros")  # contract: g = 1
+    assert_same_array_bits(run_block("eager", z, "nvfp4"), z, "nvfp4 zeros")  # contract: g = 1
 
 
 # =============================================================================================
 # the oracle: what torchao does not cover
 # =============================================================================================
-def _random_finite(shape, rng, e_lo, e_hi):
-    """Random float32 bit patterns with exponent fields in [e_lo, e_hi] (0 = subnormal)."""
-    n = int(np.prod(shape))
-    pat = (rng.integers(e_lo, e_hi + 1, n) << 23) | rng.integers(0, 1 << 23, n)
-    x = pat.astype(np.uint32).view(np.float32) * rng.choice([-1, 1], n).astype(np.float32)
-    return x.reshape(shape)
-
-
 ORACLE_SPECS = MX_SPECS + ("mx16-e2m1", "mx8-e3m4", "mx4-e3m0", "mx-e2m0", "nvfp4")
 
 
@@ -490,14 +308,14 @@ def test_short_blocks_and_layouts_match_oracle(spec, shape, path):
         2.0 ** rng.integers(-20, 20))
     if len(shape) == 2:  # rows of very different magnitude, so the blocks do differ
         x *= (2.0 ** rng.integers(-10, 10, (shape[0], 1))).astype(np.float32)
-    want = oracle(x, spec)
+    want = block_oracle(x, spec)
     xt = torch.from_numpy(x)
-    assert_same_bits(run(path, xt, spec), want, f"{spec} {path} {shape}")
+    assert_same_array_bits(run_block(path, xt, spec), want, f"{spec} {path} {shape}")
     if len(shape) == 4:
         xc = xt.to(memory_format=torch.channels_last)
-        got = run(path, xc, spec)
+        got = run_block(path, xc, spec)
         assert got.is_contiguous(memory_format=torch.channels_last)
-        assert_same_bits(got, want, f"{spec} {path} {shape} channels_last")
+        assert_same_array_bits(got, want, f"{spec} {path} {shape} channels_last")
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -506,86 +324,30 @@ def test_random_patterns_match_oracle(spec, path):
     """Random float32 patterns over the whole finite range, blocks over narrow exponent windows
     (subnormals to the top) and the full range at once; rows [8, 96] in 3 blocks."""
     rng = np.random.default_rng(SEED + len(spec))
-    rows = [_random_finite((1, 96), rng, 0, 254)]
+    rows = [random_finite((1, 96), rng, 0, 254)]
     for lo in (0, 1, 10, 100, 118, 200, 240):
-        rows.append(_random_finite((1, 96), rng, lo, min(lo + 12, 254)))
+        rows.append(random_finite((1, 96), rng, lo, min(lo + 12, 254)))
     x = np.concatenate(rows)
     if spec == "nvfp4":  # one tensor scale: test each row as its own tensor
         for r in range(x.shape[0]):
             xr = x[r:r + 1]
-            assert_same_bits(run(path, torch.from_numpy(xr), spec), oracle(xr, spec),
-                             f"{spec} {path} row {r}")
+            assert_same_array_bits(run_block(path, torch.from_numpy(xr), spec),
+                                   block_oracle(xr, spec), f"{spec} {path} row {r}")
         return
-    assert_same_bits(run(path, torch.from_numpy(x), spec), oracle(x, spec), f"{spec} {path}")
-
-
-def _special_blocks(k):
-    """Blocks at the edges of the contract, one per row of [n, k]: all zero; NaN; +inf; -inf;
-    signed zeros; E8M0's limits: amax = float32 max (e = 127 - emax), amax the smallest
-    subnormal, amax just below and at 2^(emax-126) for every element (the clamp to -127),
-    all-subnormal blocks, a normal max with subnormal neighbours."""
-    f32 = np.finfo(np.float32)
-    rows = [np.zeros(k), np.r_[np.nan, np.ones(k - 1)], np.r_[np.ones(k - 1), np.inf],
-            np.r_[-np.inf, np.zeros(k - 1)], np.r_[-0.0, 0.0] .repeat(k // 2)]
-    big = np.linspace(-1, 1, k) * float(f32.max)
-    big[0] = float(f32.max)
-    rows.append(big)
-    rows.append(np.r_[float(f32.smallest_subnormal), np.zeros(k - 1)])
-    rng = np.random.default_rng(SEED)
-    for emax in (2, 4, 8, 15):
-        for edge in (2.0 ** (emax - 126), 2.0 ** (emax - 126) * (1 - 2.0**-24), 2.0**-125):
-            b = rng.uniform(-edge, edge, k)
-            b[0] = edge
-            rows.append(b)
-    sub = _random_finite((3, k), rng, 0, 0).astype(np.float64)
-    rows += list(sub)
-    mixed = _random_finite((1, k), rng, 0, 0)[0].astype(np.float64)
-    mixed[0] = 2.0**-100
-    rows.append(mixed)
-    mixed2 = mixed.copy()
-    mixed2[0] = 2.0**-120
-    rows.append(mixed2)
-    return np.stack(rows).astype(np.float32)
+    assert_same_array_bits(run_block(path, torch.from_numpy(x), spec), block_oracle(x, spec),
+                           f"{spec} {path}")
 
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("spec", MX_SPECS + ("mx16-e2m1", "mx-e2m0", "mx8-e3m4"))
 def test_mx_special_blocks_match_oracle(spec, path):
     k = parse_format(spec).block_size
-    x = _special_blocks(k)
-    got = run(path, torch.from_numpy(x), spec)
-    want = oracle(x, spec)
-    assert_same_bits(got, want, f"{spec} {path}")
+    x = special_blocks(k, SEED)
+    got = run_block(path, torch.from_numpy(x), spec)
+    want = block_oracle(x, spec)
+    assert_same_array_bits(got, want, f"{spec} {path}")
     assert np.isnan(want[1:4]).all() and not np.isnan(want[np.r_[0, 4:len(want)]]).any()
     assert (want[0] == 0).all() and np.signbit(want[4]).tolist() == np.signbit(x[4]).tolist()
-
-
-F32_QNAN, BF16_QNAN = 0x7FC00000, 0x7FC0          # float32's and bfloat16's default quiet NaN
-NAN_PATTERNS = [0x7FC00000, 0xFFC00000, 0x7F800001, 0xFF800001, 0x7FFFFFFF, 0x7FA12345]
-
-
-def _nan_bits(y):
-    """The set of bit patterns of y's NaNs (unsigned)."""
-    ints = y[torch.isnan(y)].view(torch.int32 if y.dtype == torch.float32 else torch.int16)
-    return {v & (0xFFFFFFFF if y.dtype == torch.float32 else 0xFFFF) for v in ints.tolist()}
-
-
-def check_default_nans(spec, rounding, path, device="cpu"):
-    """NaN patterns, and an inf, through a block cast on ``device``: every NaN out is the
-    default quiet NaN of the result's dtype (also run on CUDA by test_quant_cuda)."""
-    pats = torch.tensor(NAN_PATTERNS * 11, dtype=torch.int64)[:64].to(torch.int32)
-    with_nan = torch.ones(3, 64)
-    with_nan[0] = pats.view(torch.float32)
-    with_inf = torch.ones(3, 64)
-    with_inf[1, 5] = -math.inf
-    seed = torch.tensor([1, 2], dtype=torch.int32, device=device)
-    for x in (with_nan, with_inf):
-        y = run(path, x.to(device), spec, rounding, seed=seed).cpu()
-        assert torch.isnan(y[0 if x is with_nan else 1]).any()
-        assert _nan_bits(y) == {F32_QNAN}, (spec, [hex(b) for b in _nan_bits(y)])
-        if spec != "nvfp4":                 # NVFP4's products of scales need float32
-            yb = run(path, x.to(device, torch.bfloat16), spec, rounding, seed=seed).cpu()
-            assert yb.dtype == torch.bfloat16 and _nan_bits(yb) == {BF16_QNAN}, _nan_bits(yb)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -607,12 +369,13 @@ def test_nvfp4_special_tensors_match_oracle(path):
     f32 = np.finfo(np.float32)
     cases = {"zeros": np.zeros((2, 32)), "nan": np.r_[np.nan, np.ones(31)].reshape(1, 32),
              "inf": np.r_[np.ones(31), -np.inf].reshape(1, 32),
-             "subnormals": np.r_[[1.0], _random_finite((47,), rng, 0, 0)].reshape(1, 48),
+             "subnormals": np.r_[[1.0], random_finite((47,), rng, 0, 0)].reshape(1, 48),
              "top": np.r_[[float(f32.max)], rng.standard_normal(31) * 1e38].reshape(1, 32)}
     for name, x in cases.items():
         x = x.astype(np.float32)
-        want = oracle(x, "nvfp4")
-        assert_same_bits(run(path, torch.from_numpy(x), "nvfp4"), want, f"nvfp4 {path} {name}")
+        want = block_oracle(x, "nvfp4")
+        assert_same_array_bits(run_block(path, torch.from_numpy(x), "nvfp4"), want,
+                               f"nvfp4 {path} {name}")
         if name in ("nan", "inf"):
             assert np.isnan(want).all()
         if name == "zeros":
@@ -632,13 +395,13 @@ def test_nvfp4_zero_blocks_stay_zero_whatever_the_tensor_amax(path, rounding):
     x[2, :] = -0.0
     x[2, 3] = -3e-35
     for r in range(3):
-        want = oracle(x[r:r + 1], "nvfp4")
-        got = run(path, torch.from_numpy(x[r:r + 1]), "nvfp4", rounding, seed=seed).numpy()
+        want = block_oracle(x[r:r + 1], "nvfp4")
+        got = run_block(path, torch.from_numpy(x[r:r + 1]), "nvfp4", rounding, seed=seed).numpy()
         zero = x[r:r + 1] == 0
         assert (got[zero] == 0).all(), f"row {r}: {got[zero]}"
         assert (np.signbit(got[zero]) == np.signbit(x[r:r + 1][zero])).all()
         if rounding == "nearest":
-            assert_same_bits(got, want, f"nvfp4 {path} row {r}")
+            assert_same_array_bits(got, want, f"nvfp4 {path} row {r}")
 
 
 @pytest.mark.slow
@@ -648,14 +411,7 @@ def test_same_bits_inside_a_user_compile(torchao_mx):
     x = torch.randn(64, 96) * 2.0 ** torch.randint(-30, 30, (64, 1))
     for spec in ("mxfp4", "nvfp4"):
         fn = torch.compile(lambda t, spec=spec: quantize(t * 1.0, spec), dynamic=False)
-        assert_same_bits(fn(x), torchao_mx(x, spec), f"{spec} in a user's compile")
-
-
-def block_inputs_for_user_compile():
-    """A 2-D tensor (contiguous blocks), a 4-D one and the same 4-D values channels-last."""
-    x4 = torch.randn(16, 96, 3, 3) * 4
-    return {"2d": torch.randn(64, 96) * 3, "4d": x4,
-            "channels_last": x4.contiguous(memory_format=torch.channels_last)}
+        assert_same_array_bits(fn(x), torchao_mx(x, spec), f"{spec} in a user's compile")
 
 
 @pytest.mark.slow
@@ -667,14 +423,14 @@ def test_stochastic_same_bits_inside_a_dynamic_user_compile(spec):
     fn = torch.compile(lambda t, s, spec=spec: blocks.quantize_block(t * 1.0, spec, "stochastic",
                                                                      seed=s), dynamic=True)
     for name, x in block_inputs_for_user_compile().items():
-        assert_same_bits(fn(x, seed), run("eager", x, spec, "stochastic", seed=seed),
-                         f"{spec} {name} in a user's dynamic compile")
+        assert_same_array_bits(fn(x, seed), run_block("eager", x, spec, "stochastic", seed=seed),
+                               f"{spec} {name} in a user's dynamic compile")
 
 
 # =============================================================================================
 # stochastic rounding of the elements
 # =============================================================================================
-def _sr_row(elem: Elem, k, rng):
+def _sr_row(elem: FloatDef, k, rng):
     """One block whose max fixes X = 2^e and whose other elements lie strictly between two
     element values with P(up) in [0.1, 0.9], plus a representable value (never moves)."""
     e = int(rng.integers(-20, 20))
@@ -688,7 +444,7 @@ def _sr_row(elem: Elem, k, rng):
     return np.array(row, np.float32)
 
 
-def _grid_from(elem: Elem):
+def _grid_from(elem: FloatDef):
     vals, v = [0.0], Fraction(0)
     while v < elem.max:
         v = min(elem.neighbours(v)[1], elem.max)
@@ -708,7 +464,7 @@ def _sr_expectations_mx(row, elem):
         else:
             lo, hi = elem.neighbours(a)
             p = float((a - lo) / (hi - lo))
-        out.append((_signed(lo * pow2(e), v), _signed(hi * pow2(e), v), p))
+        out.append((signed(lo * pow2(e), v), signed(hi * pow2(e), v), p))
     return out
 
 
@@ -733,11 +489,11 @@ def test_mx_stochastic_is_unbiased(spec, path, n):
     """n copies of one block: every copy gets the block's deterministic scale, and each element
     goes up with probability (x - lo) / (hi - lo), within 6 sigma."""
     fmt = parse_format(spec)
-    elem = Elem(fmt.element.name)
+    elem = FloatDef(fmt.element.name)
     rng = np.random.default_rng(SEED + fmt.bits)
     row = _sr_row(elem, fmt.block_size, rng)
     x = torch.from_numpy(np.tile(row, (n, 1)))
-    got = run(path, x, spec, "stochastic", seed=torch.tensor([11, 22], dtype=torch.int32))
+    got = run_block(path, x, spec, "stochastic", seed=torch.tensor([11, 22], dtype=torch.int32))
     _check_sr(got.numpy(), _sr_expectations_mx(row, elem), f"{spec} {path}")
 
 
@@ -749,7 +505,7 @@ def test_nvfp4_stochastic_is_unbiased(path, n):
     row = (rng.standard_normal(16) * 3).astype(np.float32)
     row[0] = 10.0  # every copy has the same g and s
     x = torch.from_numpy(np.tile(row, (n, 1)))
-    got = run(path, x, "nvfp4", "stochastic", seed=torch.tensor([5, 6], dtype=torch.int32))
+    got = run_block(path, x, "nvfp4", "stochastic", seed=torch.tensor([5, 6], dtype=torch.int32))
     _, parts = nvfp4_oracle_tensor([[float(v) for v in row]], float(np.abs(row).max()))
     expect = []
     for y, gs in parts[0]:
@@ -761,7 +517,7 @@ def test_nvfp4_stochastic_is_unbiased(path, n):
             lo, hi = E2M1.neighbours(a)
             p = float((a - lo) / (hi - lo))
         sgn = float(y)
-        expect.append((float(_f32(_signed(lo, sgn)) * gs), float(_f32(_signed(hi, sgn)) * gs), p))
+        expect.append((float(f32(signed(lo, sgn)) * gs), float(f32(signed(hi, sgn)) * gs), p))
     _check_sr(got.numpy(), expect, f"nvfp4 {path}")
 
 
@@ -769,12 +525,13 @@ def test_nvfp4_stochastic_is_unbiased(path, n):
 def test_stochastic_reproducible_and_paths_agree(spec):
     x = torch.randn(64, 64)
     seed = torch.tensor([3, 4], dtype=torch.int32)
-    a = run("eager", x, spec, "stochastic", seed=seed)
-    assert_same_bits(run("compiled", x, spec, "stochastic", seed=seed), a, f"{spec} paths")
+    a = run_block("eager", x, spec, "stochastic", seed=seed)
+    assert_same_array_bits(run_block("compiled", x, spec, "stochastic", seed=seed), a,
+                           f"{spec} paths")
     torch.manual_seed(7)
     b = quantize(x, spec, "stochastic")
     torch.manual_seed(7)
-    assert_same_bits(quantize(x, spec, "stochastic"), b, f"{spec} manual_seed")
+    assert_same_array_bits(quantize(x, spec, "stochastic"), b, f"{spec} manual_seed")
     g = torch.Generator().manual_seed(7)
     c = quantize(x, spec, "stochastic", generator=g)
     assert not torch.equal(c, quantize(x, spec, "stochastic", generator=g))
@@ -791,7 +548,7 @@ def test_mx_half_inputs_exact(dtype):
         want = quantize(x.float(), spec)
         got = quantize(x, spec)
         assert got.dtype == dtype
-        assert_same_bits(got.float(), want, f"{spec} {dtype}")
+        assert_same_array_bits(got.float(), want, f"{spec} {dtype}")
 
 
 def test_nvfp4_refuses_half_inputs():
@@ -799,12 +556,30 @@ def test_nvfp4_refuses_half_inputs():
         quantize(torch.ones(4, 16, dtype=torch.float16), "nvfp4")
 
 
+def test_compile_failure_falls_back_to_the_eager_ops(monkeypatch):
+    """Block casts share the element casts' compile cache and fallback (common/dispatch.py):
+    a kernel that cannot compile is remembered and the eager ops give the same bits."""
+    def broken(fn, tag, options):
+        def fail(*args):
+            raise RuntimeError("no compiler here")
+        return fail
+    monkeypatch.setattr(dispatch, "_COMPILED", {})
+    monkeypatch.setattr(dispatch, "_compile", broken)
+    x = torch.randn(64, 128) * 10
+    want = run_block("eager", x, "mxfp8")
+    assert_same_array_bits(quantize(x, "mxfp8"), want, "mxfp8 after a failed compile")
+    assert dispatch._COMPILED[("block", "mx", "nearest", "cpu", "r1")] is None
+    assert_same_array_bits(quantize(x, "mxfp8"), want, "mxfp8, failure remembered")
+    with pytest.raises(RuntimeError):
+        run_block("compiled", x, "mxfp8")
+
+
 def test_float64_input_is_narrowed_first():
     x = torch.randn(8, 64)
     for spec in ("mxfp8", "nvfp4"):
         got = quantize(x.double(), spec)
         assert got.dtype == torch.float64
-        assert_same_bits(got.float(), quantize(x, spec), f"{spec} float64")
+        assert_same_array_bits(got.float(), quantize(x, spec), f"{spec} float64")
 
 
 def test_refusals():

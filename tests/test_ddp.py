@@ -15,7 +15,8 @@ sums are all-reduced. What legitimately differs:
 * With BatchNorm the runs differ by the per-rank statistics; the second test only asks for the
   same training and test losses within TOLERANCE_BN_LOSS.
 
-This file doubles as the worker script that torchrun starts (see ``__main__`` below).
+This file doubles as the worker script that torchrun starts (see ``__main__`` below); the
+launch puts the repo root on the workers' PYTHONPATH, as pytest.ini's ``pythonpath`` does here.
 """
 import json
 import os
@@ -23,15 +24,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+import torch.nn as nn
+
+from common import cli, runs, train
+
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-
-from common import cli, runs, train  # noqa: E402
 
 TOLERANCE_NO_BN = 1e-4          # max |w_ddp - w_single| after 4 steps, summation order only
 TOLERANCE_BN_LOSS = 0.05        # |loss_ddp - loss_single| (nats), 1 epoch, per-rank BN (seen: 1e-3)
@@ -58,7 +57,8 @@ def config(runs_dir, name, extra=()):
 
 
 def launch(runs_dir, name, bn, extra=()):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            __file__, str(runs_dir), name, "bn" if bn else "nobn", *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)

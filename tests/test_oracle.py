@@ -1,24 +1,22 @@
 """quantize checked against an exact oracle written from the definitions, on every path.
 
-The oracle knows nothing of common/: a float format is its exponent and mantissa widths and
-its layout (docs/formats.md's table), a posit is decoded pattern by pattern, and every rounding is
-done in Python fractions (exact), also for float64 inputs. Each case runs on every path a user can
-reach: the eager bit arithmetic and native cast, quantize's own compiled kernels, quantize's
-automatic choice on small and large tensors, and quantize inside a user's torch.compile. Results
-must match bit for bit, NaN included (float32's default quiet NaN, 0x7FC00000).
+The oracle (tests/oracles.py) knows nothing of common/'s casts: a float format is its exponent
+and mantissa widths and its layout (docs/formats.md's table), a posit is decoded pattern by
+pattern, and every rounding is done in Python fractions (exact), also for float64 inputs. Each
+case runs on every path a user can reach: the eager bit arithmetic and native cast, quantize's
+own compiled kernels, quantize's automatic choice on small and large tensors, and quantize
+inside a user's torch.compile. Results must match bit for bit, NaN included (float32's default
+quiet NaN, 0x7FC00000).
 
-The last part holds the regression tests of issue 14 ("Casts that stay exact everywhere"), each
-named after what it checks; every one of them failed before that fix.
+The last part holds the regression tests of "casts that stay exact everywhere", each named
+after what it checks; every one of them failed before its fix.
 """
-import bisect
 import functools
-import itertools
 import math
 import os
 import re
 import subprocess
 import sys
-import types
 from fractions import Fraction
 
 import numpy as np
@@ -29,16 +27,14 @@ from common import quant
 from common.formats import parse_format
 from common.qat import QuantConfig, RoleQuant, quantize_model
 from common.quant import _quantize_compiled, _quantize_eager, quantize, quantize_scaled
-from test_quant import run_path
+from cast_paths import run_path, user_compile
+from oracles import (F32_QNAN, TWO, PositDef, bit_set, definition, inputs32, inputs64, nans,
+                     oracle_nearest)
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 
-TWO = Fraction(2)
-F32_QNAN = 0x7FC00000  # float32's default quiet NaN
 DTYPE_QNAN = {torch.float32: 0x7FC00000, torch.float64: 0x7FF8000000000000,
               torch.float16: 0x7E00, torch.bfloat16: 0x7FC0}
-INT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16,
-            torch.bfloat16: torch.int16}
 
 # one or more formats of every family: bf16, fp16, OCP FP8, OCP MX FP6/FP4, other eXmY (eXm0
 # ties on the exponent field, 8 exponent bits), posits (es 0..4; es >= 5: nearest only)
@@ -51,221 +47,9 @@ SR_SPECS = [s for s in SPECS if not re.fullmatch(r"posit\d+es[56]", s)]
 
 
 # =============================================================================================
-# the oracle: definitions (docs/formats.md) in exact arithmetic
+# the oracle (tests/oracles.py: definitions, docs/formats.md, in exact arithmetic) and its inputs
+# (every decision point or a sample, +-1 ulp, values, ends, specials; both signs)
 # =============================================================================================
-def floor_log2(a: Fraction) -> int:
-    e = a.numerator.bit_length() - a.denominator.bit_length()
-    return e if TWO**e <= a else e - 1
-
-
-class FloatDef:
-    """An eXmY float from its widths: bias 2^(X-1)-1, subnormals; layout from docs/formats.md's
-    table: OCP E4M3 (no inf, the all-ones code is NaN), OCP MX FP4/FP6 (every code finite),
-    else IEEE-like (all-ones exponent for inf/NaN)."""
-
-    NAMED = {"bf16": (8, 7), "fp16": (5, 10)}
-
-    def __init__(self, spec):
-        x, m = self.NAMED.get(spec) or map(int, re.fullmatch(r"e(\d+)m(\d+)", spec).groups())
-        self.man, self.bias = m, 2 ** (x - 1) - 1
-        self.emin = 1 - self.bias
-        top = 2**x - 1 - self.bias  # exponent of the all-ones field
-        if (x, m) == (4, 3):
-            self.layout, self.max = "fn", (2 - TWO ** (1 - m)) * TWO**top
-        elif (x, m) in ((2, 1), (2, 3), (3, 2)):
-            self.layout, self.max = "mx", (2 - TWO**-m) * TWO**top
-        else:
-            self.layout, self.max = "ieee", (2 - TWO**-m) * TWO ** (top - 1)
-        self.min_sub = TWO ** (self.emin - m)
-
-    def quantum(self, a):
-        """Spacing of the grid at |x| = a (a value of the format or not)."""
-        return TWO ** (max(floor_log2(a), self.emin) - self.man) if a else self.min_sub
-
-    def bracket(self, a):
-        """(lo, hi, lo's pattern is even) around a > 0; hi may lie beyond max (the virtual
-        next value). Ties go to the even pattern: the last mantissa bit, or for eXm0 the
-        exponent field's last bit (0 has pattern 0)."""
-        e = max(floor_log2(a), self.emin)
-        q = TWO ** (e - self.man)
-        n = a // q
-        even = n % 2 == 0 if self.man else (n == 0 or (e + self.bias) % 2 == 0)
-        return n * q, (n + 1) * q, even
-
-    def overflow(self, saturate):
-        if saturate or self.layout == "mx":
-            return self.max
-        return math.inf if self.layout == "ieee" else math.nan
-
-    def outcomes(self, x, rounding, saturate):
-        """[(probability, value)] of rounding the Python float x."""
-        if math.isnan(x):
-            return [(1, math.nan)]
-        sign = math.copysign(1.0, x)
-        if math.isinf(x):
-            return [(1, sign * self.overflow(saturate))]
-        a = Fraction(abs(x))
-        if a == 0:
-            return [(1, x)]
-        lo, hi, lo_even = self.bracket(a)
-        if rounding == "nearest":
-            up = a - lo > hi - a or (a - lo == hi - a and not lo_even)
-            pairs = [(1, hi if up else lo)]
-        else:
-            p = (a - lo) / (hi - lo)
-            pairs = [(1 - p, lo), (p, hi)] if p else [(1, lo)]
-        return [(p, sign * (float(v) if v <= self.max else self.overflow(saturate)))
-                for p, v in pairs]
-
-    def grid(self, rng, n_sample):
-        """Format values to test around: all of them for small formats, else the ends of the
-        range, the normal/subnormal boundary and a random sample (as Fractions, >= 0)."""
-        count = (floor_log2(self.max) - self.emin + 2) << self.man  # about the values
-        if count <= 4096:
-            vals, v = [], Fraction(0)
-            while v <= self.max:
-                vals.append(v)
-                v += self.quantum(v)
-            return vals
-        picks = [Fraction(0), self.min_sub, 2 * self.min_sub, TWO**self.emin,
-                 TWO**self.emin - self.min_sub, self.max, self.max - self.quantum(self.max)]
-        top = floor_log2(self.max)
-        for e in rng.integers(self.emin - self.man, top + 1, n_sample):
-            e = int(e)
-            q = self.quantum(TWO**e)
-            picks.append(TWO**e + q * int(rng.integers(0, max(TWO**e // q, 1))))
-        return sorted(set(picks))
-
-
-def posit_value(p, n, es):
-    """The value of the positive n-bit posit pattern p (0 < p < 2^(n-1)), from the definition:
-    regime run, up to es exponent bits (cut bits count as 0), fraction."""
-    body = format(p, f"0{n}b")[1:]
-    run = len(body) - len(body.lstrip(body[0]))
-    k = run - 1 if body[0] == "1" else -run
-    rest = body[run + 1:]
-    e = int(rest[:es].ljust(es, "0"), 2) if es else 0
-    f = rest[es:]
-    frac = Fraction(int(f, 2), 2 ** len(f)) if f else Fraction(0)
-    return TWO ** (k * 2**es + e) * (1 + frac)
-
-
-class PositDef:
-    """posit(n, es): values by pattern, decision points = posit(n+1, es) values of the patterns
-    between (2p+1), never 0 nor beyond maxpos in nearest mode; stochastic: 0 is the lower
-    neighbour of |x| < minpos."""
-
-    def __init__(self, spec):
-        n, es = map(int, re.fullmatch(r"posit(\d+)es(\d+)", spec).groups())
-        self.vals = [posit_value(p, n, es) for p in range(1, 2 ** (n - 1))]
-        self.dps = [posit_value(2 * p + 1, n + 1, es) for p in range(1, 2 ** (n - 1) - 1)]
-        assert self.vals == sorted(self.vals)
-        self.minpos, self.maxpos = self.vals[0], self.vals[-1]
-
-    def outcomes(self, x, rounding, saturate):
-        if not math.isfinite(x):
-            return [(1, math.nan)]  # NaR
-        a = Fraction(abs(x))
-        sign = math.copysign(1.0, x)
-        if a == 0:
-            return [(1, x)]
-        if a >= self.maxpos:
-            return [(1, sign * float(self.maxpos))]
-        if a < self.minpos:
-            if rounding == "nearest":
-                return [(1, sign * float(self.minpos))]
-            p = a / self.minpos
-            return [(1 - p, sign * 0.0), (p, sign * float(self.minpos))]
-        i = bisect.bisect_right(self.vals, a) - 1
-        lo, hi = self.vals[i], self.vals[i + 1]
-        if a == lo:
-            return [(1, sign * float(lo))]
-        if rounding == "nearest":
-            d = self.dps[i]
-            up = a > d or (a == d and (i + 1) % 2 == 1)  # lo is pattern i+1: ties to even
-            return [(1, sign * float(hi if up else lo))]
-        p = (a - lo) / (hi - lo)
-        return [(1 - p, sign * float(lo)), (p, sign * float(hi))]
-
-    def grid(self, rng, n_sample):
-        if len(self.vals) <= 4096:
-            return self.vals
-        idx = set(rng.integers(0, len(self.vals) - 1, n_sample).tolist()) | {0, len(self.vals) - 2}
-        return [self.vals[i] for i in sorted(idx)] + [self.vals[-1]]
-
-    def next_value(self, v):
-        i = bisect.bisect_right(self.vals, v)
-        return self.vals[i] if i < len(self.vals) else 2 * v
-
-
-@functools.lru_cache(maxsize=None)
-def definition(spec):
-    return PositDef(spec) if spec.startswith("posit") else FloatDef(spec)
-
-
-def oracle_nearest(spec, xs, saturate):
-    return [definition(spec).outcomes(float(x), "nearest", saturate)[0][1] for x in xs]
-
-
-# =============================================================================================
-# inputs: every decision point (or a sample), +-1 ulp, values, ends, specials; both signs
-# =============================================================================================
-def _next32(v, direction):
-    return float(np.nextafter(np.float32(v), np.float32(direction)))
-
-
-def _decision_points(spec, rng, n_sample):
-    d = definition(spec)
-    grid = d.grid(rng, n_sample)
-    if isinstance(d, PositDef):
-        pts = []
-        for v in grid:
-            w = d.next_value(v)
-            i = bisect.bisect_left(d.vals, v)
-            pts += [v, (v + w) / 2] + ([d.dps[i]] if i < len(d.dps) else [])
-        pts += [d.minpos / 2, d.minpos / 3, d.maxpos * 2, d.maxpos * 3 / 2]
-    else:
-        pts = []
-        for v in grid:
-            pts += [v, v + d.quantum(v) / 2]  # the value and the midpoint above it
-        top = d.max + d.quantum(d.max)
-        pts += [top, d.max * 2, d.min_sub / 2, d.min_sub / 4, d.min_sub * 3 / 4]
-    return [p for p in pts if p < TWO**128]
-
-
-@functools.lru_cache(maxsize=None)
-def inputs32(spec, n_sample=600):
-    """float32 inputs at and one float32 ulp around every decision point (exact in float32 for
-    every format here but the largest posits' far ends, which then round to float32)."""
-    rng = np.random.default_rng(sum(map(ord, spec)))
-    xs = []
-    for p in _decision_points(spec, rng, n_sample):
-        v = float(np.float32(float(p)))
-        xs += [v, _next32(v, math.inf), _next32(v, -math.inf)]
-    xs += [0.0, math.inf, 1e38, 3e-39, 1e-45]
-    xs = np.array(xs, dtype=np.float32)
-    xs = np.concatenate([xs, -xs, np.array([math.nan], dtype=np.float32)])
-    return np.unique(xs.view(np.uint32)).view(np.float32)
-
-
-@functools.lru_cache(maxsize=None)
-def inputs64(spec, n_sample=300):
-    """float64 inputs at every decision point, one float64 ulp either side and a quarter of a
-    float32 ulp either side: those round to the decision point itself in float32 (round to
-    nearest), the double-rounding trap."""
-    rng = np.random.default_rng(sum(map(ord, spec)) + 1)
-    xs = []
-    for p in _decision_points(spec, rng, n_sample):
-        v = float(p)
-        if not 2.0**-126 <= v < 2.0**127:
-            continue
-        quarter = float(np.spacing(np.float32(v))) / 4
-        xs += [v, math.nextafter(v, math.inf), math.nextafter(v, -math.inf), v + quarter,
-               v - quarter]
-    xs = np.array(xs, dtype=np.float64)
-    return np.concatenate([xs, -xs])
-
-
 def assert_bits(got, want, xs, what):
     """Bit-for-bit equality, NaN as float32's default NaN; reports the first mismatches."""
     got = np.asarray(got.detach().cpu() if isinstance(got, torch.Tensor) else got,
@@ -320,17 +104,6 @@ def test_float64_inputs_round_as_if_directly(spec, path):
     got = run_any(path, torch.from_numpy(xs), spec, "nearest", True)
     assert got.dtype == torch.float64
     assert_bits(got.float(), want, xs, f"{spec} {path} float64")
-
-
-_FRESH = itertools.count()
-
-
-def user_compile(fn):
-    """torch.compile(fn, fullgraph=True), as a user would, on a fresh code object: dynamo's
-    recompile limit counts per code object, and a test past it would run eagerly unnoticed."""
-    code = fn.__code__.replace(co_name=f"user_fn_{next(_FRESH)}")
-    return torch.compile(types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__,
-                                            fn.__closure__), fullgraph=True)
 
 
 @functools.lru_cache(maxsize=None)
@@ -515,13 +288,13 @@ def test_quantized_layers_inside_torch_compile_same_bits_as_eager():
 
 
 # =============================================================================================
-# issue 14 regression tests (each failed before the fix)
+# regression tests: casts that stay exact everywhere (each failed before its fix)
 # =============================================================================================
 def _bits(t):
-    return _bit_set(t).pop()
+    return bit_set(t).pop()
 
 
-# --- item 1: bf16 and fp16 rounded inside a user's torch.compile --------------------------------
+# --- bf16 and fp16 rounded inside a user's torch.compile -----------------------------------------
 @pytest.mark.parametrize("spec", ["bf16", "fp16"])
 @pytest.mark.parametrize("saturate", [True, False])
 def test_bf16_fp16_round_inside_user_torch_compile(spec, saturate):
@@ -553,7 +326,7 @@ def test_bf16_emulated_training_with_compile_is_not_fp32(tmp_path):
     assert weights and all(not torch.equal(a[k], b[k]) for k in weights)
 
 
-# --- item 2: posit stochastic rounding unbiased below minpos -----------------------------------
+# --- posit stochastic rounding unbiased below minpos ---------------------------------------------
 @pytest.mark.parametrize("path", ["eager-bits", "compiled-bits"])
 def test_posit_stochastic_below_minpos_is_unbiased(path):
     """posit8es1 at x = 2^-13 (minpos / 2): minpos half the time, else 0 (was always minpos)."""
@@ -577,7 +350,7 @@ def test_posit_stochastic_below_minpos_of_subnormals_under_scaling(path, monkeyp
     assert abs((got != 0).double().mean().item() - 0.5) < 6 * 0.5 / 2**8
 
 
-# --- item 3: es >= 5 posits: stochastic rounding refused --------------------------------------
+# --- es >= 5 posits: stochastic rounding refused -------------------------------------------------
 @pytest.mark.parametrize("spec", ["posit3es6", "posit5es5", "posit4es5"])
 def test_posit_stochastic_with_es5_or_more_is_refused(spec):
     x = torch.full((64,), 0.5)
@@ -589,7 +362,7 @@ def test_posit_stochastic_with_es5_or_more_is_refused(spec):
     assert torch.isfinite(quantize(x, spec)).all()  # nearest stays available
 
 
-# --- item 4: inputs whose dtype cannot hold the format's values --------------------------------
+# --- inputs whose dtype cannot hold the format's values ------------------------------------------
 DTYPE_SPECS = ["bf16", "fp16", "e4m3", "e5m2", "e2m1", "e2m3", "e3m2", "e3m4", "e8m0", "e6m9",
                "e4m10", "e5m11", "e8m7", "posit8es0", "posit8es1", "posit8es2", "posit11es1",
                "posit12es1", "posit16es1", "posit6es3"]
@@ -665,7 +438,7 @@ def test_narrow_inputs_refused_by_scaled_casts(dtype):
     assert torch.equal(quantize_scaled(x, "e4m3", "none"), quantize(x, "e4m3"))
 
 
-# --- item 5: float64 inputs rounded once -------------------------------------------------------
+# --- float64 inputs rounded once -----------------------------------------------------------------
 @pytest.mark.parametrize("path", ["eager", "compiled", "auto-large", "user"])
 @pytest.mark.parametrize("spec,x,want", [("fp16", -58.29687414000341, -58.28125),
                                          ("posit8es1", -384.000001205991, -512.0)])
@@ -718,21 +491,9 @@ def test_scaled_casts_compile_without_a_graph_break(spec, scaling):
     want = quantize_scaled(x, spec, scaling, channel_dim=0)
     assert torch.equal(got.view(torch.int32), want.view(torch.int32))
 
-# --- item 6: one NaN out of every path ---------------------------------------------------------
-NAN_PATTERNS = [0x7FC00000, 0xFFC00000, 0x7F800001, 0xFF800001, 0x7FFFFFFF, 0x7FA12345]
 
-
+# --- one NaN out of every path -------------------------------------------------------------------
 NAN_SPECS = ["bf16", "fp16", "e4m3", "e5m2", "e2m1", "e8m0", "posit8es1"]
-
-
-def _nans(n, dtype=torch.float32):
-    x = torch.tensor(NAN_PATTERNS, dtype=torch.int64).to(torch.int32).view(torch.float32)
-    return x.repeat(n // len(NAN_PATTERNS) + 1)[:n].to(dtype)
-
-
-def _bit_set(y):
-    ints = y.view(INT_VIEW[y.dtype]).numpy()
-    return set(ints.view(f"u{ints.itemsize}").tolist())
 
 
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
@@ -742,7 +503,7 @@ def test_nan_is_float32_default_nan_on_every_path_and_size(spec, rounding):
     path (eager cast or bits, compiled cast or bits, automatic) and the tensor size."""
     fmt = parse_format(spec)
     for n in (6, 1000, 1 << 18):
-        x = _nans(n)
+        x = nans(n)
         for saturate in (True, False):
             outs = {"auto": quantize(x, spec, rounding, saturate)}
             for m in quant._methods(fmt, rounding, saturate):
@@ -750,7 +511,7 @@ def test_nan_is_float32_default_nan_on_every_path_and_size(spec, rounding):
             for m in quant._methods(fmt, rounding, saturate, compiled=True):
                 outs[f"compiled-{m}"] = _quantize_compiled(x, spec, rounding, saturate, method=m)
             for path, y in outs.items():
-                got = _bit_set(y)
+                got = bit_set(y)
                 assert got == {F32_QNAN}, (path, n, saturate, [hex(b) for b in got])
 
 
@@ -759,21 +520,21 @@ def test_nan_is_float32_default_nan_on_every_path_and_size(spec, rounding):
 def test_nan_is_float32_default_nan_inside_user_torch_compile(rounding):
     fn = user_compiled(tuple(NAN_SPECS), rounding, False)
     for n in (6, 1000):
-        for spec, y in zip(NAN_SPECS, fn([_nans(n)] * len(NAN_SPECS))):
-            assert _bit_set(y) == {F32_QNAN}, (spec, n, [hex(b) for b in _bit_set(y)])
+        for spec, y in zip(NAN_SPECS, fn([nans(n)] * len(NAN_SPECS))):
+            assert bit_set(y) == {F32_QNAN}, (spec, n, [hex(b) for b in bit_set(y)])
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
 def test_nan_of_other_dtypes_is_their_default_nan(dtype):
     for n in (6, 1 << 18):
-        xs = _nans(n, dtype)
+        xs = nans(n, dtype)
         for y in (quantize(xs, "e4m3"), quantize(xs, "posit8es1", "stochastic"),
                   user_compile(lambda v: quantize(v, "e4m3"))(xs[:6])):
             assert y.dtype == dtype
-            assert _bit_set(y) == {DTYPE_QNAN[dtype]}, (dtype, n, [hex(b) for b in _bit_set(y)])
+            assert bit_set(y) == {DTYPE_QNAN[dtype]}, (dtype, n, [hex(b) for b in bit_set(y)])
 
 
-# --- item 7: the documented behaviours, and the user-facing reference ---------------------------
+# --- the documented behaviours, and the user-facing reference ------------------------------------
 def test_stochastic_bits_follow_memory_order():
     """Documented: the same values stored channels-last or contiguous draw other bits (each
     layout is still unbiased), and the same layout with the same seed draws the same bits."""

@@ -3,11 +3,11 @@
 References (the format contract, restated for users in docs/formats.md): ml_dtypes casts and
 torch's own casts (floats), softposit (posit8 = posit(8,0), posit16 = posit(16,1), pX2 =
 posit(n,2)), qtorch-plus ``posit_quantize``, qtorch ``float_quantize`` (inside its valid range
-only), and two oracles written here from the definitions, separately from the implementation:
-floats by float64 arithmetic (quantum, rint, the overflow rule) and posits by decoding every bit
-pattern from the definition and rounding at the posit(n+1, es) decision points. Every test runs
-each implementation path: the eager bit arithmetic, the eager native cast (where quantize uses one)
-and the compiled kernel.
+only), and two oracles written from the definitions, separately from the implementation
+(tests/oracles.py): floats by float64 arithmetic (quantum, rint, the overflow rule) and posits by
+decoding every bit pattern from the definition and rounding at the posit(n+1, es) decision
+points. Every test runs each implementation path (tests/cast_paths.py): the eager bit
+arithmetic, the eager native cast (where quantize uses one) and the compiled kernel.
 """
 import functools
 import itertools
@@ -18,197 +18,32 @@ import numpy as np
 import pytest
 import torch
 
-from common import quant
+from common import dispatch, quant
 from common.formats import parse_format
 from common.qtorch_backend import import_isolated
 from common.quant import (ROUNDINGS, SCALINGS, _quantize_compiled, _quantize_eager, quantize,
                           quantize_scaled, representable_values)
+from cast_paths import paths_for, run_path
+from oracles import (ML_DTYPES, N_RANDOM, OTHER_FLOATS, POSIT_SPECS, RNG_SEED, assert_same_bits,
+                     float_inputs, float_oracle, float_values_by_definition, ml_dtypes_reference,
+                     n_es, posit_inputs, posit_oracle, posit_table, random_bits)
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 
-# random float32 bit patterns per format (plus the exhaustive sets, both signs): millions for
-# the main formats, fewer for the many extra layouts to keep the suite fast
-N_RANDOM = 1 << 20
-N_RANDOM_EXTRA = 1 << 18
-MAIN_FORMATS = ("bf16", "fp16", "e4m3", "e5m2", "e2m1", "e2m3", "e3m2", "posit8es1", "posit16es1",
-                "posit8es0", "posit16es2")
-RNG_SEED = 20240611
-
 
 # =============================================================================================
-# paths
+# floats
 # =============================================================================================
-def run_path(path, x, fmt, rounding="nearest", saturate=True, seed=None):
-    """quantize by one named implementation path: "eager" or "compiled", optionally with the
-    method: "-bits" (integer arithmetic) or "-cast" (torch's native cast); default: quantize's
-    choice for that path."""
-    mode, _, method = path.partition("-")
-    fn = _quantize_compiled if mode == "compiled" else _quantize_eager
-    return fn(x, fmt, rounding, saturate, method=method or None, seed=seed)
-
-
-def paths_for(spec, rounding="nearest", saturate=True):
-    """Every path quantize has for this case: each eager method, the compiled bit arithmetic,
-    and the compiled default where that may be a cast (it is one where the compiler keeps the
-    cast's rounding, else the bit arithmetic: quant._compiled_cast_ok)."""
-    fmt = parse_format(spec)
-    paths = [f"eager-{m}" for m in quant._methods(fmt, rounding, saturate)] + ["compiled-bits"]
-    if "cast" in quant._methods(fmt, rounding, saturate, compiled=True):
-        paths.append("compiled")
-    return paths
-
-
-# =============================================================================================
-# comparison
-# =============================================================================================
-def assert_same_bits(got, want, x, what):
-    """Bit-for-bit equality (NaN matches any NaN); reports the first mismatches."""
-    got = got.detach().cpu().numpy() if isinstance(got, torch.Tensor) else np.asarray(got)
-    want = np.asarray(want, dtype=np.float32)
-    x = np.asarray(x, dtype=np.float32)
-    bad = (got.view(np.uint32) != want.view(np.uint32)) & ~(np.isnan(got) & np.isnan(want))
-    if bad.any():
-        idx = np.flatnonzero(bad)[:6]
-        rows = ", ".join(f"x={x[i]!r} ({x[i:i+1].view(np.uint32)[0]:#010x}) got={got[i]!r} "
-                         f"want={want[i]!r}" for i in idx)
-        raise AssertionError(f"{what}: {bad.sum()} of {bad.size} differ: {rows}")
-
-
-# =============================================================================================
-# float oracle (float64 arithmetic) and input sets
-# =============================================================================================
-def float_oracle(x, fmt, saturate):
-    """Round float32 x to float format fmt: quantum q = 2^(max(floor(log2|x|), emin) - man_bits),
-    numpy rint (half to even) of |x|/q in float64 (exact here), then the overflow rule of
-    docs/formats.md. Ties go to the even bit pattern: for man_bits >= 1 that is rint's even multiple
-    of q; with no mantissa bits (eXm0) the pattern's last bit is the exponent field's."""
-    with np.errstate(invalid="ignore"):  # signalling-NaN bit patterns raise the flag
-        x64 = np.asarray(x, dtype=np.float32).astype(np.float64)
-    a = np.abs(x64)
-    emin = 1 - fmt.bias
-    with np.errstate(all="ignore"):
-        _, e = np.frexp(a)
-        q = np.ldexp(1.0, np.maximum(e - 1, emin) - fmt.man_bits)
-        r = np.rint(a / q) * q
-        if fmt.man_bits == 0:  # tie between 2^k (field k + bias) and 2^(k+1): even field wins
-            tie = (a / q) % 1 == 0.5
-            lo = np.floor(a / q) * q
-            lo_field = np.where(lo >= 2.0**emin, np.frexp(lo)[1] - 1 + fmt.bias, 0)
-            r = np.where(tie, np.where(lo_field % 2 == 0, lo, lo + q), r)
-    if saturate or fmt.layout == "mx":
-        ovf = fmt.max
-    elif fmt.has_inf:
-        ovf = np.inf
-    else:
-        ovf = np.nan
-    r = np.where(r > fmt.max, ovf, r)
-    out = np.where(np.isnan(x64), np.nan, np.copysign(r, x64))
-    return out.astype(np.float32)
-
-
-def float_values_by_definition(fmt, max_fields=None):
-    """Positive finite values of a float format from its fields (all of them when it has at
-    most 16 bits; else the lowest and highest `max_fields` exponent fields)."""
-    x_bits, m_bits = fmt.exp_bits, fmt.man_bits
-    fields = np.arange(2**x_bits)
-    if max_fields is not None and len(fields) > 2 * max_fields:
-        fields = np.concatenate([fields[:max_fields], fields[-max_fields:]])
-    mants = np.arange(2**m_bits) if m_bits <= 12 else np.unique(np.concatenate(
-        [np.arange(64), 2**m_bits - 1 - np.arange(64),
-         np.random.default_rng(1).integers(0, 2**m_bits, 512)]))
-    f, m = np.meshgrid(fields, mants, indexing="ij")
-    f, m = f.ravel(), m.ravel()
-    top = 2**x_bits - 1
-    if fmt.layout == "ieee":
-        keep = f < top
-    elif fmt.layout == "fn":
-        keep = ~((f == top) & (m == 2**m_bits - 1))
-    else:
-        keep = np.ones_like(f, dtype=bool)
-    f, m = f[keep], m[keep]
-    frac = m / 2.0**m_bits
-    val = np.where(f == 0, frac * 2.0 ** (1 - fmt.bias), (1 + frac) * 2.0 ** (f - fmt.bias))
-    return np.unique(val[val > 0])
-
-
-def _around(v32):
-    """v and one float32 ulp either side."""
-    v32 = np.asarray(v32, dtype=np.float32)
-    return np.concatenate([v32, np.nextafter(v32, np.float32(np.inf)),
-                           np.nextafter(v32, np.float32(-np.inf))])
-
-
-SPECIALS = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, -np.nan,
-                     np.finfo(np.float32).max, np.finfo(np.float32).smallest_subnormal,
-                     np.finfo(np.float32).smallest_normal], dtype=np.float32)
-
-
-def random_bits(n, seed):
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, 2**32, n, dtype=np.uint64).astype(np.uint32).view(np.float32)
-
-
-@functools.lru_cache(maxsize=None)
-def float_inputs(spec, n_random=None):
-    """Every value (<= 16 bits; else a sample), every midpoint between neighbours (0 and
-    max + ulp included), each +-1 float32 ulp, overflow edges, specials, random bit patterns and
-    random values spread over the format's range; both signs."""
-    fmt = parse_format(spec)
-    if n_random is None:
-        n_random = N_RANDOM if spec in MAIN_FORMATS else N_RANDOM_EXTRA
-    vals = float_values_by_definition(fmt, max_fields=None if fmt.bits <= 16 else 6)
-    ulp_max = 2.0 ** (fmt.max_exp - fmt.man_bits)
-    grid = np.concatenate([[0.0], vals, [fmt.max + ulp_max]])
-    mids = (grid[:-1] + grid[1:]) / 2
-    with np.errstate(over="ignore"):
-        edges = np.array([fmt.max, fmt.max + ulp_max / 2, fmt.max + ulp_max, 2 * fmt.max,
-                          fmt.min_subnormal / 2, fmt.min_subnormal / 4, fmt.min_normal])
-        parts = [_around(vals.astype(np.float32)), _around(mids.astype(np.float32)),
-                 _around(edges.astype(np.float32)), SPECIALS]
-    rng = np.random.default_rng(RNG_SEED + fmt.bits)
-    lo, hi = math.log2(fmt.min_subnormal) - 2, math.log2(min(fmt.max, 2.0**127)) + 1
-    spread = rng.standard_normal(n_random // 4) * np.exp2(rng.uniform(lo, hi, n_random // 4))
-    with np.errstate(over="ignore"):  # spread values beyond float32 become inf: wanted
-        parts += [random_bits(n_random, RNG_SEED), spread.astype(np.float32)]
-    x = np.concatenate(parts).astype(np.float32)
-    return np.concatenate([x, -x])
-
-
 @functools.lru_cache(maxsize=None)
 def float_reference(spec, saturate):
     x = float_inputs(spec)
     return x, float_oracle(x, parse_format(spec), saturate)
 
 
-# =============================================================================================
-# floats
-# =============================================================================================
-# ml_dtypes types (OCP / IEEE conversions, non-saturating) and the "other eXmY" rule: IEEE-like
-ML_DTYPES = {
-    "bf16": ml_dtypes.bfloat16, "fp16": np.float16, "e4m3": ml_dtypes.float8_e4m3fn,
-    "e5m2": ml_dtypes.float8_e5m2, "e2m1": ml_dtypes.float4_e2m1fn,
-    "e2m3": ml_dtypes.float6_e2m3fn, "e3m2": ml_dtypes.float6_e3m2fn,
-    "e3m4": ml_dtypes.float8_e3m4,
-}
-# beyond ml_dtypes: small/large exponent and mantissa widths, 8-bit exponents with subnormals
-# below float32's normal range, 23-bit mantissas (no rounding in the normal range)
-OTHER_FLOATS = ["e6m9", "e2m0", "e3m1", "e4m0", "e7m8", "e8m3", "e5m13", "e8m15", "e4m23",
-                "e8m22", "e7m1"]
-
-
 def float_cases(specs):
     """(spec, saturate, path) for every nearest-mode path quantize has for that case."""
     return [pytest.param(spec, sat, path, id=f"{spec}-{'sat' if sat else 'nonsat'}-{path}")
             for spec in specs for sat in (True, False) for path in paths_for(spec, "nearest", sat)]
-
-
-def ml_dtypes_reference(x, spec, saturate):
-    """ml_dtypes converts with RNE, subnormals and the OCP non-saturating overflow; saturating
-    mode is that conversion of x clipped to +-max."""
-    fmt = parse_format(spec)
-    src = np.clip(x, -fmt.max, fmt.max) if saturate else x
-    with np.errstate(all="ignore"):
-        return src.astype(ML_DTYPES[spec]).astype(np.float32)
 
 
 @pytest.mark.parametrize("spec,saturate,path", float_cases(list(ML_DTYPES) + OTHER_FLOATS))
@@ -324,92 +159,8 @@ def test_float_hand_picked_cases(spec, x, sat, nonsat):
 
 
 # =============================================================================================
-# posits: a decoder written from the definition, its oracle, and the references
+# posits: the definition's decoder and oracle (tests/oracles.py), and the references
 # =============================================================================================
-def posit_value(pattern, n, es):
-    """Value of an n-bit posit pattern by the definition (NaR -> nan), as a Python float."""
-    pattern &= (1 << n) - 1
-    if pattern == 0:
-        return 0.0
-    if pattern == 1 << (n - 1):
-        return math.nan
-    negative = pattern >> (n - 1)
-    if negative:
-        pattern = (-pattern) & ((1 << n) - 1)
-    body = format(pattern, f"0{n}b")[1:]
-    run = len(body) - len(body.lstrip(body[0]))
-    k = run - 1 if body[0] == "1" else -run
-    rest = body[run + 1:]
-    e = int(rest[:es].ljust(es, "0"), 2) if es else 0
-    fbits = rest[es:]
-    f = int(fbits, 2) / 2 ** len(fbits) if fbits else 0.0
-    v = 2.0 ** (k * 2**es + e) * (1 + f)
-    return -v if negative else v
-
-
-@functools.lru_cache(maxsize=None)
-def posit_table(n, es):
-    """Positive posit(n, es) values by pattern (index p = pattern p, 1 .. 2^(n-1)-1) and the
-    decision points between p and p+1: the posit(n+1, es) value of pattern 2p+1."""
-    vals = np.array([posit_value(p, n, es) for p in range(1, 1 << (n - 1))])
-    dps = np.array([posit_value(2 * p + 1, n + 1, es) for p in range(1, (1 << (n - 1)) - 1)])
-    return vals, dps
-
-
-def posit_oracle(x, n, es):
-    """Round float32 x to posit(n, es) from the table: saturate to [minpos, maxpos], never 0 for
-    x != 0, round at the decision points, ties to the even pattern; inf/NaN -> NaN (NaR)."""
-    vals, dps = posit_table(n, es)
-    with np.errstate(invalid="ignore"):  # signalling-NaN bit patterns raise the flag
-        x64 = np.asarray(x, dtype=np.float32).astype(np.float64)
-    a = np.abs(x64)
-    p = np.clip(np.searchsorted(vals, a, side="right") - 1, 0, len(vals) - 1)  # vals[p] <= a
-    out = vals[p].copy()
-    inner = (a > vals[0]) & (a < vals[-1])
-    pi = p[inner]
-    d = dps[np.clip(pi, 0, len(dps) - 1)] if len(dps) else np.zeros_like(pi, dtype=float)
-    ai = a[inner]
-    up = (ai > d) | ((ai == d) & ((pi + 1) % 2 == 1))  # pattern pi+1 is pi+2 since index 0 = 1
-    res = np.where(up, vals[np.clip(pi + 1, 0, len(vals) - 1)], vals[pi])
-    out[inner] = res
-    out[a <= vals[0]] = vals[0]
-    out[a >= vals[-1]] = vals[-1]
-    out = np.copysign(out, x64)
-    out[a == 0] = x64[a == 0]
-    out[~np.isfinite(x64)] = np.nan
-    return out.astype(np.float32)
-
-
-@functools.lru_cache(maxsize=None)
-def posit_inputs(n, es, n_random=None):
-    """All values, all decision points, arithmetic midpoints, each +-1 float32 ulp, values
-    beyond maxpos and below minpos, specials, random bit patterns and spread values; both
-    signs."""
-    if n_random is None:
-        n_random = N_RANDOM if f"posit{n}es{es}" in MAIN_FORMATS else N_RANDOM_EXTRA
-    vals, dps = posit_table(n, es)
-    mids = (vals[:-1] + vals[1:]) / 2
-    edges = np.array([vals[-1] * 2, vals[-1] * 1.5, vals[0] / 2, vals[0] / 3, 1e-38, 1e38])
-    parts = [_around(v.astype(np.float32)) for v in (vals, dps, mids, edges)] + [SPECIALS]
-    rng = np.random.default_rng(RNG_SEED + n * 8 + es)
-    top = math.log2(vals[-1]) + 2
-    spread = rng.standard_normal(n_random // 4) * np.exp2(rng.uniform(-top, top, n_random // 4))
-    parts += [random_bits(n_random, RNG_SEED + 2), spread.astype(np.float32)]
-    x = np.concatenate(parts).astype(np.float32)
-    return np.concatenate([x, -x])
-
-
-POSIT_SPECS = ["posit2es0", "posit3es0", "posit3es1", "posit4es0", "posit4es1", "posit5es2",
-               "posit6es1", "posit7es3", "posit8es0", "posit8es1", "posit8es2", "posit8es4",
-               "posit10es1", "posit12es2", "posit14es0", "posit16es1", "posit16es2",
-               "posit16es3", "posit5es5"]
-
-
-def _n_es(spec):
-    f = parse_format(spec)
-    return f.bits, f.es
-
-
 def test_posit_decoder_reproduces_numerics_worked_values():
     # docs/formats.md: posit(4,0) = {0, +-1/4, +-1/2, +-3/4, +-1, +-3/2, +-2, +-4}
     vals, dps = posit_table(4, 0)
@@ -420,7 +171,7 @@ def test_posit_decoder_reproduces_numerics_worked_values():
 @pytest.mark.parametrize("path", ["eager-bits", "compiled-bits"])
 @pytest.mark.parametrize("spec", POSIT_SPECS)
 def test_posit_nearest_matches_oracle(spec, path):
-    n, es = _n_es(spec)
+    n, es = n_es(spec)
     x = posit_inputs(n, es)
     want = posit_oracle(x, n, es)
     saturate = n % 2 == 0  # posits have one overflow rule: saturate must not matter
@@ -492,7 +243,7 @@ def test_posit_nearest_matches_softposit(n, es, path):
 def test_posit_nearest_matches_qtorch_plus(spec, path, qtorch_plus_quant):
     """qtorch-plus posit_quantize on millions of random inputs; it maps NaN and inf to -inf, so
     only finite inputs are compared, and -0.0 becomes +0.0 there."""
-    n, es = _n_es(spec)
+    n, es = n_es(spec)
     x = posit_inputs(n, es, n_random=N_RANDOM)
     x = x[np.isfinite(x) & (x != 0)]
     want = qtorch_plus_quant.posit_quantize(torch.from_numpy(x), n, es, rounding="nearest")
@@ -529,7 +280,7 @@ def test_representable_values_match_definition(spec):
 @pytest.mark.parametrize("spec", ["posit2es0", "posit4es0", "posit8es0", "posit8es2",
                                   "posit16es1", "posit16es3"])
 def test_representable_values_of_posits(spec):
-    n, es = _n_es(spec)
+    n, es = n_es(spec)
     vals = posit_table(n, es)[0].astype(np.float32)
     np.testing.assert_array_equal(representable_values(spec).numpy(),
                                   np.concatenate([-vals[::-1], [0.0], vals]))
@@ -779,16 +530,16 @@ def test_quant_path_env(monkeypatch):
 
 
 def test_compile_failure_falls_back_silently(monkeypatch):
-    def broken(fn, tag):
+    def broken(fn, tag, options):
         def run(*args):
             raise RuntimeError("no compiler here")
         return run
-    monkeypatch.setattr(quant, "_COMPILED", {})
-    monkeypatch.setattr(quant, "_compile", broken)
+    monkeypatch.setattr(dispatch, "_COMPILED", {})
+    monkeypatch.setattr(dispatch, "_compile", broken)
     x = torch.randn(1 << 16) * 100
     want = run_path("eager-bits", x, "e3m2")
     assert torch.equal(quantize(x, "e3m2"), want)
-    assert quant._COMPILED[("float", "nearest", "cpu")] is None  # remembered, not retried
+    assert dispatch._COMPILED[("float", "nearest", "cpu")] is None  # remembered, not retried
     assert torch.equal(quantize(x, "e3m2"), want)
     with pytest.raises(RuntimeError):
         _quantize_compiled(x, "e3m2")
@@ -797,14 +548,14 @@ def test_compile_failure_falls_back_silently(monkeypatch):
 def test_compiled_cast_that_drops_its_rounding_is_not_used(monkeypatch):
     """torch 2.11's inductor compiles x.to(bfloat16).to(float32) to a no-op: the probe must
     catch such a kernel and the compiled bit arithmetic must take over."""
-    monkeypatch.setattr(quant, "_COMPILED", {})
+    monkeypatch.setattr(dispatch, "_COMPILED", {})
     monkeypatch.setattr(quant, "_CAST_PROBE_OK", {})
     monkeypatch.setitem(quant._CAST_KERNELS, "bf16", lambda x, bound: torch.clamp(x, -bound, bound))
     x = torch.randn(1 << 19) * 3
     want = run_path("eager-cast", x, "bf16")
     assert torch.equal(quantize(x, "bf16"), want)
     assert quant._CAST_PROBE_OK[("bf16", "cpu")] is False
-    assert ("float", "nearest", "cpu") in quant._COMPILED  # served by the bits kernel
+    assert ("float", "nearest", "cpu") in dispatch._COMPILED  # served by the bits kernel
 
 
 @pytest.mark.slow

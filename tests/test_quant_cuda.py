@@ -2,7 +2,7 @@
 
 Skipped where torch sees no CUDA device. Every nearest-mode path on the device (eager and
 compiled, bit arithmetic and native cast) is compared bit for bit with the CPU's eager bit
-arithmetic on the exhaustive and random input sets of test_quant.py, and with the definition
+arithmetic on the exhaustive and random input sets of tests/oracles.py, and with the definition
 oracles and ml_dtypes; stochastic rounding with fixed seed words gives the same bits on both.
 """
 import math
@@ -11,16 +11,21 @@ import numpy as np
 import pytest
 import torch
 
+from common.blocks import quantize_block
 from common.formats import parse_format
-from common.quant import _quantize_eager, quantize, quantize_scaled, representable_values
-from test_quant import (ML_DTYPES, OTHER_FLOATS, POSIT_SPECS, _n_es, assert_same_bits,
-                        float_inputs, float_oracle, ml_dtypes_reference, paths_for, posit_inputs,
-                        posit_oracle, run_path)
+from common.quant import (_quantize_compiled, _quantize_eager, quantize, quantize_scaled,
+                          representable_values)
+from cast_paths import check_default_nans, paths_for, run_path, user_compile
+from oracles import (F32_QNAN, ML_DTYPES, OTHER_FLOATS, POSIT_SPECS, assert_same_array_bits,
+                     assert_same_bits, bit_set, block_inputs_for_user_compile, block_oracle,
+                     float_inputs, float_oracle, inputs32, inputs64, ml_dtypes_reference, n_es,
+                     nans, posit_inputs, posit_oracle, random_finite, special_blocks)
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 CUDA_FLOATS = list(ML_DTYPES) + OTHER_FLOATS
+SEED = 20250101  # test_blocks' seed: the block inputs the CPU suite checks too
 SR_SPECS = ["e4m3", "e5m2", "e2m1", "e3m2", "bf16", "fp16", "e6m9", "posit8es0", "posit8es1",
             "posit6es2", "posit16es1", "posit16es3"]
 
@@ -50,7 +55,7 @@ def test_cuda_float_nearest_matches_cpu_and_references(spec, saturate, path):
 @pytest.mark.parametrize("path", ["eager-bits", "compiled-bits"])
 @pytest.mark.parametrize("spec", POSIT_SPECS)
 def test_cuda_posit_nearest_matches_cpu_and_oracle(spec, path):
-    n, es = _n_es(spec)
+    n, es = n_es(spec)
     x = posit_inputs(n, es)
     xt = torch.from_numpy(x)
     got = run_path(path, xt.cuda(), spec)
@@ -121,16 +126,14 @@ def test_cuda_layouts_dtypes_and_scaling():
 @pytest.mark.parametrize("spec", ["bf16", "fp16", "e4m3", "e5m2", "e2m1", "posit8es1",
                                   "posit16es1"])
 def test_cuda_nan_float64_and_user_compile_same_bits_as_cpu(spec):
-    """Issue 14 on the device: NaN of any sign and payload comes out as float32's default NaN
-    on every CUDA path, float64 inputs round once (round-to-odd first) and quantize inside a
-    user's torch.compile rounds, all bit for bit as on the CPU (checked there by test_oracle)."""
-    from common.quant import _quantize_compiled
-    from test_oracle import F32_QNAN, _bit_set, _nans, inputs32, inputs64, user_compile
+    """test_oracle's exactness checks on the device: NaN of any sign and payload comes out as
+    float32's default NaN on every CUDA path, float64 inputs round once (round-to-odd first)
+    and quantize inside a user's torch.compile rounds, all bit for bit as on the CPU."""
     for fn in (_quantize_eager, _quantize_compiled):
         for rounding in ("nearest", "stochastic"):
             for saturate in (True, False):
-                got = fn(_nans(1 << 12).cuda(), spec, rounding, saturate).cpu()
-                assert _bit_set(got) == {F32_QNAN}, (fn.__name__, rounding, saturate)
+                got = fn(nans(1 << 12).cuda(), spec, rounding, saturate).cpu()
+                assert bit_set(got) == {F32_QNAN}, (fn.__name__, rounding, saturate)
         x64 = torch.from_numpy(inputs64(spec))
         assert torch.equal(fn(x64.cuda(), spec).cpu().view(torch.int64),
                            _quantize_eager(x64, spec).view(torch.int64)), fn.__name__
@@ -140,7 +143,7 @@ def test_cuda_nan_float64_and_user_compile_same_bits_as_cpu(spec):
 
 
 # ---------------------------------------------------------------------------------------------
-# block formats (common/blocks.py) on the device: the contract's oracle of test_blocks.py
+# block formats (common/blocks.py) on the device: the contract's oracle (tests/oracles.py)
 # ---------------------------------------------------------------------------------------------
 BLOCK_SPECS = ("mxfp8", "mx-e5m2", "mxfp6", "mx-e3m2", "mxfp4", "mx16-e2m1", "nvfp4")
 
@@ -149,32 +152,29 @@ def _block_inputs(spec):
     """[name, float32 array] pairs: a 4-D tensor whose dim 1 (70) k does not divide, random
     patterns over the whole float32 range, and (MX) the special blocks: zero, NaN, inf, E8M0's
     limits, subnormals."""
-    from test_blocks import SEED, _random_finite, _special_blocks
     rng = np.random.default_rng(SEED + len(spec))
     cases = [("4d", rng.standard_normal((2, 70, 3, 2)).astype(np.float32) * np.float32(300))]
     if spec == "nvfp4":  # one tensor scale per tensor: one row of a narrow window each
-        cases += [(f"row{lo}", _random_finite((1, 96), rng, lo, lo + 12)) for lo in (1, 100, 200)]
+        cases += [(f"row{lo}", random_finite((1, 96), rng, lo, lo + 12)) for lo in (1, 100, 200)]
     else:
-        cases.append(("random", _random_finite((8, 96), rng, 0, 254)))
-        cases.append(("special", _special_blocks(parse_format(spec).block_size)))
+        cases.append(("random", random_finite((8, 96), rng, 0, 254)))
+        cases.append(("special", special_blocks(parse_format(spec).block_size, SEED)))
     return cases
 
 
 @pytest.mark.parametrize("path", ["eager", "compiled"])
 @pytest.mark.parametrize("spec", BLOCK_SPECS)
 def test_cuda_block_formats_match_oracle(spec, path):
-    from common.blocks import quantize_block
-    from test_blocks import assert_same_bits as same_block_bits, oracle
     for name, x in _block_inputs(spec):
-        want = oracle(x, spec)
+        want = block_oracle(x, spec)
         xt = torch.from_numpy(x).cuda()
         got = quantize_block(xt, spec, path=path)
         assert got.is_cuda
-        same_block_bits(got, want, f"{spec} cuda {path} {name}")
+        assert_same_array_bits(got, want, f"{spec} cuda {path} {name}")
         if xt.dim() == 4:
             got = quantize_block(xt.contiguous(memory_format=torch.channels_last), spec, path=path)
             assert got.is_contiguous(memory_format=torch.channels_last)
-            same_block_bits(got, want, f"{spec} cuda {path} {name} channels_last")
+            assert_same_array_bits(got, want, f"{spec} cuda {path} {name} channels_last")
 
 
 @pytest.mark.parametrize("path", ["eager", "compiled"])
@@ -182,7 +182,6 @@ def test_cuda_block_formats_match_oracle(spec, path):
 def test_cuda_block_nan_is_the_default_nan(spec, path):
     """NaN patterns and the NaN an inf makes come out as the default NaN on the device too
     (NVFP4's 0 * inf; MX on bfloat16), as test_blocks checks on the CPU."""
-    from test_blocks import check_default_nans
     for rounding in ("nearest", "stochastic"):
         check_default_nans(spec, rounding, path, device="cuda")
 
@@ -192,15 +191,13 @@ def test_cuda_block_nan_is_the_default_nan(spec, path):
 def test_cuda_block_stochastic_same_bits_as_cpu(spec, path):
     """Fixed seed words: the device's stochastic block cast gives the CPU's bits (the CPU's are
     checked for bias against the oracle in test_blocks)."""
-    from common.blocks import quantize_block
-    from test_blocks import assert_same_bits as same_block_bits
     seed = torch.tensor([20240611, -1234567], dtype=torch.int32)
     x4 = torch.randn(64, 96, 2, 2) * 5
     # 4-D contiguous (R > 1), channels-last and 2-D (R == 1: the compiled kernel's lane form)
     for x in (x4, x4.contiguous(memory_format=torch.channels_last), x4[:, :, 0, 0].clone()):
         cpu = quantize_block(x, spec, "stochastic", path="eager", seed=seed)
         got = quantize_block(x.cuda(), spec, "stochastic", path=path, seed=seed.cuda())
-        same_block_bits(got, cpu, f"{spec} cuda {path} stochastic vs cpu {tuple(x.shape)}")
+        assert_same_array_bits(got, cpu, f"{spec} cuda {path} stochastic vs cpu {tuple(x.shape)}")
 
 
 @pytest.mark.parametrize("spec", ["mxfp4", "nvfp4"])
@@ -208,11 +205,10 @@ def test_cuda_block_stochastic_inside_a_dynamic_user_compile(spec):
     """As a compiled training step (--compile) traces a stochastic block cast, dynamic shapes:
     it compiles (torch 2.11 failed on int64 index products, see blocks._index) and gives the
     CPU's bits for fixed seed words."""
-    from common.blocks import quantize_block
-    from test_blocks import assert_same_bits as same_block_bits, block_inputs_for_user_compile
     seed = torch.tensor([123, -456], dtype=torch.int32)
     fn = torch.compile(lambda t, s: quantize_block(t * 1.0, spec, "stochastic", seed=s),
                        dynamic=True)
     for name, x in block_inputs_for_user_compile().items():
         cpu = quantize_block(x, spec, "stochastic", path="eager", seed=seed)
-        same_block_bits(fn(x.cuda(), seed.cuda()), cpu, f"{spec} cuda {name} in a user's compile")
+        assert_same_array_bits(fn(x.cuda(), seed.cuda()), cpu,
+                               f"{spec} cuda {name} in a user's compile")

@@ -3,7 +3,6 @@ values), the FP32 differences, the runs that did not finish, the PTQ table, vali
 and one-line errors."""
 import json
 import math
-import sys
 
 import pytest
 
@@ -178,7 +177,6 @@ def test_filters_and_no_plots(runs_dir, tmp_path):
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
-    sys.path.insert(0, str(cli.REPO_ROOT))
     import report as report_cli                      # the entry point at the repo root
 
     for argv, needle in ([["--runs-dir", str(tmp_path / "missing")], "no such folder"],
@@ -308,7 +306,6 @@ def test_default_output_is_not_the_committed_results(tmp_path):
     """A bare `python report.py` writes under runs/ (git-ignored), never over results/."""
     import subprocess
     root = report.REPO_ROOT
-    sys.path.insert(0, str(root))
     import report as report_cli
     out = report_cli.build_parser().parse_args([]).out
     assert report.runs.Path(out).resolve() != (root / "results").resolve()
@@ -649,7 +646,6 @@ def test_no_forest_plot_without_fp32(tmp_path):
 def test_help_description_is_the_docstrings_first_sentence_whole():
     """--help starts with a whole sentence (it used to stop at the end of the docstring's
     first line), and --no-plots names every file it still writes."""
-    sys.path.insert(0, str(cli.REPO_ROOT))
     import report as report_cli
 
     parser = report_cli.build_parser()
@@ -678,7 +674,6 @@ def test_damaged_metrics_line_leaves_the_run_out_with_a_warning(runs_dir, tmp_pa
     assert lost["fp8_s1"]["status"] == "unreadable" and lost["fp8_s1"]["configuration"] == "FP8 e4m3"
     assert "metrics.jsonl, line 3: not JSON" in lost["fp8_s1"]["message"]
 
-    sys.path.insert(0, str(cli.REPO_ROOT))
     import report as report_cli
     report_cli.main(["--runs-dir", str(runs_dir), "--out", str(out), "--no-plots"])
     err = capsys.readouterr().err.splitlines()
