@@ -62,7 +62,8 @@ def main(argv=None):
                        f"DIFFERS from the record ({res['recorded_test_acc']:.2f}%)")
             mismatches += not res["matches_record"]
         else:
-            verdict = (f"other test images than the record's ({res['recorded_test_images'] or '?'})")
+            verdict = ("other test images than the record's "
+                       f"({res['recorded_test_images'] or '?'})")
         print(f"{res['name']}: {res['test_acc']:.2f}% on {res['test_images']:,} test images, "
               f"loss {res['test_loss']:.4f}; {verdict}", flush=True)
     if args.out:

@@ -6,8 +6,8 @@ each format, with and without scaling, without retraining.
     python ptq_eval.py runs/x/last.pt --formats e4m3,posit8es1 --scalings scaled
     python ptq_eval.py results/runs/fp32_resnet20_fast_e20_s0 --out ptq.json   # a record's weights
 
-Writes ptq.json into each run's (or record's) folder (ptq_first-last-fp32.json with that flag, ...); ``python
-report.py`` shows it beside the trained results.
+Writes ptq.json into each run's (or record's) folder (ptq_first-last-fp32.json with that flag,
+...); ``python report.py`` shows it beside the trained results.
 Details: common/ptq.py.
 """
 import argparse

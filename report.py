@@ -11,7 +11,7 @@ metrics.jsonl, predictions.json, ptq.json from ptq_eval.py); a run of the same c
 and seed found twice counts once, and runs on different test sets are kept in separate tables. A
 run folder that cannot be read (a corrupt summary.json or metrics.jsonl) is left out with a
 warning and named in results.md. Details: common/report/.
-"""
+"""  # noqa: E501  (its first line is 101 characters; --help prints the first paragraph verbatim)
 import argparse
 import os
 import shlex
@@ -42,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default=None, type=str.lower, metavar="NAME",
                    help="only runs of this model (default: all)")
     g.add_argument("--epochs", default=None, type=int, metavar="N",
-                   help="only runs of this many epochs in the main table; the accuracy-against-epochs "
-                        "table keeps every length (default: all)")
+                   help="only runs of this many epochs in the main table; the "
+                        "accuracy-against-epochs table keeps every length (default: all)")
     g.add_argument("--recipe", default=None, choices=list(cli.RECIPES),
                    help="only runs of this recipe (default: all)")
     g.add_argument("--data", choices=report.DATA_CHOICES, default="all",

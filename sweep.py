@@ -1,8 +1,8 @@
 """Run a set of configurations x seeds with the format scripts; finished runs are skipped.
 
-    python sweep.py --data-dir ../shared/cifar10                       # seed set x 3 seeds, 164 epochs
+    python sweep.py --data-dir ../shared/cifar10                    # seed set x 3 seeds, 164 epochs
     python sweep.py --set smoke --seeds 1 --synthetic --epochs 1 --max-steps-per-epoch 2
-    python sweep.py --configs fp32,posit8 --seeds 5 --epochs 30        # adds seeds 3 and 4 to 0..2
+    python sweep.py --configs fp32,posit8 --seeds 5 --epochs 30     # adds seeds 3 and 4 to 0..2
     python sweep.py --list
 
 Every flag that is not the sweep's own is a training flag passed to every run (``--epochs``,
@@ -30,8 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
               "script's --help):\n  " + " ".join(flags) + "\n\n"
               "Run names: <config>_<model>_<recipe>_e<epochs>_s<seed>[_synthetic][_val][_max<N>]"
               "[_<tag>]. Exit code: 0 nothing failed (diverged runs are results), 1 a run failed, "
-              "2 bad flags or existing runs made with other flags, 130 Ctrl-C, 143/129 SIGTERM/SIGHUP "
-              "(passed on to the running run, which saves and stops).")
+              "2 bad flags or existing runs made with other flags, 130 Ctrl-C, 143/129 "
+              "SIGTERM/SIGHUP (passed on to the running run, which saves and stops).")
     p = cli.Parser(prog="sweep.py", description=__doc__.split("\n")[0], epilog=epilog,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)

@@ -1,8 +1,8 @@
 """FP32 baseline: a CIFAR ResNet trained in plain float32 with the shared loop (He et al. 2016).
 
-    python FP32/train_cifar10_fp32.py --data-dir ../shared/cifar10            # ResNet-20, 164 epochs
-    cd FP32 && python train_cifar10_fp32.py --epochs 1                          # uses $CIFAR10_DIR
-    torchrun --nproc_per_node 4 FP32/train_cifar10_fp32.py --model resnet56     # DDP
+    python FP32/train_cifar10_fp32.py --data-dir ../shared/cifar10         # ResNet-20, 164 epochs
+    cd FP32 && python train_cifar10_fp32.py --epochs 1                       # uses $CIFAR10_DIR
+    torchrun --nproc_per_node 4 FP32/train_cifar10_fp32.py --model resnet56  # DDP
 
 Every number format in this project is compared against this run. It adds nothing to the shared
 loop: no quantization, no autocast; on CUDA, TF32 stays off unless --tf32 is given, so the

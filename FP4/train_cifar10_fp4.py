@@ -1,9 +1,10 @@
-"""FP4 training of CIFAR ResNets: OCP MX E2M1 elements, per-channel/tensor or per-block scales.
+r"""FP4 training of CIFAR ResNets: OCP MX E2M1 elements, per-channel/tensor or per-block scales.
 
     cd FP4 && python train_cifar10_fp4.py                                            # fp4
     cd FP4 && python train_cifar10_fp4.py --w-fmt mxfp4 --a-fmt mxfp4 --g-fmt mxfp4  # fp4-mx
     cd FP4 && python train_cifar10_fp4.py --w-fmt nvfp4 --a-fmt nvfp4 --g-fmt nvfp4  # fp4-nv
-    cd FP4 && python train_cifar10_fp4.py --w-fmt nvfp4 --a-fmt nvfp4 --g-fmt nvfp4 --first-last-fp32
+    cd FP4 && python train_cifar10_fp4.py --w-fmt nvfp4 --a-fmt nvfp4 --g-fmt nvfp4 \
+        --first-last-fp32
     cd FP4 && python train_cifar10_fp4.py --first-last-fp32 --g-fmt e5m2
 
 E2M1 has 15 values: 0, +-0.5, 1, 1.5, 2, 3, 4, 6. FP4 cannot train unscaled: with the format's own
@@ -39,7 +40,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from common import cli, qat_cli, train  # noqa: E402  (after the sys.path line, so it runs from any folder)
+from common import cli, qat_cli, train  # noqa: E402  (after the sys.path line)
 
 DEFAULTS = {"w_fmt": "e2m1", "a_fmt": "e2m1", "g_fmt": "e2m1",
             "w_scaling": "channel", "a_scaling": "tensor", "g_scaling": "tensor",

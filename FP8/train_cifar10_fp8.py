@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from common import cli, qat_cli, train  # noqa: E402  (after the sys.path line, so it runs from any folder)
+from common import cli, qat_cli, train  # noqa: E402  (after the sys.path line)
 
 DEFAULTS = {"w_fmt": "e4m3", "a_fmt": "e4m3", "g_fmt": "e5m2",
             "w_scaling": "tensor", "a_scaling": "none", "g_scaling": "tensor"}

@@ -17,17 +17,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from common import cli, qat_cli, train  # noqa: E402  (after the sys.path line, so it runs from any folder)
+from common import cli, qat_cli, train  # noqa: E402  (after the sys.path line)
 from common.formats import parse_format  # noqa: E402
 
 POSIT_ROLES = ("w", "a", "g")  # in posit(--bits, --es) unless a --<role>-fmt says otherwise
 WHY = ("Formats: posit(--bits, --es) for weights, activations and gradients unless a --<role>-fmt\n"
        "flag says otherwise. --scaling auto picks per role, from the width of that role's\n"
        "format (its --<role>-fmt if given, else --bits): posit(<=5 bits) cannot train unscaled\n"
-       "(posit4es0 holds only +-1/4 .. +-4), so all three are scaled (weights per output channel);\n"
+       "(posit4es0 holds only +-1/4 .. +-4), so all three are scaled "
+       "(weights per output channel);\n"
        "from 6 to 11 bits only the gradients are scaled per tensor (unscaled, gradients below\n"
        "minpos, 2^-12 for posit8es1, would round UP to minpos: posits never round to 0);\n"
-       "from 12 bits on nothing is scaled. A posit scale puts the tensor's rms at the power of two\n"
+       "from 12 bits on nothing is scaled. "
+       "A posit scale puts the tensor's rms at the power of two\n"
        "nearest to 1, where a posit is most precise (not the absolute maximum at maxpos).")
 
 
@@ -41,7 +43,8 @@ def auto_scaling(bits: int) -> dict:
 
 
 def plan(argv=None):
-    """Parse the flags, resolve the posit format and scaling per role; returns train.run's kwargs."""
+    """Parse the flags, resolve the posit format and scaling per role; returns train.run's
+    kwargs."""
     parser = cli.build_parser(__doc__.split("\n")[0])
     g = parser.add_argument_group("posit")
     g.add_argument("--bits", type=int, default=8, help="posit width n, 2..16 (default: 8)")

@@ -28,6 +28,7 @@ if ROOT not in sys.path:
 def worker(args) -> None:
     """One run: warm up, signal ready, wait for the others, time steps for args.seconds."""
     import torch
+
     from benchmarks.step_time import CONFIGS, Stepper, load_plan
 
     script, flags, _ = CONFIGS[args.config]
@@ -84,7 +85,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=128, help="(default: 128)")
     p.add_argument("--mode", default="graphs", choices=("eager", "compile", "graphs"),
                    help="as step_time.py --modes; graphs = CUDA graphs (default: graphs)")
-    p.add_argument("--seconds", type=float, default=20.0, help="timed seconds per run (default: 20)")
+    p.add_argument("--seconds", type=float, default=20.0,
+                   help="timed seconds per run (default: 20)")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first (default: 10)")
     for hidden in ("--rank", "--n"):
         p.add_argument(hidden, type=int, default=0, help=argparse.SUPPRESS)

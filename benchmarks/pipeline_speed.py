@@ -20,10 +20,10 @@ Target (issue 3): loop images/s >= bare images/s / 1.10 on the 2-core CPU, i.e. 
 costs at most 10% over the model alone. On a GPU the same script reports FP32 and BF16
 (``--autocast bf16``) epoch seconds.
 
-    python benchmarks/pipeline_speed.py --device cpu --data-dir ../shared/cifar10          # 1 epoch
-    python benchmarks/pipeline_speed.py --device cpu --steps 60                             # quicker
+    python benchmarks/pipeline_speed.py --device cpu --data-dir ../shared/cifar10     # 1 epoch
+    python benchmarks/pipeline_speed.py --device cpu --steps 60                        # quicker
     python benchmarks/pipeline_speed.py --device cuda --epochs 2 --autocast none bf16
-    python benchmarks/pipeline_speed.py --device cpu --steps 40 --channels-last both       # layout
+    python benchmarks/pipeline_speed.py --device cpu --steps 40 --channels-last both  # layout
 
 ``--fake-data`` replaces CIFAR-10 by random uint8 images of the same size (50,000 / 10,000), for a
 machine without the dataset: speed does not depend on pixel values.
@@ -59,7 +59,8 @@ def bare_images_per_s(model_name, device, batch, steps, channels_last, autocast_
     if compile:  # the loop's mode (common.train.compile_mode): CUDA graphs on a GPU
         model = torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    xs = [torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=fmt) for _ in range(4)]
+    xs = [torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=fmt)
+          for _ in range(4)]
     ys = [torch.randint(0, 10, (batch,), device=device) for _ in range(4)]
     model.train()
 
@@ -89,8 +90,9 @@ def sync(device):
 
 def loop_run(args, device, channels_last, autocast_dtype, runs_dir, tag):
     """The real loop for args.epochs epochs; returns the last epoch's metrics row."""
-    flags = ["--model", args.model, "--batch-size", str(args.batch_size), "--epochs", str(args.epochs),
-             "--device", device.type, "--runs-dir", runs_dir, "--name", tag,
+    flags = ["--model", args.model, "--batch-size", str(args.batch_size),
+             "--epochs", str(args.epochs), "--device", device.type,
+             "--runs-dir", runs_dir, "--name", tag,
              "--channels-last" if channels_last else "--no-channels-last"]
     if args.steps:
         flags += ["--max-steps-per-epoch", str(args.steps)]
@@ -153,13 +155,15 @@ def main():
             import numpy as np
             rng = np.random.default_rng(0)
             return (rng.integers(0, 256, (50_000, 3, 32, 32), dtype=np.uint8),
-                    rng.integers(0, 10, 50_000), rng.integers(0, 256, (10_000, 3, 32, 32), dtype=np.uint8),
+                    rng.integers(0, 10, 50_000),
+                    rng.integers(0, 256, (10_000, 3, 32, 32), dtype=np.uint8),
                     rng.integers(0, 10, 10_000), "fake")
         data.load_cifar10 = fake
     dd = data.load_device_data(device, args.data_dir)
     steps = args.steps or data.steps_per_epoch(dd.train_x.shape[0], args.batch_size)
     print(f"device {device} ({hardware.device_name(device)}), torch {torch.__version__}, "
-          f"{args.model}, batch {args.batch_size}, {steps} steps/epoch, data {dd.source}", flush=True)
+          f"{args.model}, batch {args.batch_size}, {steps} steps/epoch, data {dd.source}",
+          flush=True)
     results = []
     with tempfile.TemporaryDirectory() as runs_dir:
         for cl in layouts:
@@ -170,12 +174,12 @@ def main():
                 bares, loops, rows = [], [], []
                 bare_steps = min(steps, args.bare_steps)
                 for rep in range(args.repeats):        # bare, loop, bare, loop, ..., bare
-                    bares.append(bare_images_per_s(args.model, device, args.batch_size, bare_steps, cl, ac,
-                                                   compile=args.compile))
+                    bares.append(bare_images_per_s(args.model, device, args.batch_size,
+                                                   bare_steps, cl, ac, compile=args.compile))
                     rows.append(loop_run(args, device, cl, ac, runs_dir, f"{tag}_{rep}"))
                     loops.append(rows[-1]["images_per_s"])
-                bares.append(bare_images_per_s(args.model, device, args.batch_size, bare_steps, cl, ac,
-                                                   compile=args.compile))
+                bares.append(bare_images_per_s(args.model, device, args.batch_size, bare_steps,
+                                               cl, ac, compile=args.compile))
                 # best of each: the run least disturbed by other work on a shared machine
                 bare, loop = max(bares), max(loops)
                 row = rows[loops.index(loop)]
@@ -186,13 +190,15 @@ def main():
                      "pipeline_only_images_per_s": round(pipe),
                      "bare_images_per_s": round(bare), "bare_runs": [round(b) for b in bares],
                      "loop_images_per_s": round(loop), "loop_runs": [round(v) for v in loops],
-                     "loop_train_seconds": row["train_seconds"], "loop_epoch_seconds": row["epoch_seconds"],
+                     "loop_train_seconds": row["train_seconds"],
+                     "loop_epoch_seconds": row["epoch_seconds"],
                      "overhead_percent": round(100 * (bare / loop - 1), 1),
                      "pipeline_cost_percent": round(100 * bare / pipe, 2)}
                 results.append(r)
                 print(f"\n[{tag}] channels-last {'on' if cl else 'off'}, autocast {ac_name}"
                       f"{', compiled' if args.compile else ''}")
-                print(f"  data pipeline alone (shuffle, crop+flip, normalise): {pipe:>10,.0f} img/s")
+                print(f"  data pipeline alone (shuffle, crop+flip, normalise): "
+                      f"{pipe:>10,.0f} img/s")
                 print(f"  bare fwd+bwd+step on pre-made tensors:             {bare:>10,.0f} img/s "
                       f"(best of {r['bare_runs']}, {bare_steps} steps each)")
                 print(f"  real loop, training phase of the last epoch:       {loop:>10,.0f} img/s "

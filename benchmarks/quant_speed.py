@@ -39,9 +39,13 @@ import torch  # noqa: E402
 
 from common import hardware  # noqa: E402
 from common.formats import parse_format  # noqa: E402
-from common.quant import (_quantize_compiled, _quantize_eager, quantize,  # noqa: E402
-                          quantize_scaled)
 from common.qtorch_backend import import_isolated  # noqa: E402
+from common.quant import (  # noqa: E402
+    _quantize_compiled,
+    _quantize_eager,
+    quantize,
+    quantize_scaled,
+)
 
 DEFAULT_FORMATS = ("bf16", "fp16", "e4m3", "e5m2", "e2m1", "e2m3", "e3m2", "posit8es0",
                    "posit8es1", "posit8es2", "posit16es1", "posit16es2")

@@ -32,7 +32,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from common import hardware  # noqa: E402
 from common.resnet import build_model  # noqa: E402
-from common.sweep import CONFIGS as SWEEP_CONFIGS, SweepConfig  # noqa: E402
+from common.sweep import CONFIGS as SWEEP_CONFIGS  # noqa: E402
+from common.sweep import SweepConfig  # noqa: E402
 
 # Extra configurations beside the sweep's (common/sweep.py): FP8 as the script's defaults, with
 # and without gradient casts, for issue 4's "FP8 weights+activations" and "with gradients" targets.
@@ -205,8 +206,8 @@ def main(argv=None):
         "; each compiled row in its own process, its ratio to FP32 eager from there" if compiled
         else "")
     print(f"\nstep time, {args.model}, batch {args.batch_size}, {hardware.device_name(device)}, "
-          f"torch {torch.__version__}; median of {args.rounds} interleaved rounds x {args.steps} steps; "
-          f"{how}")
+          f"torch {torch.__version__}; median of {args.rounds} interleaved rounds "
+          f"x {args.steps} steps; {how}")
     print(f"CPU instruction set (torch): {torch.backends.cpu.get_cpu_capability()}")
     print("| config | ms/step | x FP32 (eager) | target | met | speed-up over its eager step |")
     print("| --- | ---: | ---: | ---: | --- | ---: |")

@@ -1,4 +1,5 @@
-"""Command line shared by every training script: argparse groups, flags -> ``RunConfig``, exit codes.
+"""Command line shared by every training script: argparse groups, flags -> ``RunConfig``,
+exit codes.
 
 A format script stays thin (FP32/train_cifar10_fp32.py is the whole pattern)::
 
@@ -34,9 +35,22 @@ import signal
 import sys
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
-from .config import (CHANNELS_LAST_DEFAULT, DEFAULT_RECIPE, DEFAULT_RUNS_DIR, DEVICES, MAX_SEED,
-                     NAME_RE, PAPER_EPOCHS, RECIPES, REPO_ROOT, RESUME_FREE_FIELDS, SCHEDULES,
-                     RunConfig, resolve_runs_dir, with_defaults)
+from .config import (
+    CHANNELS_LAST_DEFAULT,
+    DEFAULT_RECIPE,
+    DEFAULT_RUNS_DIR,
+    DEVICES,
+    MAX_SEED,
+    NAME_RE,
+    PAPER_EPOCHS,
+    RECIPES,
+    REPO_ROOT,
+    RESUME_FREE_FIELDS,
+    SCHEDULES,
+    RunConfig,
+    resolve_runs_dir,
+    with_defaults,
+)
 from .errors import DataError, Diverged, Interrupted, UserError
 from .resnet import MODELS, SHORTCUTS
 
@@ -96,10 +110,16 @@ def build_parser(description: str, defaults: Optional[Mapping[str, Any]] = None,
 
     def add(group, flag, dest, help, shown=None, **kw):
         d = dflt(dest)
-        group.add_argument(flag, dest=dest, default=d,
-                           help=f"{help} (default: {shown if shown is not None else _fmt_default(d)})",
-                           **kw)
+        default = shown if shown is not None else _fmt_default(d)
+        group.add_argument(flag, dest=dest, default=d, help=f"{help} (default: {default})", **kw)
 
+    for add_group in (_data_and_model_flags, _optimisation_flags, _run_flags):
+        add_group(parser, add)
+    return parser
+
+
+def _data_and_model_flags(parser: argparse.ArgumentParser, add: Callable[..., None]) -> None:
+    """The data and model groups."""
     g = parser.add_argument_group("data")
     add(g, "--data-dir", "data_dir", "folder holding cifar-10-batches-py, or that folder itself; "
         "a relative DIR (here or in $CIFAR10_DIR) is looked up from the current folder, then from "
@@ -116,9 +136,12 @@ def build_parser(description: str, defaults: Optional[Mapping[str, Any]] = None,
     add(g, "--model", "model", "network: " + ", ".join(MODELS), type=str.lower,
         choices=list(MODELS), metavar="NAME")
     add(g, "--shortcut", "shortcut", "shortcut where the shape changes: A = zero-padding identity "
-        "(the paper's on CIFAR), B = 1x1 conv + BN", shown="A for resnet8..110, B for resnet18..152",
-        type=str.upper, choices=list(SHORTCUTS))
+        "(the paper's on CIFAR), B = 1x1 conv + BN",
+        shown="A for resnet8..110, B for resnet18..152", type=str.upper, choices=list(SHORTCUTS))
 
+
+def _optimisation_flags(parser: argparse.ArgumentParser, add: Callable[..., None]) -> None:
+    """The optimisation group, with the recipes in its description."""
     recipes = "; ".join(f"{k}: " + (", ".join(f"--{f.replace('_', '-')} {_fmt_default(v)}"
                                                 for f, v in preset.items()) or "the defaults below")
                         for k, preset in RECIPES.items())
@@ -130,30 +153,35 @@ def build_parser(description: str, defaults: Optional[Mapping[str, Any]] = None,
         "images are 164 epochs", type=int, metavar="N")
     add(g, "--batch-size", "batch_size", "global batch size (split across DDP processes)",
         type=int, metavar="N")
-    add(g, "--eval-batch-size", "eval_batch_size", "batch size for evaluation", type=int, metavar="N")
+    add(g, "--eval-batch-size", "eval_batch_size", "batch size for evaluation", type=int,
+        metavar="N")
     add(g, "--lr", "lr", "peak learning rate of SGD", type=float)
     add(g, "--momentum", "momentum", "SGD momentum", type=float)
     add(g, "--nesterov", "nesterov", "use Nesterov momentum", action="store_true")
     add(g, "--weight-decay", "weight_decay", "L2 weight decay (on all parameters, as in the paper)",
         type=float)
-    add(g, "--schedule", "schedule", "lr schedule: step = divide by 10 at 50%% and 75%% of the epochs "
-        "(the paper's); cosine = cosine decay to 0, per step; linear = linear decay to 0, per step "
-        "(with --warmup-epochs: the one-cycle schedule)", choices=list(SCHEDULES))
+    add(g, "--schedule", "schedule", "lr schedule: step = divide by 10 at 50%% and 75%% of the "
+        "epochs (the paper's); cosine = cosine decay to 0, per step; linear = linear decay to 0, "
+        "per step (with --warmup-epochs: the one-cycle schedule)", choices=list(SCHEDULES))
     add(g, "--warmup-epochs", "warmup_epochs", "linear lr warm-up over this many epochs (a smooth "
         "stand-in for He et al.'s ResNet-110 recipe: lr 0.01 for the first ~400 iterations)",
         type=float, metavar="E")
     add(g, "--label-smoothing", "label_smoothing", "label smoothing of the training loss (the "
         "test loss stays plain cross-entropy)", type=float, metavar="EPS")
-    add(g, "--ema-decay", "ema_decay", "keep an exponential moving average of the weights with this "
-        "decay per step and log its test accuracy as ema_test_acc each epoch (the reported "
+    add(g, "--ema-decay", "ema_decay", "keep an exponential moving average of the weights with "
+        "this decay per step and log its test accuracy as ema_test_acc each epoch (the reported "
         "accuracy stays the trained model's); 0 = off", type=float, metavar="D")
 
+
+def _run_flags(parser: argparse.ArgumentParser, add: Callable[..., None]) -> None:
+    """The run group: seed, device, layout, compile, run folder."""
     g = parser.add_argument_group("run")
     add(g, "--seed", "seed", "seed of the weights' initialisation, shuffling and augmentation",
         type=int)
     add(g, "--device", "device", "auto = cuda if available, else cpu", choices=list(DEVICES))
     add(g, "--channels-last", "channels_last", "NHWC memory layout for images and weights",
-        shown="auto: " + ", ".join(f"{'on' if v else 'off'} for {k}" for k, v in CHANNELS_LAST_DEFAULT.items()),
+        shown="auto: " + ", ".join(f"{'on' if v else 'off'} for {k}"
+                                   for k, v in CHANNELS_LAST_DEFAULT.items()),
         action=argparse.BooleanOptionalAction)
     add(g, "--compile", "compile", "torch.compile the model (needs a C++ compiler; slow start)",
         action="store_true")
@@ -175,14 +203,14 @@ def build_parser(description: str, defaults: Optional[Mapping[str, Any]] = None,
         "its result and exits 0; no checkpoint: start fresh)", action="store_true")
     add(g, "--overwrite", "overwrite", "start over, deleting an existing runs/<name>/",
         action="store_true")
-    add(g, "--max-steps-per-epoch", "max_steps_per_epoch", "cap the steps per epoch (smoke tests and "
-        "benchmarks)", shown="none: the full epoch", type=int, metavar="N")
-    return parser
+    add(g, "--max-steps-per-epoch", "max_steps_per_epoch", "cap the steps per epoch (smoke tests "
+        "and benchmarks)", shown="none: the full epoch", type=int, metavar="N")
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None
                ) -> argparse.Namespace:
-    """``parser.parse_args`` plus checks of the shared flags; bad values exit 2 via ``parser.error``.
+    """``parser.parse_args`` plus checks of the shared flags; bad values exit 2 via
+    ``parser.error``.
 
     ``--recipe NAME`` first sets the defaults of its preset flags (``RECIPES``); flags given
     explicitly keep their value.
@@ -241,9 +269,9 @@ def make_config(args: argparse.Namespace, name: Derived = None, label: Derived =
 
     ``name`` is the default run name (a string or a function of ``args``; ``--name`` wins); without
     one it is ``script_run_name("", args)``. A ``--synthetic`` or ``--max-steps-per-epoch`` run gets
-    a suffix on its default name, so a smoke test never collides with a real run. ``label`` and ``format``
-    are recorded with the run (see ``RunConfig``). Flags that are not RunConfig fields (a script's
-    own group) are ignored here: put what matters of them into ``format``.
+    a suffix on its default name, so a smoke test never collides with a real run. ``label`` and
+    ``format`` are recorded with the run (see ``RunConfig``). Flags that are not RunConfig fields (a
+    script's own group) are ignored here: put what matters of them into ``format``.
     """
     fields = {f.name for f in dataclasses.fields(RunConfig)}
     values = {k: v for k, v in vars(args).items() if k in fields}

@@ -37,7 +37,8 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Everything that defines a run, resolved once from the flags and saved as runs/<name>/config.json.
+    """Everything that defines a run, resolved once from the flags and saved as
+    runs/<name>/config.json.
 
     Fields a format script sets (beyond the shared flags): ``label`` (human-readable, for tables and
     plots, e.g. "FP8 w=e5m2(t) a=e4m3"), ``format`` (the JSON-able format record: ``family``,

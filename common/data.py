@@ -124,19 +124,22 @@ def read_batch(path: os.PathLike | str) -> Tuple[np.ndarray, np.ndarray]:
             raw = _CifarUnpickler(f, encoding="latin1").load()
     except Exception as e:  # EOFError, UnpicklingError, ValueError from a short numpy buffer, ...
         raise DataError(f"cannot read CIFAR-10 batch {path}: truncated or corrupt file "
-                        f"({type(e).__name__}: {e}); delete it and download the data again") from None
+                        f"({type(e).__name__}: {e}); "
+                        "delete it and download the data again") from None
     if not isinstance(raw, dict):
         raise DataError(f"{path}: not a CIFAR-10 batch (expected a dict, got {type(raw).__name__})")
     batch = {_key(k): v for k, v in raw.items()}
     if "data" not in batch or "labels" not in batch:
-        raise DataError(f"{path}: not a CIFAR-10 batch (keys {sorted(batch)}; need 'data' and 'labels')")
+        raise DataError(f"{path}: not a CIFAR-10 batch (keys {sorted(batch)}; "
+                        "need 'data' and 'labels')")
     data = np.asarray(batch["data"])
     labels = np.asarray(batch["labels"], dtype=np.int64)
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != PIXELS_PER_IMAGE:
         raise DataError(f"{path}: 'data' must be uint8 of shape (N, {PIXELS_PER_IMAGE}), "
                         f"got {data.dtype} {data.shape}")
     if labels.shape != (data.shape[0],):
-        raise DataError(f"{path}: {labels.shape[0] if labels.ndim else 0} labels for {data.shape[0]} images")
+        raise DataError(f"{path}: {labels.shape[0] if labels.ndim else 0} labels "
+                        f"for {data.shape[0]} images")
     if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
         raise DataError(f"{path}: labels outside 0..{NUM_CLASSES - 1}")
     return data.reshape(-1, *IMAGE_SHAPE), labels
@@ -252,12 +255,14 @@ def load_cifar10(data_dir: Optional[str] = None, download: bool = True
     test_x, test_y = read_batch(batches / TEST_FILE)
     for images, what in ((train_y, "training"), (test_y, "test")):
         if not len(images):             # accuracy over no images is no number
-            raise DataError(f"{batches}: the {what} batches hold no images; download the data again")
+            raise DataError(f"{batches}: the {what} batches hold no images; "
+                            "download the data again")
     return train_x, train_y, test_x, test_y, batches
 
 
 def synthetic_cifar(n_train: int = SYNTHETIC_TRAIN, n_test: int = SYNTHETIC_TEST,
-                    seed: int = SYNTHETIC_SEED) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                    seed: int = SYNTHETIC_SEED
+                    ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """A small generated stand-in for CIFAR-10, for smoke tests only (never for results).
 
     Each class has a fixed random colour and a fixed random low-frequency pattern (4x4 blocks of
@@ -293,7 +298,8 @@ AUG_CODES = CROP_CHOICES * CROP_CHOICES * 2          # (dy, dx, flip) packed int
 
 
 def draw_augmentation(n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """One random int per image coding (dy, dx, flip): uniform crop offset in 0..8 each way, flip 1/2."""
+    """One random int per image coding (dy, dx, flip): uniform crop offset in 0..8 each way,
+    flip 1/2."""
     return torch.randint(0, AUG_CODES, (n,), generator=generator, device=device)
 
 
@@ -322,7 +328,8 @@ def crop_flip(images: torch.Tensor, codes: torch.Tensor, pad: int = PAD) -> torc
 
 
 class Normalizer:
-    """uint8 images -> float32 (x/255 - mean) / std as one multiply-add, optionally channels-last."""
+    """uint8 images -> float32 (x/255 - mean) / std as one multiply-add, optionally
+    channels-last."""
 
     def __init__(self, device: torch.device, mean=CIFAR10_MEAN, std=CIFAR10_STD,
                  channels_last: bool = False):
@@ -463,6 +470,7 @@ def steps_per_epoch(n_train: int, batch_size: int, max_steps: Optional[int] = No
 __all__ = [
     "BATCHES_DIR", "CIFAR10_MEAN", "CIFAR10_STD", "CLASSES", "DEFAULT_DATA_DIR", "DeviceData",
     "ENV_VAR", "Normalizer", "TrainBatches", "crop_flip", "draw_augmentation", "eval_batches",
-    "candidate_dirs", "find_batches_dir", "load_cifar10", "load_device_data", "make_generator", "read_batch",
-    "resolve_data_dir", "steps_per_epoch", "synthetic_cifar", "validation_images", "VAL_IMAGES",
+    "candidate_dirs", "find_batches_dir", "load_cifar10", "load_device_data", "make_generator",
+    "read_batch", "resolve_data_dir", "steps_per_epoch", "synthetic_cifar", "validation_images",
+    "VAL_IMAGES",
 ]

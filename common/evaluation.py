@@ -126,7 +126,8 @@ def rebuild_model(trained: Trained, device: torch.device,
     the float network alone, as post-training quantization starts from)."""
     cfg = trained.config
     channels_last = run_layout(trained, device)
-    transform = format_setup(cfg.format or trained.summary.get("format") or {}) if quantized else None
+    transform = (format_setup(cfg.format or trained.summary.get("format") or {}) if quantized
+                 else None)
     model = build_run_model(cfg, device, channels_last, transform)
     try:
         model.load_state_dict(trained.state_dict)

@@ -79,7 +79,8 @@ def cpu_name() -> str:
     name = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            name = next(line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name"))
     except (OSError, StopIteration):   # not Linux, or no model line: keep platform's name
         pass
     return f"{name}, {torch.backends.cpu.get_cpu_capability()}"

@@ -23,10 +23,10 @@ For each source: the float model is rebuilt from the run's saved config (model n
   one row, scaling ``none`` (no scale on top of theirs), whatever the scaling modes asked for.
   BatchNorm, residual adds and the head's pooling stay float32, as in training.
 
-The result goes to ``ptq.json`` in the run's or record's folder (next to the weights), or a name that says
-which non-default cast settings it used (``ptq_first-last-fp32.json``, ...), so evaluations with
-other settings sit beside it; ``report.py`` puts each beside the trained results. A
-BF16-autocast run's own evaluation ran under autocast: its float32 row here is the same weights
+The result goes to ``ptq.json`` in the run's or record's folder (next to the weights), or a name
+that says which non-default cast settings it used (``ptq_first-last-fp32.json``, ...), so
+evaluations with other settings sit beside it; ``report.py`` puts each beside the trained results.
+A BF16-autocast run's own evaluation ran under autocast: its float32 row here is the same weights
 evaluated in plain float32.
 """
 from __future__ import annotations
@@ -44,14 +44,15 @@ from . import data as data_mod
 from . import runs
 from .config import DEFAULT_RUNS_DIR, RunConfig
 from .errors import UserError
+from .evaluation import find_weights, load_trained, rebuild_model, run_layout
 from .formats import parse_format
 from .hardware import device_name
 from .qat import QuantConfig, RoleQuant, quantize_model, storage_bits
-from .evaluation import find_weights, load_trained, rebuild_model, run_layout
 from .train import build_run_model, evaluate, resolve_device
 
 __all__ = ["DEFAULT_FORMATS", "SCALING_MODES", "WEIGHT_SCALINGS", "PTQ_FILE", "ptq_file_name",
-           "resolve_checkpoint", "load_model", "ptq_qconfig", "evaluate_formats", "run_ptq", "parse_formats"]
+           "resolve_checkpoint", "load_model", "ptq_qconfig", "evaluate_formats", "run_ptq",
+           "parse_formats"]
 
 # The formats of the seed set, widest first: bf16, the two OCP FP8s, OCP MX FP4; the block
 # formats OCP MXFP8/MXFP6/MXFP4 and NVFP4 (docs/block-formats.md); posits 16/8/4.
@@ -108,9 +109,9 @@ def ptq_qconfig(fmt: str, scaling: str, weight_scaling: str = "channel",
 
 
 def evaluate_formats(model: nn.Module, data: data_mod.DeviceData, normalizer: data_mod.Normalizer,
-                     batch_size: int, formats: Sequence[str], scalings: Sequence[str] = SCALING_MODES,
-                     weight_scaling: str = "channel", first_last_fp32: bool = False,
-                     log=None) -> List[Dict[str, Any]]:
+                     batch_size: int, formats: Sequence[str],
+                     scalings: Sequence[str] = SCALING_MODES, weight_scaling: str = "channel",
+                     first_last_fp32: bool = False, log=None) -> List[Dict[str, Any]]:
     """The float32 row, then one row per (format, scaling): a quantized copy of ``model`` evaluated
     with ``common.train.evaluate``. ``model`` itself is left unchanged."""
     rows = []

@@ -99,7 +99,8 @@ class RoleQuant:
     def __post_init__(self):
         object.__setattr__(self, "fmt", parse_format(self.fmt))
         if self.rounding not in ROUNDINGS:
-            raise ValueError(f"unknown rounding {self.rounding!r}; accepted: {', '.join(ROUNDINGS)}")
+            raise ValueError(f"unknown rounding {self.rounding!r}; "
+                             f"accepted: {', '.join(ROUNDINGS)}")
         object.__setattr__(self, "scaling", Scaling.parse(self.scaling))
         self.scaling.for_format(self.fmt)    # a block format refuses tensor/channel scaling
         if self.fmt.is_identity:   # fp32 casts nothing: its rounding and scale cannot act, so

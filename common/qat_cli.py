@@ -23,8 +23,16 @@ from typing import Dict, Optional, Union
 from common import cli
 from common.config import FormatRecord
 from common.formats import NAMED_BLOCK_SPECS, NAMED_FLOAT_SPECS, parse_format
-from common.qat import (BACKENDS, ROLES, QuantConfig, Role, RoleQuant, master_cast,
-                        quantize_model, storage_bits)
+from common.qat import (
+    BACKENDS,
+    ROLES,
+    QuantConfig,
+    Role,
+    RoleQuant,
+    master_cast,
+    quantize_model,
+    storage_bits,
+)
 from common.quant import ROUNDINGS
 from common.scaling import Scaling
 

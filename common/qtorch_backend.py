@@ -1,10 +1,11 @@
 """`--backend qtorch`: casts through QPyTorch (floats) and qtorch-plus (posits) instead.
 
 For parity with results made with those libraries, with THEIR semantics, not this project's
-(docs/formats.md): QPyTorch's float_quantize reserves no exponent for inf/NaN (its "e4m3" max is 480, not 448),
-rounds ties away from zero and does not saturate like OCP; qtorch-plus has no stochastic posit
-rounding (it silently rounds to nearest), so that combination is refused here rather than run
-wrongly. Power-of-two scaling is this project's (`quant.quantize_scaled`), only the cast differs.
+(docs/formats.md): QPyTorch's float_quantize reserves no exponent for inf/NaN (its "e4m3" max is
+480, not 448), rounds ties away from zero and does not saturate like OCP; qtorch-plus has no
+stochastic posit rounding (it silently rounds to nearest), so that combination is refused here
+rather than run wrongly. Power-of-two scaling is this project's (`quant.quantize_scaled`), only
+the cast differs.
 
 Both libraries compile C++ at their first import (needs ninja; README, Install and test), so
 they are imported only when this backend is asked for.

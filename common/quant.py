@@ -492,8 +492,10 @@ def _rms(xd: torch.Tensor, dims: Optional[list]) -> torch.Tensor:
         return xd.abs().to(torch.float64)
     xd = xd.to(torch.float32)
     count = xd.numel() if dims is None else math.prod([xd.shape[d] for d in dims])
-    norm = (lambda dtype: torch.linalg.vector_norm(xd, 2, dim=dims, keepdim=dims is not None,
-                                                  dtype=dtype))
+
+    def norm(dtype: torch.dtype) -> torch.Tensor:
+        return torch.linalg.vector_norm(xd, 2, dim=dims, keepdim=dims is not None, dtype=dtype)
+
     if xd.device.type == "cpu":
         total = norm(torch.float32).double()
         bad = (total == 0) | torch.isinf(total)

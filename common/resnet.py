@@ -49,8 +49,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = [
-    "BasicBlock", "Bottleneck", "CifarResNet", "ResNet", "MODELS", "build_model", "count_parameters",
-    "resnet8", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
+    "BasicBlock", "Bottleneck", "CifarResNet", "ResNet", "MODELS", "build_model",
+    "count_parameters", "resnet8", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
 ]
 
@@ -198,11 +198,13 @@ class ResNet(nn.Module):
 
 
 class CifarResNet(ResNet):
-    """The 6n+2-layer CIFAR ResNet of He et al. 2016, section 4.2 (16/32/64 filters, n blocks each)."""
+    """The 6n+2-layer CIFAR ResNet of He et al. 2016, section 4.2 (16/32/64 filters, n blocks
+    each)."""
 
     def __init__(self, depth: int, num_classes: int = 10, shortcut: str = "A"):
         if depth < 8 or (depth - 2) % 6 != 0:
-            raise ValueError(f"CIFAR ResNet depth must be 6n+2 with n >= 1 (8, 20, 32, ...), got {depth}")
+            raise ValueError("CIFAR ResNet depth must be 6n+2 with n >= 1 (8, 20, 32, ...), "
+                             f"got {depth}")
         n = (depth - 2) // 6
         super().__init__(BasicBlock, [n, n, n], list(CIFAR_STAGE_WIDTHS), num_classes, shortcut)
         self.depth = depth

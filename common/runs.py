@@ -343,7 +343,8 @@ def copy_record(run_dir: Path, record_dir: Path) -> None:
 
 
 def save_checkpoint(path: Path, state: Dict[str, Any]) -> None:
-    """``torch.save`` to a temporary file, then ``os.replace``: last.pt is always a whole checkpoint.
+    """``torch.save`` to a temporary file, then ``os.replace``: last.pt is always a whole
+    checkpoint.
 
     The checkpoint is serialised in memory first: torch's writer turns a failed file write (disk
     full) into a RuntimeError without the errno, a plain write keeps it for ``RunFileError``."""
@@ -386,7 +387,8 @@ def set_rng_state(state: Dict[str, Any], data_generator: Optional[torch.Generato
 
 
 def git_info(root: Path) -> Dict[str, Any]:
-    """Commit hash of ``root`` and whether tracked files differ from it (None when not a git repo)."""
+    """Commit hash of ``root`` and whether tracked files differ from it (None when not a git
+    repo)."""
     def git(*args):
         return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
                               timeout=10)

@@ -76,7 +76,8 @@ class SweepConfig(NamedTuple):
     about: str = ""
 
 
-# The configurations a sweep can run, by key (the key starts the run's name). Adding one is one line.
+# The configurations a sweep can run, by key (the key starts the run's name). Adding one is one
+# line.
 CONFIGS: Dict[str, SweepConfig] = {
     "fp32": SweepConfig("FP32/train_cifar10_fp32.py", (), "FP32 baseline"),
     "bf16": SweepConfig("BF16/bf16_train.py", (), "BF16 mixed precision (torch.autocast)"),
@@ -84,7 +85,8 @@ CONFIGS: Dict[str, SweepConfig] = {
                             "BF16 emulated: w/a/g cast to bf16"),
     "fp8-e5m2w": SweepConfig("FP8/train_cifar10_fp8.py",
                              ("--w-fmt", "e5m2", "--a-fmt", "e4m3", "--first-last-fp32"),
-                             "FP8: e5m2 weights, e4m3 activations, e5m2 gradients, first/last fp32"),
+                             "FP8: e5m2 weights, e4m3 activations, e5m2 gradients, "
+                             "first/last fp32"),
     "fp8-e4m3w": SweepConfig("FP8/train_cifar10_fp8.py",
                              ("--w-fmt", "e4m3", "--a-fmt", "e4m3", "--first-last-fp32"),
                              "FP8: e4m3 weights and activations, e5m2 gradients, first/last fp32"),
@@ -193,7 +195,8 @@ def resolve_configs(set_name: Optional[str], config_keys: Optional[str]) -> List
         keys = [k.strip() for k in config_keys.split(",") if k.strip()]
         bad = [k for k in keys if k not in CONFIGS]
         if bad or not keys:
-            raise UserError(f"--configs: unknown configuration {', '.join(bad) or repr(config_keys)}; "
+            raise UserError(f"--configs: unknown configuration "
+                            f"{', '.join(bad) or repr(config_keys)}; "
                             f"accepted: {', '.join(CONFIGS)} (see --list)")
         return list(dict.fromkeys(keys))
     name = set_name or DEFAULT_SET
@@ -208,8 +211,8 @@ def training_parser() -> argparse.ArgumentParser:
 
     def error(message):
         if message.startswith("unrecognized arguments"):
-            message += (" (a format flag belongs in a configuration: pick one with --configs, or add "
-                        "one to CONFIGS in common/sweep.py)")
+            message += (" (a format flag belongs in a configuration: pick one with --configs, "
+                        "or add one to CONFIGS in common/sweep.py)")
         raise UserError(f"training flags: {message}")
 
     parser.error = error            # argparse and cli.parse_args report through parser.error
@@ -232,8 +235,8 @@ def parse_training_flags(flags: Sequence[str]) -> argparse.Namespace:
             own = OWN_FLAGS[dest]
             raise UserError(f"{flag.split('=', 1)[0]} is set by the sweep for each run"
                             + (f"; use the sweep's {own}" if own else "")
-                            + " (finished runs are skipped, others resumed; delete a run's folder to "
-                              "redo it)")
+                            + " (finished runs are skipped, others resumed; delete a run's "
+                              "folder to redo it)")
     args = cli.parse_args(parser, flags)
     # an abbreviation (--see 3) gets past the loop above; the values show it
     changed = [own for dest, own in OWN_FLAGS.items()
@@ -330,10 +333,12 @@ def plan(keys: Sequence[str], seeds: Sequence[int], training_flags: Sequence[str
             keep = records_dir is not None and not args.synthetic and not args.max_steps_per_epoch
             job = Job(key, seed, name, cmd, runs_dir / name,
                       record_dir=Path(records_dir).expanduser().resolve() / name if keep else None)
-            record = (runs.read_json(job.record_dir / runs.SUMMARY) if job.record_dir else None) or {}
+            record = (runs.read_json(job.record_dir / runs.SUMMARY) if job.record_dir
+                      else None) or {}
             recorded = record.get("status") in ("finished", "diverged")
             folder = job.record_dir if recorded else job.run_dir
-            # read_summary: a dead run's "running" reads as interrupted, a corrupt file as unreadable
+            # read_summary: a dead run's "running" reads as interrupted, a corrupt file as
+            # unreadable
             summary = record if recorded else runs.read_summary(job.run_dir)
             if summary is not None:
                 # an unreadable summary.json has no config: config.json tells, else nothing does
@@ -356,9 +361,8 @@ def plan(keys: Sequence[str], seeds: Sequence[int], training_flags: Sequence[str
                     job.reason = "recorded" if recorded else "finished"
                     job.final_test_acc = summary.get("final_test_acc")
                 elif status == "diverged":
-                    job.reason = (f"diverged after {done}; delete "
-                                  f"{' and '.join(str(d) for d in (job.record_dir, job.run_dir) if d)}"
-                                  f" to retry")
+                    folders = " and ".join(str(d) for d in (job.record_dir, job.run_dir) if d)
+                    job.reason = f"diverged after {done}; delete {folders} to retry"
                 else:
                     job.reason = f"resume ({status}, {done})"
             else:
@@ -562,7 +566,8 @@ def resolve_gpus(spec: str, training: argparse.Namespace,
     if not ids or not all(g.isdigit() for g in ids) or len(set(ids)) != len(ids):
         raise UserError(f"--gpus {spec!r}: give auto, none, or distinct device numbers like 0,1,2")
     if training.device == "cpu":
-        raise UserError("--gpus with --device cpu: the runs would not use the GPUs; drop one of them")
+        raise UserError("--gpus with --device cpu: the runs would not use the GPUs; "
+                        "drop one of them")
     return [g for g in ids for _ in range(jobs_per_gpu)]
 
 

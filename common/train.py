@@ -2,8 +2,8 @@
 
 ``run(config, model_transform=None, autocast_dtype=None, after_step=None) -> summary dict``
 
-* Builds ``config.model``, applies ``model_transform(model)`` (a format script's quantized-layer swap;
-  it may modify in place or return a new module) before the model moves to the device and the
+* Builds ``config.model``, applies ``model_transform(model)`` (a format script's quantized-layer
+  swap; it may modify in place or return a new module) before the model moves to the device and the
   optimizer sees its parameters, then trains under ``torch.autocast(device, autocast_dtype)``
   when a dtype is given (float16 also gets a GradScaler). ``after_step(model)`` runs after every
   optimizer step (e.g. to cast the master weights).
@@ -46,6 +46,7 @@ writes files.
 from __future__ import annotations
 
 import copy
+import gc
 import math
 import os
 import platform
@@ -174,7 +175,8 @@ def build_run_model(config: RunConfig, device: torch.device, channels_last: bool
     (a format script's quantization), on ``device`` in the run's memory layout. Training and the
     evaluation of saved weights (``common.evaluation``) both build it here, so they match."""
     try:
-        model = build_model(config.model, num_classes=data_mod.NUM_CLASSES, shortcut=config.shortcut)
+        model = build_model(config.model, num_classes=data_mod.NUM_CLASSES,
+                            shortcut=config.shortcut)
     except ValueError as e:
         raise UserError(str(e)) from None
     if model_transform is not None:
@@ -284,7 +286,8 @@ class _Progress:
 # ----------------------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------------------
-def run(config: RunConfig, model_transform: Optional[Callable[[nn.Module], Optional[nn.Module]]] = None,
+def run(config: RunConfig,
+        model_transform: Optional[Callable[[nn.Module], Optional[nn.Module]]] = None,
         autocast_dtype: Optional[torch.dtype] = None,
         after_step: Optional[Callable[[nn.Module], None]] = None) -> Dict[str, Any]:
     """Train ``config`` to the end (or resume it) and return its summary dict (see module doc)."""
@@ -306,8 +309,14 @@ def run(config: RunConfig, model_transform: Optional[Callable[[nn.Module], Optio
     finally:
         if trainer is not None:
             trainer.unlock()
+        trainer = None
         _restore_global_flags(saved)     # a later run in the same process starts from the defaults
         if ctx.initialized_here and dist.is_initialized():
+            # DDP's wrapper sits in reference cycles, so it outlives the run until the cyclic
+            # garbage collector runs: left to interpreter exit, its reducer and the gloo work it
+            # holds were torn down after the process group, and a rank was aborted ("terminate
+            # called without an active exception"). Free it here, while the group is alive.
+            gc.collect()
             if all_ranks_done:
                 # no rank tears its process group down while a peer still writes its files or
                 # uses the group: a gloo rank that left first was once aborted at exit (SIGABRT)
@@ -418,7 +427,8 @@ def train_one_epoch(s: Setup, config: RunConfig, epoch: int,
                     ) -> EpochStats:
     """One epoch of SGD (timm's ``train_one_epoch`` shape). Nothing is copied to the host inside
     it: loss and accuracy are summed on the device, and ``check_finite(loss_sum, step)`` (which
-    may stop the run) sees the running loss every ``DIVERGENCE_CHECK_EVERY`` steps and at the end."""
+    may stop the run) sees the running loss every ``DIVERGENCE_CHECK_EVERY`` steps and at the
+    end."""
     ctx = ctx or _Dist()
     steps = len(s.batches)
     s.train_model.train()
@@ -538,7 +548,8 @@ class _Trainer:
             "train_images_per_epoch": self.resolved.get("train_images_per_epoch"),
             "wall_seconds": self.wall_seconds(), "train_seconds": round(train_time, 3),
             "cpu_seconds": self.cpu_seconds(),
-            "mean_images_per_s": round(images / train_time, 1) if train_time > 0 and images else None,
+            "mean_images_per_s": (round(images / train_time, 1) if train_time > 0 and images
+                                  else None),
             "device": self.resolved.get("device"), "device_name": self.resolved.get("device_name"),
             "world_size": self.ctx.world_size, "autocast": self.resolved.get("autocast"),
             "channels_last": self.resolved.get("channels_last"),
@@ -582,7 +593,8 @@ class _Trainer:
                 prev = runs.read_summary(self.run_dir, live=False)
                 if prev is not None and prev.get("status") == "running":
                     runs.write_json(self.run_dir / runs.SUMMARY,
-                                    prev | {"status": "interrupted", "message": runs.DEAD_RUN_MESSAGE})
+                                    prev | {"status": "interrupted",
+                                            "message": runs.DEAD_RUN_MESSAGE})
             except UserError as e:
                 error = str(e)
         if self.ctx.active:
@@ -605,16 +617,19 @@ class _Trainer:
             prev = runs.read_summary(self.run_dir, live=False) or {}
             if prev.get("epochs_done"):     # epochs were trained, but nothing can continue them
                 raise UserError(f"{self.run_dir} holds a run with {prev['epochs_done']}/"
-                                f"{prev.get('epochs', '?')} epochs (status {prev.get('status', '?')}) "
+                                f"{prev.get('epochs', '?')} epochs "
+                                f"(status {prev.get('status', '?')}) "
                                 f"but no {runs.CHECKPOINT} to resume from; pass --overwrite to "
                                 f"start it over, or a new --name")
             self.log(f"--resume: no checkpoint at {self.ckpt_path}: starting fresh")
         elif have_run:
             if not self.cfg.overwrite:
                 prev = runs.read_summary(self.run_dir, live=False) or {}
-                raise UserError(f"{self.run_dir} already holds a run (status {prev.get('status', '?')}, "
-                                f"{prev.get('epochs_done', '?')}/{prev.get('epochs', '?')} epochs); "
-                                f"pass --resume to continue it, --overwrite to start over, or a new --name")
+                raise UserError(f"{self.run_dir} already holds a run "
+                                f"(status {prev.get('status', '?')}, "
+                                f"{prev.get('epochs_done', '?')}/{prev.get('epochs', '?')} "
+                                f"epochs); pass --resume to continue it, --overwrite to start "
+                                f"over, or a new --name")
             if self.rank0:
                 runs.clear_run_dir(self.run_dir)
         if self.ctx.active:
@@ -643,7 +658,8 @@ class _Trainer:
         self.resolved = {
             "device": str(device), "device_name": hardware.device_name(device),
             "channels_last": channels_last, "world_size": self.ctx.world_size,
-            "autocast": str(self.autocast_dtype).replace("torch.", "") if self.autocast_dtype else None,
+            "autocast": (str(self.autocast_dtype).replace("torch.", "") if self.autocast_dtype
+                         else None),
             "tf32": bool(cfg.tf32 and device.type == "cuda"),
             "git": runs.git_info(REPO_ROOT),
         }
@@ -683,7 +699,8 @@ class _Trainer:
             raise
         summary = self.write_summary("finished")
         last = self.metrics[-1]
-        self.log(f"final test accuracy: {last['test_acc']:.2f}% ({last['test_images']} test images)")
+        self.log(f"final test accuracy: {last['test_acc']:.2f}% "
+                 f"({last['test_images']} test images)")
         return summary
 
     def _start_log(self, s: Setup, start_epoch: int, resumed: bool) -> None:
@@ -693,7 +710,8 @@ class _Trainer:
         self.resolved.update({
             "compile_mode": s.compile_mode, "params": n_params, "steps_per_epoch": len(s.batches),
             "train_images_per_epoch": len(s.batches) * cfg.batch_size,
-            "train_images": int(s.data.train_x.shape[0]), "test_images": int(s.data.test_x.shape[0]),
+            "train_images": int(s.data.train_x.shape[0]),
+            "test_images": int(s.data.test_x.shape[0]),
             "data_source": s.data.source,
         })
         if self.rank0:
@@ -743,9 +761,10 @@ class _Trainer:
             if self.rank0:
                 runs.write_json(self.run_dir / runs.SUMMARY, summary)
         last = self.metrics[-1]
-        self.log(f"run {self.cfg.name} already finished ({len(self.metrics)}/{self.cfg.epochs} epochs "
-                 f"in {self.run_dir}); nothing to do")
-        self.log(f"final test accuracy: {last['test_acc']:.2f}% ({last['test_images']} test images)")
+        self.log(f"run {self.cfg.name} already finished "
+                 f"({len(self.metrics)}/{self.cfg.epochs} epochs in {self.run_dir}); nothing to do")
+        self.log(f"final test accuracy: {last['test_acc']:.2f}% "
+                 f"({last['test_images']} test images)")
         return summary
 
     def _check_finite(self, value: torch.Tensor, epoch: int, step: int, steps: int,
@@ -757,7 +776,8 @@ class _Trainer:
         if bad.item() == 0:
             return
         good = len(self.metrics)
-        where = f"step {step}/{steps} of epoch {epoch + 1}" if what == "training loss" else f"epoch {epoch + 1}"
+        where = (f"step {step}/{steps} of epoch {epoch + 1}" if what == "training loss"
+                 else f"epoch {epoch + 1}")
         kept = (f"last.pt keeps epoch {good}, the last good one" if good
                 else "no epoch had finished, so there is no last.pt")
         msg = f"diverged: {what} became NaN/inf (detected at {where}); {kept}"

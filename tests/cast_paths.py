@@ -18,6 +18,7 @@ import torch
 from common import blocks, quant
 from common.formats import parse_format
 from common.quant import _quantize_compiled, _quantize_eager
+
 from oracles import F32_QNAN, NAN_PATTERNS
 
 BF16_QNAN = 0x7FC0  # bfloat16's default quiet NaN

@@ -25,10 +25,24 @@ import torch
 from common import blocks, dispatch
 from common.formats import parse_format
 from common.quant import quantize, quantize_scaled, representable_values
+
 from cast_paths import check_default_nans, run_block
-from oracles import (E2M1, E4M3, FloatDef, assert_same_array_bits, block_inputs_for_user_compile,
-                     block_oracle, f32, mx_oracle_block, mx_scale_of_block, nvfp4_oracle_tensor,
-                     pow2, random_finite, signed, special_blocks)
+from oracles import (
+    E2M1,
+    E4M3,
+    FloatDef,
+    assert_same_array_bits,
+    block_inputs_for_user_compile,
+    block_oracle,
+    f32,
+    mx_oracle_block,
+    mx_scale_of_block,
+    nvfp4_oracle_tensor,
+    pow2,
+    random_finite,
+    signed,
+    special_blocks,
+)
 
 PATHS = ("eager", "compiled")
 MX_SPECS = ("mxfp8", "mx-e5m2", "mxfp6", "mx-e3m2", "mxfp4")

@@ -1,4 +1,5 @@
-"""CIFAR-10 loader and on-device augmentation: both pickle encodings, clear errors, exact crop/flip."""
+"""CIFAR-10 loader and on-device augmentation: both pickle encodings, clear errors, exact
+crop/flip."""
 import os
 import pickle
 import struct
@@ -14,7 +15,8 @@ from common.errors import DataError
 
 class Py2StylePickler(pickle._Pickler):
     """Writes ``bytes`` as Python 2 ``str`` opcodes (SHORT_BINSTRING / BINSTRING), as the official
-    CIFAR files were written: under ``encoding="latin1"`` they load as str, under "bytes" as bytes."""
+    CIFAR files were written: under ``encoding="latin1"`` they load as str, under "bytes" as
+    bytes."""
 
     dispatch = pickle._Pickler.dispatch.copy()
 
@@ -216,7 +218,8 @@ def test_train_batches_keep_labels_shapes_and_are_seeded():
     for x, y in batches:
         assert x.shape == (32, 3, 32, 32) and x.dtype == torch.float32 and y.shape == (32,)
         # rows/cols 4..27 are never padding: they carry the image's own constant value
-        assert torch.equal(x[:, :, 4:28, 4:28], (y * 20).float().view(-1, 1, 1, 1).expand(-1, 3, 24, 24))
+        assert torch.equal(x[:, :, 4:28, 4:28],
+                           (y * 20).float().view(-1, 1, 1, 1).expand(-1, 3, 24, 24))
         seen.append(y)
     assert sorted(torch.cat(seen).tolist()) == sorted(d.train_y.tolist())   # a permutation
     again = epoch(0)
@@ -236,7 +239,8 @@ def test_ddp_shards_make_up_the_single_process_batches():
     norm = data.Normalizer(torch.device("cpu"))
     cpu = torch.device("cpu")
     single = list(data.TrainBatches(d, 32, data.make_generator(cpu, 5), norm))
-    shards = [list(data.TrainBatches(d, 32, data.make_generator(cpu, 5), norm, rank=r, world_size=2))
+    shards = [list(data.TrainBatches(d, 32, data.make_generator(cpu, 5), norm, rank=r,
+                                     world_size=2))
               for r in range(2)]
     for s, (a, b) in enumerate(zip(*shards)):
         assert torch.equal(torch.cat([a[0], b[0]]), single[s][0])
@@ -249,7 +253,8 @@ def test_synthetic_set_is_fixed_and_balanced():
     a, b = data.synthetic_cifar(), data.synthetic_cifar()
     assert all(np.array_equal(u, v) for u, v in zip(a, b))
     tx, ty, vx, vy = a
-    assert tx.shape == (data.SYNTHETIC_TRAIN, 3, 32, 32) and vx.shape == (data.SYNTHETIC_TEST, 3, 32, 32)
+    assert tx.shape == (data.SYNTHETIC_TRAIN, 3, 32, 32)
+    assert vx.shape == (data.SYNTHETIC_TEST, 3, 32, 32)
     assert np.ptp(np.bincount(ty)) <= 1
 
 
@@ -282,7 +287,8 @@ def fake_repo(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("via", ["--data-dir", "env"])
-def test_relative_path_from_a_format_folder_falls_back_to_the_repo_root(fake_repo, monkeypatch, via):
+def test_relative_path_from_a_format_folder_falls_back_to_the_repo_root(fake_repo, monkeypatch,
+                                                                       via):
     repo, batches = fake_repo
     monkeypatch.chdir(repo / "FP32")
     monkeypatch.setattr(data, "_download", lambda root: pytest.fail("tried to download"))

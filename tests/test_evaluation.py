@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from common import cli, data as data_mod, evaluation, qat_cli, runs, sweep, train
+from common import cli, evaluation, qat_cli, runs, sweep, train
+from common import data as data_mod
 from common.errors import UserError
 from common.qat import QuantConfig, RoleQuant
 from common.resnet import build_model
@@ -241,7 +242,8 @@ def test_val_split_on_cifar10_is_the_second_half_of_data_batch_5():
 
 
 def test_val_split_run_reports_val_accuracy_and_is_named_apart(tmp_path):
-    args = cli.parse_args(cli.build_parser("t"), [*SMOKE, "--runs-dir", str(tmp_path), "--val-split"])
+    args = cli.parse_args(cli.build_parser("t"),
+                          [*SMOKE, "--runs-dir", str(tmp_path), "--val-split"])
     config = cli.make_config(args, name="fp32_x", label="FP32", format={"family": "fp32"})
     assert "_val" in config.name and config.val_split
     summary = train.run(config)

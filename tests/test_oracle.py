@@ -27,9 +27,19 @@ from common import quant
 from common.formats import parse_format
 from common.qat import QuantConfig, RoleQuant, quantize_model
 from common.quant import _quantize_compiled, _quantize_eager, quantize, quantize_scaled
+
 from cast_paths import run_path, user_compile
-from oracles import (F32_QNAN, TWO, PositDef, bit_set, definition, inputs32, inputs64, nans,
-                     oracle_nearest)
+from oracles import (
+    F32_QNAN,
+    TWO,
+    PositDef,
+    bit_set,
+    definition,
+    inputs32,
+    inputs64,
+    nans,
+    oracle_nearest,
+)
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 

@@ -1,5 +1,6 @@
 """Post-training quantization: fp32 equals the training loop's own evaluation exactly; the bf16 row
-equals an evaluation with torch's native bf16 casts; the other formats stay sane; one-line errors."""
+equals an evaluation with torch's native bf16 casts; the other formats stay sane; one-line
+errors."""
 import copy
 import json
 import math
@@ -8,7 +9,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from common import cli, data as data_mod, ptq, runs, train
+from common import cli, ptq, runs, train
+from common import data as data_mod
 
 SMOKE = ["--synthetic", "--model", "resnet8", "--batch-size", "32", "--epochs", "1",
          "--max-steps-per-epoch", "3", "--device", "cpu"]
@@ -89,17 +91,20 @@ def test_cli_and_errors(trained, tmp_path, capsys):
 
     out = tmp_path / "p.json"
     with pytest.raises(SystemExit) as e:
-        cli.run_main(entry.main, ["tiny", "--runs-dir", str(trained.parent), "--formats", "e4m3,fp32",
-                                  "--scalings", "scaled", "--device", "cpu", "--out", str(out)])
+        cli.run_main(entry.main, ["tiny", "--runs-dir", str(trained.parent),
+                                  "--formats", "e4m3,fp32", "--scalings", "scaled",
+                                  "--device", "cpu", "--out", str(out)])
     assert e.value.code == 0
     text = capsys.readouterr().out
     assert "fp32 (reference)" in text and "e4m3" in text and f"wrote {out}" in text
     res = json.loads(out.read_text())
-    assert [(r["format"], r["scaling"]) for r in res["results"]] == [("fp32", "none"), ("e4m3", "scaled")]
+    assert [(r["format"], r["scaling"]) for r in res["results"]] == [("fp32", "none"),
+                                                                    ("e4m3", "scaled")]
 
     for argv, needle in ([["nope", "--runs-dir", str(tmp_path)], "no weights found"],
                          [[str(trained), "--formats", "e4m9x"], "--formats 'e4m9x'"],
-                         [[str(trained), "--formats", "fp32"], "at least one format other than fp32"],
+                         [[str(trained), "--formats", "fp32"],
+                          "at least one format other than fp32"],
                          [[str(trained), "--scalings", "channel"], "--scalings 'channel'"],
                          [[str(trained), str(trained), "--out", str(out)], "--out takes a single"]):
         with pytest.raises(SystemExit) as e:

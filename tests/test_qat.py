@@ -11,8 +11,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.qat import (QuantConfig, QuantConv2d, QuantLinear, RoleQuant, master_cast,
-                        quantize_model, quantized_layers)
+from common.qat import (
+    QuantConfig,
+    QuantConv2d,
+    QuantLinear,
+    RoleQuant,
+    master_cast,
+    quantize_model,
+    quantized_layers,
+)
 from common.quant import quantize, quantize_scaled
 from common.resnet import resnet20
 
@@ -47,8 +54,8 @@ def test_conv_forward_equals_float_conv_on_quantized_operands():
 def test_linear_forward_equals_float_linear_on_quantized_operands():
     _, lin = _layers()
     x = torch.randn(5, 32)
-    ref = F.linear(_ml_cast(x, ml_dtypes.float8_e5m2), _ml_cast(lin.weight, ml_dtypes.float8_e4m3fn),
-                   lin.bias)
+    ref = F.linear(_ml_cast(x, ml_dtypes.float8_e5m2),
+                   _ml_cast(lin.weight, ml_dtypes.float8_e4m3fn), lin.bias)
     qlin = quantize_model(nn.Sequential(lin), QuantConfig(weight=RoleQuant("e4m3"),
                                                           act=RoleQuant("e5m2")))[0]
     assert isinstance(qlin, QuantLinear)
@@ -126,7 +133,8 @@ def test_all_fp32_config_leaves_model_plain():
 
 
 def test_each_role_uses_its_own_format_rounding_and_scaling():
-    """Weight per-channel scaled e2m1, activation tensor-scaled posit8es1, gradient stochastic e5m2."""
+    """Weight per-channel scaled e2m1, activation tensor-scaled posit8es1, gradient stochastic
+    e5m2."""
     _, lin = _layers(3)
     w0 = lin.weight.detach().clone()
     x = torch.randn(6, 32, requires_grad=True)

@@ -21,12 +21,34 @@ import torch
 from common import dispatch, quant
 from common.formats import parse_format
 from common.qtorch_backend import import_isolated
-from common.quant import (ROUNDINGS, SCALINGS, _quantize_compiled, _quantize_eager, quantize,
-                          quantize_scaled, representable_values)
+from common.quant import (
+    ROUNDINGS,
+    SCALINGS,
+    _quantize_compiled,
+    _quantize_eager,
+    quantize,
+    quantize_scaled,
+    representable_values,
+)
+
 from cast_paths import paths_for, run_path
-from oracles import (ML_DTYPES, N_RANDOM, OTHER_FLOATS, POSIT_SPECS, RNG_SEED, assert_same_bits,
-                     float_inputs, float_oracle, float_values_by_definition, ml_dtypes_reference,
-                     n_es, posit_inputs, posit_oracle, posit_table, random_bits)
+from oracles import (
+    ML_DTYPES,
+    N_RANDOM,
+    OTHER_FLOATS,
+    POSIT_SPECS,
+    RNG_SEED,
+    assert_same_bits,
+    float_inputs,
+    float_oracle,
+    float_values_by_definition,
+    ml_dtypes_reference,
+    n_es,
+    posit_inputs,
+    posit_oracle,
+    posit_table,
+    random_bits,
+)
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 

@@ -13,13 +13,37 @@ import torch
 
 from common.blocks import quantize_block
 from common.formats import parse_format
-from common.quant import (_quantize_compiled, _quantize_eager, quantize, quantize_scaled,
-                          representable_values)
+from common.quant import (
+    _quantize_compiled,
+    _quantize_eager,
+    quantize,
+    quantize_scaled,
+    representable_values,
+)
+
 from cast_paths import check_default_nans, paths_for, run_path, user_compile
-from oracles import (F32_QNAN, ML_DTYPES, OTHER_FLOATS, POSIT_SPECS, assert_same_array_bits,
-                     assert_same_bits, bit_set, block_inputs_for_user_compile, block_oracle,
-                     float_inputs, float_oracle, inputs32, inputs64, ml_dtypes_reference, n_es,
-                     nans, posit_inputs, posit_oracle, random_finite, special_blocks)
+from oracles import (
+    F32_QNAN,
+    ML_DTYPES,
+    OTHER_FLOATS,
+    POSIT_SPECS,
+    assert_same_array_bits,
+    assert_same_bits,
+    bit_set,
+    block_inputs_for_user_compile,
+    block_oracle,
+    float_inputs,
+    float_oracle,
+    inputs32,
+    inputs64,
+    ml_dtypes_reference,
+    n_es,
+    nans,
+    posit_inputs,
+    posit_oracle,
+    random_finite,
+    special_blocks,
+)
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

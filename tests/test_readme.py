@@ -1,4 +1,5 @@
-"""What the README tells users to do holds: the CPU-only install and the quantize/fake_quant note."""
+"""What the README tells users to do holds: the CPU-only install and the quantize/fake_quant
+note."""
 import re
 from pathlib import Path
 
@@ -21,7 +22,8 @@ def section(title: str) -> str:
 def test_install_says_how_to_get_the_cpu_only_torch_build():
     install = section("Install and test")
     line = next((ln for ln in install.splitlines() if CPU_INDEX in ln), "")
-    assert re.match(rf"pip install torch torchvision --index-url {re.escape(CPU_INDEX)}\b", line), line
+    assert re.match(rf"pip install torch torchvision --index-url {re.escape(CPU_INDEX)}\b",
+                    line), line
     assert "CUDA" in install and "GB" in install              # why: the default wheel's size
     assert install.index(CPU_INDEX) < install.rindex("pip install -r requirements-test.txt")
 
@@ -46,7 +48,8 @@ def test_smoke_test_names_the_run_the_sweep_makes():
     assert all(f in sweep_line for f in ("--seeds 1", "--synthetic", "--epochs 1",
                                          "--max-steps-per-epoch 2"))
     assert "--model resnet8" in reproduce
-    ptq_line = next(ln for ln in reproduce.splitlines() if "ptq_eval.py --runs-dir /tmp/smoke" in ln)
+    ptq_line = next(ln for ln in reproduce.splitlines()
+                    if "ptq_eval.py --runs-dir /tmp/smoke" in ln)
     assert ptq_line.split()[-1] == sweep.run_name("fp32", "resnet8", 1, 0, synthetic=True,
                                                   max_steps=2)
 

@@ -42,7 +42,8 @@ def write_run(runs_dir, name, label, fmt, seed, status, accs, wall, device_name,
     (d / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
     finished = status == "finished"
     summary = {
-        "name": name, "status": status, "message": "diverged: loss NaN" if status == "diverged" else "",
+        "name": name, "status": status,
+        "message": "diverged: loss NaN" if status == "diverged" else "",
         "label": label, "format": fmt, "model": "resnet20", "epochs": epochs,
         "epochs_done": len(accs), "final_test_acc": accs[-1] if finished else None,
         "last_test_acc": accs[-1], "test_images": 1000, "wall_seconds": wall,
@@ -123,7 +124,8 @@ def test_table_numbers_fp32_difference_and_runs_not_finished(runs_dir, tmp_path)
     assert fp8["wall/run"] == "10m20s"                             # (600 + 640) / 2 = 620 s
     assert fp8["time/epoch"] == "3m18s"    # epochs of wall/3 - 10 + i s: mean (191 + 204.33) / 2
     assert fp8["hardware"] == "GPU A" and fp8["test images"] == "1000"
-    assert (p4["n"], p4["test acc (%)"], p4["vs FP32"], p4["not finished"]) == ("0", "-", "-", "1 diverged")
+    assert ((p4["n"], p4["test acc (%)"], p4["vs FP32"], p4["not finished"])
+            == ("0", "-", "-", "1 diverged"))
 
     # the other experiment is a table of its own, with its own baseline
     _, other = table_rows(text, "## resnet20, 3 epochs, batch 128, step schedule from lr 0.05,")
@@ -177,7 +179,7 @@ def test_filters_and_no_plots(runs_dir, tmp_path):
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
-    import report as report_cli                      # the entry point at the repo root
+    import report as report_cli  # the entry point at the repo root
 
     for argv, needle in ([["--runs-dir", str(tmp_path / "missing")], "no such folder"],
                          [["--runs-dir", str(tmp_path)], "no runs in"],
@@ -200,6 +202,7 @@ def test_paired_ci_and_csv(runs_dir, tmp_path):
     exactly their seeds' right/wrong rows; the CSV holds the documented columns and the same
     numbers."""
     import csv
+
     from common.report.stats import paired_bootstrap
 
     n = 1000
@@ -216,7 +219,8 @@ def test_paired_ci_and_csv(runs_dir, tmp_path):
                          "## resnet20, 3 epochs, batch 128, step schedule from lr 0.1,")
     assert rows["FP8 e4m3"]["95% CI"] == f"[{want.ci_low:+.2f}, {want.ci_high:+.2f}]"
     assert rows["FP8 e4m3"]["resolved"] == ("yes" if want.resolved else "no: within noise")
-    assert rows["FP8 e4m3"]["vs FP32"] == f"{100 * (sum(map(sum, fp8)) - sum(map(sum, fp32))) / 2000:+.2f}"
+    assert (rows["FP8 e4m3"]["vs FP32"]
+            == f"{100 * (sum(map(sum, fp8)) - sum(map(sum, fp32))) / 2000:+.2f}")
 
     with open(out / "results.csv", newline="") as f:
         table = list(csv.DictReader(f))
@@ -250,7 +254,8 @@ def test_repeats_of_a_seed_count_once(tmp_path):
     assert rows["FP32"]["n"] == "2"
     assert rows["FP32"]["test acc (%)"] == f"{(91.0 + 89.0) / 2:.2f}"
     assert len(res["repeats"]) == 2
-    assert all("fp32_resnet20_paper_e3_s0" in line.split("a repeat of")[1] for line in res["repeats"])
+    assert all("fp32_resnet20_paper_e3_s0" in line.split("a repeat of")[1]
+               for line in res["repeats"])
     text = (out / "results.md").read_text()
     assert "## Repeats not counted as seeds" in text and "fp32_again_s0" in text
 
@@ -372,7 +377,8 @@ def test_fp4_configurations_share_a_panel_at_their_own_bit_widths(tmp_path):
 
     from common import sweep
 
-    spec = importlib.util.spec_from_file_location("fp4_script", cli.REPO_ROOT / "FP4" / "train_cifar10_fp4.py")
+    spec = importlib.util.spec_from_file_location("fp4_script",
+                                                  cli.REPO_ROOT / "FP4" / "train_cifar10_fp4.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     rd = tmp_path / "runs"
@@ -386,8 +392,9 @@ def test_fp4_configurations_share_a_panel_at_their_own_bit_widths(tmp_path):
         write_run(rd, f"{key}_resnet20_paper_e3_s0", config.label, config.format, 0, "finished",
                   [40.0, 50.0, acc], 100.0, "A")
     assert len(set(labels.values())) == 3
-    write_ptq(rd, "fp32_resnet20_paper_e3_s0", [("fp32", 32, "none", 70.0), ("mxfp4", 4.25, "none", 61.0),
-                                               ("nvfp4", 4.5, "none", 66.0)], fp32["config"])
+    write_ptq(rd, "fp32_resnet20_paper_e3_s0",
+              [("fp32", 32, "none", 70.0), ("mxfp4", 4.25, "none", 61.0),
+               ("nvfp4", 4.5, "none", 66.0)], fp32["config"])
     sections = report.build_sections(report.load_runs(rd)[0])
     points = report.plot_bits(sections, report.group_ptq(report.load_ptq(rd)), tmp_path / "b.png")
     x_of = {(p.label, p.panel): p.x for p in points["points"]}
@@ -519,6 +526,7 @@ def test_csv_and_table_have_both_intervals_and_where_they_disagree(tmp_path):
     (SE 2.8928, df 2.017), while every bootstrap resample is below FP32 (no seed of Posit4 beats
     90, none of FP32 is under 91): resolved by the bootstrap only, flagged as a disagreement."""
     import csv
+
     from common.report.stats import paired_bootstrap, t_quantile
 
     rd = tmp_path / "runs"
@@ -671,7 +679,8 @@ def test_damaged_metrics_line_leaves_the_run_out_with_a_warning(runs_dir, tmp_pa
     _, rows = table_rows(text, "## resnet20, 3 epochs, batch 128, step schedule from lr 0.1,")
     assert rows["FP8 e4m3"]["n"] == "1" and rows["FP8 e4m3"]["test acc (%)"] == "89.90"
     _, lost = table_rows(text, "## Runs not in the means")
-    assert lost["fp8_s1"]["status"] == "unreadable" and lost["fp8_s1"]["configuration"] == "FP8 e4m3"
+    assert lost["fp8_s1"]["status"] == "unreadable"
+    assert lost["fp8_s1"]["configuration"] == "FP8 e4m3"
     assert "metrics.jsonl, line 3: not JSON" in lost["fp8_s1"]["message"]
 
     import report as report_cli
@@ -696,7 +705,8 @@ def test_configuration_keys_come_from_the_stored_config_not_the_run_name(tmp_pat
                   100.0, "A")
     s["config"]["script"] = script
     (rd / "my_own_name" / "summary.json").write_text(json.dumps(s))
-    write_run(rd, "fp32_but_fp8", "Hand-made FP8", FP8, 0, "finished", [50.0, 60.0, 70.0], 100.0, "A")
+    write_run(rd, "fp32_but_fp8", "Hand-made FP8", FP8, 0, "finished", [50.0, 60.0, 70.0], 100.0,
+              "A")
     keys = {r.name: r.config_key for r in report.load_runs(rd)[0]}
     assert keys == {"my_own_name": "fp8-e5m2w", "fp32_but_fp8": None}
     assert records.config_key({**s["config"], "script": "FP4/train_cifar10_fp4.py"}) is None

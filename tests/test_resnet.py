@@ -78,7 +78,8 @@ def test_option_a_is_parameter_free_zero_padding_identity():
     assert torch.equal(y[:, 8:24], sub)                    # identity on every other pixel
     assert not y[:, :8].any() and not y[:, 24:].any()      # zeros in the new channels
     proj = b.stages[1][0].shortcut
-    assert isinstance(proj[0], nn.Conv2d) and proj[0].kernel_size == (1, 1) and proj[0].stride == (2, 2)
+    assert isinstance(proj[0], nn.Conv2d)
+    assert proj[0].kernel_size == (1, 1) and proj[0].stride == (2, 2)
 
 
 def test_default_shortcuts_per_family():

@@ -118,7 +118,8 @@ def test_disk_full_while_writing_last_pt_exits_2_and_resumes(tmp_path, capsys, m
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_device_cuda_is_refused_before_any_process_group(tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "_setup_distributed", lambda spec: pytest.fail("process group first"))
+    monkeypatch.setattr(train, "_setup_distributed",
+                        lambda spec: pytest.fail("process group first"))
     with pytest.raises(UserError, match="--device cuda: no CUDA device"):
         train.run(make_config(tmp_path, "--device", "cuda"))
 
@@ -132,7 +133,8 @@ def test_device_cuda_under_torchrun_is_one_line_from_rank_0(tmp_path):
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode != 0
     ours = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert ours == [ours[0]] and ours[0].startswith("error: --device cuda: no CUDA device"), r.stderr
+    assert ours == [ours[0]], r.stderr
+    assert ours[0].startswith("error: --device cuda: no CUDA device"), r.stderr
     assert "NCCL" not in r.stderr and "init_process_group" not in r.stderr, r.stderr
     assert "exitcode  : 2" in r.stderr                       # torchrun's report of both ranks
 
@@ -160,7 +162,8 @@ def test_resume_mismatch_names_only_the_differing_keys(tmp_path):
     msg = str(e.value)
     assert "format.weight.fmt 'e5m2' (checkpoint: 'e4m3')" in msg
     assert "--lr 0.05 (checkpoint: 0.1)" in msg
-    assert "act" not in msg and "rounding" not in msg and "scaling" not in msg and "family" not in msg
+    assert "act" not in msg and "rounding" not in msg
+    assert "scaling" not in msg and "family" not in msg
     assert "\n" not in msg
 
 
@@ -234,7 +237,8 @@ def test_resume_with_another_eval_batch_size_is_refused_and_compile_is_noted(tmp
     ckpt["config"]["compile"] = True                    # as if epoch 1 had run compiled
     runs.save_checkpoint(tmp_path / "e" / "last.pt", ckpt)
     capsys.readouterr()
-    assert train.run(make_config(tmp_path, "--epochs", "2", "--resume", name="e"))["epochs_done"] == 2
+    assert train.run(make_config(tmp_path, "--epochs", "2", "--resume",
+                                 name="e"))["epochs_done"] == 2
     assert "note: resuming without --compile" in capsys.readouterr().out
 
 
@@ -252,7 +256,8 @@ def test_a_checkpoint_of_older_code_resumes_and_its_run_is_reused_by_the_sweep(t
     with pytest.raises(UserError, match=r"--ema-decay 0.5 \(checkpoint: 0.0\)"):
         train.run(make_config(tmp_path, "--epochs", "2", "--resume", "--ema-decay", "0.5",
                               name="old"))
-    assert train.run(make_config(tmp_path, "--epochs", "2", "--resume", name="old"))["epochs_done"] == 2
+    assert train.run(make_config(tmp_path, "--epochs", "2", "--resume",
+                                 name="old"))["epochs_done"] == 2
     stored = runs.read_summary(tmp_path / "old")["config"]
     del stored["ema_decay"]
     args = cli.parse_args(cli.build_parser("t"), [*SMOKE, "--epochs", "2"])
@@ -412,7 +417,8 @@ def test_corrupt_summary_is_reported_as_unreadable(tmp_path):
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
 def test_run_files_follow_the_umask(tmp_path, umask):
-    """Run files get the mode a plain open() would give (0644 under umask 022), not mkstemp's 0600."""
+    """Run files get the mode a plain open() would give (0644 under umask 022), not mkstemp's
+    0600."""
     old = os.umask(umask)
     try:
         runs.write_json(tmp_path / "summary.json", {"a": 1})

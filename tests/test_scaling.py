@@ -10,10 +10,22 @@ import torch
 from common import qat_cli
 from common.formats import parse_format
 from common.qat import ROLES, QuantConfig, RoleQuant
-from common.quant import (_cast_with_scale, _scale_exponent, _scale_statistic, quantize,
-                          quantize_scaled)
-from common.scaling import (AMAX_TO_MAX, BLOCK_AXIS, MX_BLOCK, NVFP4_BLOCK, RMS_TO_ONE, SCALINGS,
-                            Scaling)
+from common.quant import (
+    _cast_with_scale,
+    _scale_exponent,
+    _scale_statistic,
+    quantize,
+    quantize_scaled,
+)
+from common.scaling import (
+    AMAX_TO_MAX,
+    BLOCK_AXIS,
+    MX_BLOCK,
+    NVFP4_BLOCK,
+    RMS_TO_ONE,
+    SCALINGS,
+    Scaling,
+)
 
 
 @pytest.mark.parametrize("spec,scaling,want", [
@@ -37,9 +49,10 @@ def test_channel_axis_and_string_forms():
     assert Scaling.parse("channel", channel_dim=1).axis == 1
     assert Scaling("channel").axis == 0 and Scaling("block").axis == BLOCK_AXIS
     assert [Scaling.parse(s).tag for s in SCALINGS] == ["", "t", "c"]
-    assert str(Scaling.parse("tensor")) == "tensor" and Scaling.parse(Scaling("tensor")) == Scaling("tensor")
-    assert [s.rescales for s in (Scaling(), Scaling("tensor"), Scaling("channel"), Scaling("block"))] \
-        == [False, True, True, False]
+    assert str(Scaling.parse("tensor")) == "tensor"
+    assert Scaling.parse(Scaling("tensor")) == Scaling("tensor")
+    scalings = (Scaling(), Scaling("tensor"), Scaling("channel"), Scaling("block"))
+    assert [s.rescales for s in scalings] == [False, True, True, False]
 
 
 @pytest.mark.parametrize("make,needle", [
@@ -111,7 +124,8 @@ def test_flags_names_labels_and_checks_come_from_the_role_table():
             assert tuple(scaling.choices) == role.scalings
     assert list(QuantConfig().to_dict())[:len(ROLES)] == [r.field for r in ROLES]
 
-    every = {r.field: RoleQuant("e4m3", "stochastic", "tensor" if "tensor" in r.scalings else "none")
+    every = {r.field: RoleQuant("e4m3", "stochastic",
+                                "tensor" if "tensor" in r.scalings else "none")
              for r in ROLES}
     q = QuantConfig(**every)
     tag, label = qat_cli.run_tag(q), qat_cli.describe(q)
@@ -121,7 +135,8 @@ def test_flags_names_labels_and_checks_come_from_the_role_table():
         assert f"{role.key}=e4m3(sr)" in label
     plain = QuantConfig(weight=RoleQuant("e4m3"))
     assert qat_cli.run_tag(plain).split("_") == [
-        f"{r.name_tag}-{'e4m3' if r.field == 'weight' else 'fp32'}" for r in ROLES if r.always_named]
+        f"{r.name_tag}-{'e4m3' if r.field == 'weight' else 'fp32'}"
+        for r in ROLES if r.always_named]
     for role in ROLES:
         for granularity in set(SCALINGS) - set(role.scalings):
             with pytest.raises(ValueError, match=f"accepted for {role.field}: "):

@@ -26,7 +26,8 @@ def _run(folder, script, *args, tmp_path, cwd=None):
 
 SCRIPTS = [
     ("BF16", "bf16_train.py", ["--mode", "autocast"], "bf16_autocast_resnet8_paper_e1_s0", None),
-    ("BF16", "bf16_train.py", ["--mode", "emulated"], "bf16_w-bf16_a-bf16_g-bf16_resnet8_paper_e1_s0",
+    ("BF16", "bf16_train.py", ["--mode", "emulated"],
+     "bf16_w-bf16_a-bf16_g-bf16_resnet8_paper_e1_s0",
      {"weight": "bf16", "act": "bf16", "grad": "bf16"}),
     ("FP8", "train_cifar10_fp8.py", ["--w-fmt", "e5m2", "--a-fmt", "e4m3", "--first-last-fp32"],
      "fp8_w-e5m2-t_a-e4m3_g-e5m2-t_fl32_resnet8_paper_e1_s0",
@@ -64,8 +65,8 @@ def test_script_runs_from_repo_root(tmp_path):
     r = _run("Posit", "train_cifar10_posit.py", "--bits", "16", "--es", "1", *SMOKE,
              tmp_path=tmp_path, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert (tmp_path / "posit16es1_w-posit16es1_a-posit16es1_g-posit16es1_resnet8_paper_e1_s0_synthetic_max2"
-            / "summary.json").exists()
+    assert (tmp_path / ("posit16es1_w-posit16es1_a-posit16es1_g-posit16es1_"
+                        "resnet8_paper_e1_s0_synthetic_max2") / "summary.json").exists()
 
 
 @pytest.mark.parametrize("folder,script,args,needle", [
@@ -101,8 +102,8 @@ def test_bad_flags_exit_2_with_one_clear_line(folder, script, args, needle, tmp_
 
 
 def test_help_states_every_default():
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "FP4", "train_cifar10_fp4.py"), "--help"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "FP4", "train_cifar10_fp4.py"),
+                        "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0
     assert "FP4 cannot train unscaled" in " ".join(r.stdout.split())
     for flag in ("--w-fmt", "--g-scaling", "--first-last-fp32", "--backend", "--epochs", "--model"):
@@ -126,9 +127,11 @@ def test_bf16_default_is_emulated_where_bf16_convolutions_are_slow(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     why = [line for line in r.stdout.splitlines() if line.startswith("bf16:")]
     assert len(why) == 1 and "--mode emulated" in why[0] and "slower than float32" in why[0]
-    summary = json.loads(next(tmp_path.glob("bf16_w-bf16_a-bf16_g-bf16_*/summary.json")).read_text())
+    summary = json.loads(next(tmp_path.glob("bf16_w-bf16_a-bf16_g-bf16_*/summary.json"))
+                         .read_text())
     assert summary["label"].startswith("BF16 emulated") and not summary["autocast"]
-    assert forced.returncode == 0 and not any(l.startswith("bf16:") for l in forced.stdout.splitlines())
+    assert forced.returncode == 0
+    assert not any(line.startswith("bf16:") for line in forced.stdout.splitlines())
     assert list(tmp_path.glob("bf16_autocast_*/summary.json"))
 
 
@@ -167,7 +170,8 @@ def test_posit_auto_scaling_follows_each_roles_own_width(argv, tags):
 
 
 def load_script(folder, script):
-    spec = importlib.util.spec_from_file_location(f"{folder}_script", os.path.join(ROOT, folder, script))
+    spec = importlib.util.spec_from_file_location(f"{folder}_script",
+                                                  os.path.join(ROOT, folder, script))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -222,8 +226,8 @@ def test_readme_relative_data_path_works_from_a_format_folder(tmp_path):
     in_repo = os.path.join(ROOT, "shared")          # what FP32/../shared/cifar10 means from FP32/
     existed = os.path.exists(in_repo)
     env = dict(os.environ, OMP_NUM_THREADS="1", CIFAR10_DIR=os.path.join("..", "shared", "cifar10"))
-    r = subprocess.run([sys.executable, "train_cifar10_fp32.py", "--model", "resnet8", "--epochs", "1",
-                        "--max-steps-per-epoch", "1", "--runs-dir", str(tmp_path)],
+    r = subprocess.run([sys.executable, "train_cifar10_fp32.py", "--model", "resnet8",
+                        "--epochs", "1", "--max-steps-per-epoch", "1", "--runs-dir", str(tmp_path)],
                        cwd=os.path.join(ROOT, "FP32"), env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -4,8 +4,14 @@ import math
 import numpy as np
 import pytest
 
-from common.report.stats import (one_sample_bootstrap, paired_bootstrap, t_cdf, t_interval,
-                                 t_quantile, welch_interval)
+from common.report.stats import (
+    one_sample_bootstrap,
+    paired_bootstrap,
+    t_cdf,
+    t_interval,
+    t_quantile,
+    welch_interval,
+)
 
 
 def test_identical_differences_give_a_point_interval():

@@ -50,7 +50,8 @@ def test_sweep_runs_then_does_no_work(tmp_path, capsys, monkeypatch):
                           env=dict(os.environ, PYTHONWARNINGS="ignore"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     names = [sweep.run_name(k, "resnet8", 1, 0, True, 2) for k in ("fp32", "fp8-e4m3w")]
-    assert names == ["fp32_resnet8_paper_e1_s0_synthetic_max2", "fp8-e4m3w_resnet8_paper_e1_s0_synthetic_max2"]
+    assert names == ["fp32_resnet8_paper_e1_s0_synthetic_max2",
+                     "fp8-e4m3w_resnet8_paper_e1_s0_synthetic_max2"]
     assert "sweep summary: 2 runs: 2 finished" in proc.stdout
     logs = {}
     for name in names:
@@ -59,7 +60,8 @@ def test_sweep_runs_then_does_no_work(tmp_path, capsys, monkeypatch):
         logs[name] = (tmp_path / name / "stdout.log").read_text()
         assert "final test accuracy:" in logs[name]               # the run's output is logged
     fp8 = json.loads((tmp_path / names[1] / "summary.json").read_text())["format"]
-    assert (fp8["weight"]["fmt"], fp8["act"]["fmt"], fp8["first_last_fp32"]) == ("e4m3", "e4m3", True)
+    assert ((fp8["weight"]["fmt"], fp8["act"]["fmt"], fp8["first_last_fp32"])
+            == ("e4m3", "e4m3", True))
 
     # again: every run is skipped from its summary.json; no process is started
     monkeypatch.setattr(sweep, "_launch", no_launch)
@@ -88,7 +90,8 @@ def test_half_finished_run_is_resumed_not_restarted(tmp_path, capsys, monkeypatc
              "--batch-size", "32"]
     name = sweep.run_name("fp32", "resnet8", 2, 0, True, 2)
     # the run a sweep would make, stopped by Ctrl-C at the first step of epoch 2
-    spec = importlib.util.spec_from_file_location("fp32_script", ROOT / "FP32" / "train_cifar10_fp32.py")
+    spec = importlib.util.spec_from_file_location("fp32_script",
+                                                  ROOT / "FP32" / "train_cifar10_fp32.py")
     fp32 = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fp32)
     monkeypatch.setattr(train, "run", functools.partial(train.run, after_step=StopAt(3)))
@@ -103,7 +106,8 @@ def test_half_finished_run_is_resumed_not_restarted(tmp_path, capsys, monkeypatc
     capsys.readouterr()
 
     entry = load_entry("sweep")
-    assert entry.main(["--configs", "fp32", "--seeds", "1", "--runs-dir", str(tmp_path), *flags]) == 0
+    assert entry.main(["--configs", "fp32", "--seeds", "1", "--runs-dir", str(tmp_path),
+                       *flags]) == 0
     out = capsys.readouterr().out
     assert "(resume (interrupted, 1/2 epochs))" in out
     assert "resuming after epoch 1" in out and "epoch 1/2" not in out   # epoch 1 was not redone
@@ -118,12 +122,13 @@ def test_plan_names_skips_and_refuses_runs_made_with_other_flags(tmp_path):
     flags = ["--epochs", "3", "--model", "resnet8"]
     jobs = sweep.plan(["fp32", "posit4"], range(2), flags, tmp_path)
     assert [j.name for j in jobs] == ["fp32_resnet8_paper_e3_s0", "posit4_resnet8_paper_e3_s0",
-                                      "fp32_resnet8_paper_e3_s1", "posit4_resnet8_paper_e3_s1"]   # seed-major
+                                      "fp32_resnet8_paper_e3_s1",
+                                      "posit4_resnet8_paper_e3_s1"]   # seed-major
     cmd = jobs[1].cmd
     assert cmd[1] == str(ROOT / "Posit" / "train_cifar10_posit.py")
     assert cmd[2:] == ["--bits", "4", "--es", "0", "--first-last-fp32", *flags, "--seed", "0",
-                       "--runs-dir", str(tmp_path.resolve()), "--name", "posit4_resnet8_paper_e3_s0",
-                       "--resume"]
+                       "--runs-dir", str(tmp_path.resolve()),
+                       "--name", "posit4_resnet8_paper_e3_s0", "--resume"]
     assert all(j.action == "run" and j.reason == "new" for j in jobs)
 
     def fake_run(name, status, **changes):
@@ -133,7 +138,8 @@ def test_plan_names_skips_and_refuses_runs_made_with_other_flags(tmp_path):
                         {"status": status, "epochs_done": 1, "epochs": 3, "config": config,
                          "final_test_acc": 50.0 if status == "finished" else None})
 
-    fake_run("fp32_resnet8_paper_e3_s0", "finished", device="cuda", data_dir="/elsewhere")  # free fields
+    fake_run("fp32_resnet8_paper_e3_s0", "finished",
+             device="cuda", data_dir="/elsewhere")       # free fields
     fake_run("posit4_resnet8_paper_e3_s0", "diverged")
     fake_run("fp32_resnet8_paper_e3_s1", "interrupted")
     jobs = sweep.plan(["fp32", "posit4"], range(2), flags, tmp_path)
@@ -146,7 +152,8 @@ def test_plan_names_skips_and_refuses_runs_made_with_other_flags(tmp_path):
                                         r"--lr 0.1 \(run: 0.05\)"):
         sweep.plan(["fp32", "posit4"], range(2), flags, tmp_path)
     # a tag keeps a variant apart
-    assert sweep.plan(["posit4"], [1], flags, tmp_path, tag="v2")[0].name == "posit4_resnet8_paper_e3_s1_v2"
+    assert (sweep.plan(["posit4"], [1], flags, tmp_path, tag="v2")[0].name
+            == "posit4_resnet8_paper_e3_s1_v2")
 
 
 def test_recorded_runs_are_done_and_records_hold_no_checkpoint(tmp_path):
@@ -230,7 +237,8 @@ def test_one_run_per_gpu_in_parallel_and_outcomes(tmp_path):
         time.sleep(0.05)
         rc = codes.get(job.name, 0)
         if rc == 0:
-            runs.write_json(job.run_dir / "summary.json", {"status": "finished", "final_test_acc": 42.0})
+            runs.write_json(job.run_dir / "summary.json",
+                            {"status": "finished", "final_test_acc": 42.0})
         with lock:
             busy.discard(gpu)
         return rc
@@ -244,7 +252,8 @@ def test_one_run_per_gpu_in_parallel_and_outcomes(tmp_path):
     assert sorted(n for n, _ in seen) == sorted(j.name for j in jobs)      # each run exactly once
     assert {g for _, g in seen} == {"0", "1"} and peak[0] == 2
     result = {j.name: j.result for j in jobs}
-    assert result["fp4_resnet20_paper_e2_s0"] == "diverged" and result["posit8_resnet20_paper_e2_s1"] == "failed"
+    assert result["fp4_resnet20_paper_e2_s0"] == "diverged"
+    assert result["posit8_resnet20_paper_e2_s1"] == "failed"
     assert res.counts == {"finished": 6, "diverged": 1, "failed": 1}
     assert [j.name for j in res.failed] == ["posit8_resnet20_paper_e2_s1"]
     text = "\n".join(sweep.summary_lines(res))
@@ -270,12 +279,13 @@ def test_jobs_per_gpu_with_fake_device_counts(monkeypatch, tmp_path):
         device = "auto"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    assert sweep.resolve_gpus("auto", A) is None                       # one GPU, one job: sequential
+    assert sweep.resolve_gpus("auto", A) is None                   # one GPU, one job: sequential
     assert sweep.resolve_gpus("auto", A, 3) == ["0", "0", "0"]
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert sweep.resolve_gpus("auto", A, 2) == ["0", "0", "1", "1"]
     assert sweep.resolve_gpus("1", A, 4) == ["1"] * 4
-    for spec, n, device, needle in (("none", 2, "auto", "--gpus none"), ("auto", 0, "auto", "1 or more"),
+    for spec, n, device, needle in (("none", 2, "auto", "--gpus none"),
+                                    ("auto", 0, "auto", "1 or more"),
                                     ("auto", 2, "cpu", "--device cpu")):
         A.device = device
         with pytest.raises(UserError, match=needle):
@@ -314,7 +324,8 @@ def test_fp4_configurations_resolve_to_their_formats(key, fmt, tmp_path):
     job = sweep.plan([key], [0], ["--epochs", "2"], tmp_path)[0]
     assert job.cmd[1] == str(ROOT / "FP4" / "train_cifar10_fp4.py")
     assert key in sweep.SETS["fp4-all"]
-    spec = importlib.util.spec_from_file_location("fp4_script", ROOT / "FP4" / "train_cifar10_fp4.py")
+    spec = importlib.util.spec_from_file_location("fp4_script",
+                                                  ROOT / "FP4" / "train_cifar10_fp4.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     config = script.plan(job.cmd[2:])["config"]
@@ -330,7 +341,8 @@ def test_fp4_configurations_resolve_to_their_formats(key, fmt, tmp_path):
 def test_fp4_nv_fl_is_fp4_nv_with_first_and_last_fp32(tmp_path):
     """The extra 4-bit candidate differs from fp4-nv only in keeping the first conv and the last
     Linear in float32."""
-    spec = importlib.util.spec_from_file_location("fp4_script", ROOT / "FP4" / "train_cifar10_fp4.py")
+    spec = importlib.util.spec_from_file_location("fp4_script",
+                                                  ROOT / "FP4" / "train_cifar10_fp4.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     fmts = {key: script.plan(sweep.plan([key], [0], [], tmp_path)[0].cmd[2:])["config"].format
@@ -355,6 +367,7 @@ def _record_run(folder: Path, name: str, flags, status: str, labels=None, acc=88
 def _fake_cifar(root: Path, test_labels) -> Path:
     """A cifar-10-batches-py folder whose test batch holds ``test_labels`` (black images)."""
     import pickle
+
     import numpy as np
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
@@ -410,7 +423,8 @@ def test_diverged_and_unrecorded_runs_are_recorded(tmp_path, monkeypatch):
     for name in ("fp32_resnet8_paper_e3_s0", "posit4_resnet8_paper_e3_s0"):
         assert (records / name / "summary.json").is_file()
     monkeypatch.setattr(sweep, "_launch", no_launch)
-    again = sweep.plan(["fp32", "posit4"], [0], flags, tmp_path / "new-machine", records_dir=records)
+    again = sweep.plan(["fp32", "posit4"], [0], flags, tmp_path / "new-machine",
+                       records_dir=records)
     assert [(j.action, j.reason.split(";")[0]) for j in again] == [
         ("skip", "recorded"), ("skip", "diverged after 3/3 epochs")]
 

@@ -51,9 +51,9 @@ def test_lr_schedules():
     c = make_config("/tmp", "--epochs", "164")
     steps = 390
     assert train.lr_at(c, 81, steps - 1, steps) == pytest.approx(0.1)
-    assert train.lr_at(c, 82, 0, steps) == pytest.approx(0.01)     # 82*390 = 31,980 ~ 32k iterations
+    assert train.lr_at(c, 82, 0, steps) == pytest.approx(0.01)    # 82*390 = 31,980 ~ 32k iterations
     assert train.lr_at(c, 122, 0, steps) == pytest.approx(0.01)
-    assert train.lr_at(c, 123, 0, steps) == pytest.approx(0.001)   # 123*390 = 47,970 ~ 48k
+    assert train.lr_at(c, 123, 0, steps) == pytest.approx(0.001)  # 123*390 = 47,970 ~ 48k
     assert train.lr_at(make_config("/tmp", "--epochs", "1"), 0, 5, 10) == pytest.approx(0.1)
     cos = make_config("/tmp", "--epochs", "10", "--schedule", "cosine")
     assert train.lr_at(cos, 0, 0, 10) == pytest.approx(0.1)
@@ -178,7 +178,10 @@ def test_resume_equals_uninterrupted_run_bit_for_bit(tmp_path):
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
     assert torch.equal(a["rng"]["data"], b["rng"]["data"])
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
     assert strip(a["metrics"]) == strip(b["metrics"])
     assert strip(runs.read_jsonl(broken.run_dir / "metrics.jsonl")) == strip(a["metrics"])
     assert json.loads((broken.run_dir / "summary.json").read_text())["status"] == "finished"
@@ -225,10 +228,11 @@ def test_resume_finished_fresh_mismatch_and_overwrite(tmp_path, capsys):
 
 
 def test_format_dict_with_tuples_and_objects_resumes(tmp_path):
-    """A script's format dict is stored in JSON form, so odd values survive checkpoint and resume."""
-    args = cli.parse_args(cli.build_parser("t"), ["--synthetic", "--model", "resnet8", "--epochs", "1",
-                                                  "--max-steps-per-epoch", "1", "--device", "cpu",
-                                                  "--runs-dir", str(tmp_path)])
+    """A script's format dict is stored in JSON form, so odd values survive checkpoint and
+    resume."""
+    args = cli.parse_args(cli.build_parser("t"), ["--synthetic", "--model", "resnet8",
+                                                  "--epochs", "1", "--max-steps-per-epoch", "1",
+                                                  "--device", "cpu", "--runs-dir", str(tmp_path)])
     fmt = {"w": ("e4m3", "nearest"), "spec": Path("e5m2"), "bits_per_element": 8}
     first = train.run(cli.make_config(args, format=fmt, label="FP8 w=e4m3"))
     args.resume = True
@@ -265,9 +269,11 @@ def test_script_exit_codes_in_process(tmp_path, capsys, monkeypatch):
     bad = tmp_path / "data" / "cifar-10-batches-py"
     bad.mkdir(parents=True)
     (bad / "data_batch_1").write_bytes(b"\x80\x02}q\x00(U\x04data")
-    assert exit_code(fp32.main, ["--data-dir", str(tmp_path / "data"), "--runs-dir", str(tmp_path)]) == 2
+    assert exit_code(fp32.main, ["--data-dir", str(tmp_path / "data"),
+                                 "--runs-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: cannot read CIFAR-10 batch") and "Traceback" not in err[0]
+    assert len(err) == 1 and err[0].startswith("error: cannot read CIFAR-10 batch")
+    assert "Traceback" not in err[0]
     # flags: unknown model, contradictory flags
     assert exit_code(fp32.main, base + ["--model", "resnet21"]) == 2
     assert exit_code(fp32.main, base + ["--resume", "--overwrite"]) == 2
@@ -276,22 +282,26 @@ def test_script_exit_codes_in_process(tmp_path, capsys, monkeypatch):
         assert exit_code(fp32.main, base[:-2] + ["--device", "cuda"]) == 2
         assert capsys.readouterr().err.startswith("error: --device cuda: no CUDA device")
     # divergence -> 1
-    assert exit_code(fp32.main, base + ["--lr", "1e30", "--epochs", "1", "--max-steps-per-epoch", "3"]) == 1
-    summary = json.loads((tmp_path / "fp32_resnet8_paper_e1_s0_synthetic_max3" / "summary.json").read_text())
+    assert exit_code(fp32.main, base + ["--lr", "1e30", "--epochs", "1",
+                                        "--max-steps-per-epoch", "3"]) == 1
+    summary = json.loads((tmp_path / "fp32_resnet8_paper_e1_s0_synthetic_max3" / "summary.json")
+                         .read_text())
     assert summary["status"] == "diverged"
 
 
 def test_fp32_script_runs_from_its_folder(tmp_path):
     """`cd FP32 && python train_cifar10_fp32.py ...` works and ends with the accuracy line."""
     proc = subprocess.run(
-        [sys.executable, "train_cifar10_fp32.py", "--synthetic", "--model", "resnet8", "--epochs", "1",
-         "--max-steps-per-epoch", "2", "--runs-dir", str(tmp_path)],
+        [sys.executable, "train_cifar10_fp32.py", "--synthetic", "--model", "resnet8",
+         "--epochs", "1", "--max-steps-per-epoch", "2", "--runs-dir", str(tmp_path)],
         cwd=FP32_SCRIPT.parent, capture_output=True, text=True, timeout=300,
         env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1].startswith("final test accuracy: ")
-    s = json.loads((tmp_path / "fp32_resnet8_paper_e1_s0_synthetic_max2" / "summary.json").read_text())
-    assert s["status"] == "finished" and s["label"] == "FP32" and s["format"]["bits_per_element"] == 32
+    s = json.loads((tmp_path / "fp32_resnet8_paper_e1_s0_synthetic_max2" / "summary.json")
+                   .read_text())
+    assert s["status"] == "finished" and s["label"] == "FP32"
+    assert s["format"]["bits_per_element"] == 32
 
 
 def test_synthetic_set_is_learned_and_a_dead_optimizer_stays_at_chance(tmp_path, monkeypatch):
@@ -312,7 +322,8 @@ def test_warmup_longer_than_training_is_refused(capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "--warmup-epochs 5 is longer than --epochs 1" in err
     assert cli.parse_args(cli.build_parser("t"), ["--warmup-epochs", "1", "--epochs", "1"])
-    assert cli.parse_args(cli.build_parser("t"), ["--recipe", "fast", "--epochs", "1"]).warmup_epochs == 1
+    assert cli.parse_args(cli.build_parser("t"),
+                          ["--recipe", "fast", "--epochs", "1"]).warmup_epochs == 1
 
 
 def test_compile_mode_uses_cuda_graphs_only_on_cuda():

@@ -44,10 +44,30 @@ from .. import runs
 from ..config import REPO_ROOT
 from ..errors import UserError
 from . import plots, records, stats, tables
-from .plots import (PLOT_BITS, PLOT_EPOCHS, PLOT_FOREST, config_colors, plot_bits, plot_epochs,
-                    plot_forest)
-from .records import (DATA_CHOICES, Broken, Run, Section, build_sections, dedupe, epoch_curves,
-                      group_ptq, keep, load_ptq, load_runs, main_section, shown)
+from .plots import (
+    PLOT_BITS,
+    PLOT_EPOCHS,
+    PLOT_FOREST,
+    config_colors,
+    plot_bits,
+    plot_epochs,
+    plot_forest,
+)
+from .records import (
+    DATA_CHOICES,
+    Broken,
+    Run,
+    Section,
+    build_sections,
+    dedupe,
+    epoch_curves,
+    group_ptq,
+    keep,
+    load_ptq,
+    load_runs,
+    main_section,
+    shown,
+)
 from .tables import CSV_COLUMNS, EPOCHS_COLUMNS, PAPER_RESNET20_ACC
 
 __all__ = ["CSV_COLUMNS", "DATA_CHOICES", "EPOCHS_COLUMNS", "EPOCHS_CSV", "PAPER_RESNET20_ACC",

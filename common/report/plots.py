@@ -137,7 +137,8 @@ def _epoch_layout(sections: Sequence[Section]) -> List[List[str]]:
     """Per section, the families it has panels for (FP32 alone when it has no other)."""
     layout = []
     for sec in sections:
-        fams = list(dict.fromkeys(family(g.format) for g in sec.groups if family(g.format) != "fp32"))
+        fams = list(dict.fromkeys(family(g.format) for g in sec.groups
+                                  if family(g.format) != "fp32"))
         layout.append(fams or ["fp32"])
     return layout
 

@@ -564,7 +564,8 @@ class PtqGroup:
         bits: Dict[str, float] = {}
         for d in self.files:
             for row in d["results"]:
-                table.setdefault(row["format"], {}).setdefault(row["scaling"], []).append(row["test_acc"])
+                accs = table.setdefault(row["format"], {}).setdefault(row["scaling"], [])
+                accs.append(row["test_acc"])
                 bits[row["format"]] = row.get("bits")
         return [(f, bits[f], table[f]) for f in table]
 

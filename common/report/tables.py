@@ -9,8 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
-from .records import (Broken, Group, PtqGroup, Run, Section, median_epoch_time,
-                      trained_weight_format)
+from .records import Broken, Group, PtqGroup, Run, Section, median_epoch_time, trained_weight_format
 from .stats import PairedDiff, mean_or_none, mean_std, one_sample_bootstrap, t_interval
 
 EPOCHS_COLUMNS = ("config", "label", "recipe", "model", "epochs", "seeds", "test_images",
@@ -66,10 +65,14 @@ def interval(p: PairedDiff) -> str:
 
 
 def md_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str = "") -> List[str]:
-    """A GitHub markdown table; ``align`` has one l/r per column (default: first left, rest right)."""
+    """A GitHub markdown table; ``align`` has one l/r per column (default: first left, rest
+    right)."""
     align = align or "l" + "r" * (len(header) - 1)
     sep = ["---" if a == "l" else "--:" for a in align]
-    esc = lambda s: str(s).replace("|", "\\|")
+
+    def esc(s: Any) -> str:
+        return str(s).replace("|", "\\|")
+
     lines = ["| " + " | ".join(map(esc, header)) + " |", "| " + " | ".join(sep) + " |"]
     lines += ["| " + " | ".join(map(esc, r)) + " |" for r in rows]
     return lines
@@ -85,7 +88,8 @@ def section_title(sec: Section) -> str:
              f"{c.get('schedule')} schedule from lr {c.get('lr'):g}" if c.get("lr") is not None
              else f"{c.get('schedule')} schedule",
              f"momentum {c.get('momentum'):g}" if c.get("momentum") is not None else None,
-             f"weight decay {c.get('weight_decay'):g}" if c.get("weight_decay") is not None else None]
+             f"weight decay {c.get('weight_decay'):g}" if c.get("weight_decay") is not None
+             else None]
     optional = (("nesterov", lambda v: "Nesterov"),
                 ("warmup_epochs", lambda v: f"{v:g} warm-up epoch{'' if v == 1 else 's'}"),
                 ("label_smoothing", lambda v: f"label smoothing {v:g}"),
