@@ -224,6 +224,7 @@ def _layouts(x2: torch.Tensor, c: int):
             "channels_last": nhwc.permute(0, 3, 1, 2)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("spec", MX_SPECS + ("mx16-e2m1", "mx64-e4m3", "mx16-e3m2"))
 def test_mx_matches_torchao(spec, path, torchao_mx):
@@ -266,6 +267,7 @@ def nvfp4_tensors(rng, n_rows=64, c=64):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", PATHS)
 def test_nvfp4_matches_torchao(path, torchao_mx):
     rng = np.random.default_rng(SEED)
@@ -364,6 +366,7 @@ def test_mx_special_blocks_match_oracle(spec, path):
     assert (want[0] == 0).all() and np.signbit(want[4]).tolist() == np.signbit(x[4]).tolist()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 @pytest.mark.parametrize("spec", ["mxfp8", "mxfp4", "nvfp4"])

@@ -97,6 +97,7 @@ def _diff(got: torch.Tensor, want: torch.Tensor) -> str:
     return f"{int(bad.sum())} of {bad.size} differ, first at {i}: {got[i]} vs {want[i]}"
 
 
+@pytest.mark.slow
 def test_block_casts_in_a_user_compile_give_eager_bits():
     """Every block format, every dim-1 length of DIMS, 1-D, 2-D, channels-last and NCHW 4-D,
     both roundings (see _cases), compiled with inductor's defaults and static shapes, against
@@ -139,6 +140,7 @@ def test_worked_values_in_a_user_compile():
         assert not _diff(got, want)
 
 
+@pytest.mark.slow
 def test_block_casts_in_a_dynamic_user_compile_give_eager_bits():
     """The same with dynamic shapes (sizes as symbols where the casts allow it): a 2-D and a
     channels-last tensor whose rows end in a short block, MX to nearest, NVFP4 stochastic."""
@@ -190,6 +192,7 @@ def _train_step(compiled: bool):
             for y, x, layer in zip(ys, xs, model.layers)]
 
 
+@pytest.mark.slow
 def test_quantized_linear_model_in_a_user_compile_forward_and_backward():
     """A compiled model of quantized Linear(40 -> 10) (mxfp8) and Linear(48 -> 10) (mxfp4):
     outputs, input gradients and weight gradients bit for bit as eager, all finite."""

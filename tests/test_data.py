@@ -258,6 +258,7 @@ def test_synthetic_set_is_fixed_and_balanced():
     assert np.ptp(np.bincount(ty)) <= 1
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get(data.ENV_VAR), reason=f"{data.ENV_VAR} not set")
 def test_real_cifar10():
     tx, ty, vx, vy, _ = data.load_cifar10(None, download=False)

@@ -100,6 +100,7 @@ def test_corrupt_or_foreign_weights_are_one_line_naming_the_file(tmp_path, damag
     assert str(path) in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_finished_run_writes_its_weights_and_their_sha(made):
     record = made["f32"]
     summary = json.loads((record / "summary.json").read_text())
@@ -147,6 +148,7 @@ def test_a_change_the_check_must_see(made, tmp_path):
     assert res["same_test_images"] and not res["matches_record"]
 
 
+@pytest.mark.slow
 def test_cli_prints_result_and_refuses_bad_weights_with_exit_2(made, tmp_path):
     cmd = [sys.executable, str(ROOT / "evaluate.py"), "--device", "cpu", "--check"]
     env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from common import hardware
@@ -23,6 +24,7 @@ def probe_with(env_extra):
     return fast == "True", float(ratio), float(seconds)
 
 
+@pytest.mark.slow
 def test_probe_calls_bf16_slow_without_bf16_hardware():
     """oneDNN limited to AVX2 has no bf16 arithmetic (as on an AVX2-only AMD EPYC): the probe
     must find bf16 convolutions slower than float32 there."""

@@ -190,6 +190,7 @@ def check_frequencies(spec, x, draws, saturate, what):
     assert seen.all(), f"{what}: x={x!r} gave {draws[~seen][:4]}, not one of {pairs}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", ["eager-bits", "compiled-bits", "auto-large"])
 @pytest.mark.parametrize("saturate", [True, False])
 @pytest.mark.parametrize("spec", SR_SPECS)
@@ -534,6 +535,7 @@ def test_nan_is_float32_default_nan_inside_user_torch_compile(rounding):
             assert bit_set(y) == {F32_QNAN}, (spec, n, [hex(b) for b in bit_set(y)])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
 def test_nan_of_other_dtypes_is_their_default_nan(dtype):
     for n in (6, 1 << 18):

@@ -29,6 +29,7 @@ def trained(tmp_path_factory):
     return tmp / "tiny"
 
 
+@pytest.mark.slow
 def test_fp32_equals_the_loops_evaluation_exactly(trained):
     res = ptq.run_ptq(trained / "last.pt", formats=("bf16", "e4m3", "e2m1", "posit8es1"),
                       device="cpu")
@@ -114,6 +115,7 @@ def test_cli_and_errors(trained, tmp_path, capsys):
         assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
 
 
+@pytest.mark.slow
 def test_block_formats_get_one_unscaled_row(trained):
     """mxfp8/mxfp6/mxfp4/nvfp4 are default rows; each gets one row, scaling none (its own block
     scales), with its bits per element, whatever the scaling modes asked for; asking for a block

@@ -200,6 +200,7 @@ def _qtorch_or_skip(pkg):
         pytest.skip(f"{pkg} unavailable ({type(err).__name__})")
 
 
+@pytest.mark.slow
 def test_qtorch_backend_casts_with_the_libraries():
     qfloat = _qtorch_or_skip("qtorch")
     qposit = _qtorch_or_skip("qtorch_plus")
@@ -253,6 +254,7 @@ def _mxfp4_reference(t: torch.Tensor, k: int = 32) -> torch.Tensor:
     return out.movedim(-1, 1).contiguous()
 
 
+@pytest.mark.slow
 def test_block_format_conv_channels_last_blocks_along_input_channels():
     """mxfp4 weights [out, in, kh, kw], channels-last activations and gradients: every cast
     blocks along dim 1 (48 channels: a block of 32 and a short one of 16), so the layer equals a

@@ -103,6 +103,7 @@ def table_rows(text, heading_start):
     return rows[0], {r[0]: dict(zip(rows[0], r)) for r in rows[1:]}
 
 
+@pytest.mark.slow
 def test_table_numbers_fp32_difference_and_runs_not_finished(runs_dir, tmp_path):
     out = tmp_path / "results"
     res = report.make_report(runs_dir, out)
@@ -518,6 +519,7 @@ def write_full_set(rd, labels=tuple(FULL)):
     return rows
 
 
+@pytest.mark.slow
 def test_csv_and_table_have_both_intervals_and_where_they_disagree(tmp_path):
     """FP8 against FP32 by hand: means 91.2 and 91.4; variances 0.04 (n 3) and 0.175 (n 5), so
     squared standard errors 0.013333 and 0.035, sum 0.048333 (SE 0.219848); Welch's df =
@@ -582,6 +584,7 @@ def test_one_seed_has_no_t_interval(runs_dir, tmp_path):
     assert fp8["t_ci_low"] == fp8["t_ci_high"] == fp8["methods_disagree"] == ""
 
 
+@pytest.mark.slow
 def test_fp32_against_the_paper_only_on_the_full_test_set(runs_dir, tmp_path):
     """The 10,000-image FP32 (91.0, 91.5, 92.0, 91.0, 91.5) against 91.25%: mean 91.4, gap
     +0.15; variance 0.7/4 = 0.175, SE sqrt(0.175/5) = 0.187083, t_{0.975,4} = 2.776445, half-width
@@ -608,6 +611,7 @@ def test_fp32_against_the_paper_only_on_the_full_test_set(runs_dir, tmp_path):
     assert lines[0] in full                         # under the 10,000-image table only
 
 
+@pytest.mark.slow
 def test_forest_plot_of_the_largest_test_set(runs_dir, tmp_path):
     """forest.png shows the 10,000-image table (not the 1,000-image one, which has paired rows
     too): FP8 and Posit4 grouped under 8 and 4 bits, the band the median bootstrap half-width."""

@@ -278,6 +278,7 @@ def test_out_of_range_numbers_are_one_line(flags, needle, tmp_path, capsys):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script,flags,needle", [
     ("FP8/train_cifar10_fp8.py", ["--w-fmt", "e9m9"], "accepted"),
     ("Posit/train_cifar10_posit.py", ["--bits", "40"], "--bits"),

@@ -69,6 +69,7 @@ def test_script_runs_from_repo_root(tmp_path):
                         "resnet8_paper_e1_s0_synthetic_max2") / "summary.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("folder,script,args,needle", [
     ("FP8", "train_cifar10_fp8.py", ["--w-fmt", "e4m9"], "at most 8 bits"),   # 14 bits: a typo
     ("FP8", "train_cifar10_fp8.py", ["--w-fmt", "e4m9x"], "accepted"),
@@ -101,6 +102,7 @@ def test_bad_flags_exit_2_with_one_clear_line(folder, script, args, needle, tmp_
     assert needle in r.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_help_states_every_default():
     r = subprocess.run([sys.executable, os.path.join(ROOT, "FP4", "train_cifar10_fp4.py"),
                         "--help"], capture_output=True, text=True, timeout=120)
@@ -199,6 +201,7 @@ def test_default_run_names_carry_recipe_and_epochs(folder, script, args, name):
                                         recipe=config.recipe))
 
 
+@pytest.mark.slow
 def test_fp8_help_lists_only_formats_it_accepts(capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         load_script("FP8", "train_cifar10_fp8.py").plan(["--help"])
@@ -296,6 +299,7 @@ def test_fp4_help_documents_the_three_configurations(capsys):
     assert "none for a block format" in " ".join(out.split())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", ["fp4-mx", "fp4-nv"])
 def test_one_training_step_with_block_formats(key):
     """The sweep's MXFP4 / NVFP4 configurations, built by the FP4 script: one SGD step on

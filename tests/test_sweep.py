@@ -43,6 +43,7 @@ def no_launch(*args, **kwargs):
     raise AssertionError("the sweep started a run")
 
 
+@pytest.mark.slow
 def test_sweep_runs_then_does_no_work(tmp_path, capsys, monkeypatch):
     argv = ["--configs", "fp32,fp8-e4m3w", "--seeds", "1", "--runs-dir", str(tmp_path), *SMOKE]
     proc = subprocess.run([sys.executable, str(ROOT / "sweep.py"), *argv], cwd=tmp_path,
@@ -85,6 +86,7 @@ class StopAt:
             raise KeyboardInterrupt
 
 
+@pytest.mark.slow
 def test_half_finished_run_is_resumed_not_restarted(tmp_path, capsys, monkeypatch):
     flags = ["--synthetic", "--epochs", "2", "--max-steps-per-epoch", "2", "--model", "resnet8",
              "--batch-size", "32"]

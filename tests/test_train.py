@@ -121,6 +121,7 @@ def test_parser_defaults_and_help():
     assert smoke.name == "x_resnet20_synthetic_max3"
 
 
+@pytest.mark.slow
 def test_short_run_learns_and_writes_run_files(tmp_path, capsys):
     c = make_config(tmp_path, "--epochs", "3")
     summary = train.run(c)
@@ -156,6 +157,7 @@ class StopAt:
             raise KeyboardInterrupt
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted_run_bit_for_bit(tmp_path):
     flags = ("--epochs", "2", "--max-steps-per-epoch", "4")
     straight = make_config(tmp_path, *flags, name="straight")
@@ -187,6 +189,7 @@ def test_resume_equals_uninterrupted_run_bit_for_bit(tmp_path):
     assert json.loads((broken.run_dir / "summary.json").read_text())["status"] == "finished"
 
 
+@pytest.mark.slow
 def test_cpu_time_adds_up_over_sessions_and_unknown_stays_unknown(tmp_path):
     """cpu_seconds (the run's process time) carries over a resume; a checkpoint written before
     it was counted (no cpu_seconds) leaves the total unknown rather than too small."""
@@ -289,6 +292,7 @@ def test_script_exit_codes_in_process(tmp_path, capsys, monkeypatch):
     assert summary["status"] == "diverged"
 
 
+@pytest.mark.slow
 def test_fp32_script_runs_from_its_folder(tmp_path):
     """`cd FP32 && python train_cifar10_fp32.py ...` works and ends with the accuracy line."""
     proc = subprocess.run(
@@ -304,6 +308,7 @@ def test_fp32_script_runs_from_its_folder(tmp_path):
     assert s["format"]["bits_per_element"] == 32
 
 
+@pytest.mark.slow
 def test_synthetic_set_is_learned_and_a_dead_optimizer_stays_at_chance(tmp_path, monkeypatch):
     """The smoke-test data carries a class signal a working loop learns in 24 steps (ResNet-8,
     3 epochs of 8 steps; about 76% seen), while a loop whose optimizer does nothing stays at
