@@ -8,7 +8,7 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, NamedTuple, Optional, Tuple
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RUNS_DIR = REPO_ROOT / "runs"
@@ -180,3 +180,65 @@ class FormatRecord:
     def role_fmt(self, role: str) -> Optional[str]:
         """The format name of one role ("weight", "act", ...), None when the record has none."""
         return (self.roles or {}).get(role, {}).get("fmt") or None
+
+
+# ----------------------------------------------------------------------------------------------
+# The configurations of the results table (what ``sweep.py --configs`` names and the report
+# identifies runs by)
+# ----------------------------------------------------------------------------------------------
+class SweepConfig(NamedTuple):
+    """One configuration of a sweep: a format script (path from the repo root) and its flags."""
+
+    script: str
+    flags: Tuple[str, ...] = ()
+    about: str = ""
+
+
+# The configurations a sweep can run, by key (the key starts the run's name). Adding one is one
+# line.
+CONFIGS: Dict[str, SweepConfig] = {
+    "fp32": SweepConfig("FP32/train_cifar10_fp32.py", (), "FP32 baseline"),
+    "bf16": SweepConfig("BF16/bf16_train.py", (), "BF16 mixed precision (torch.autocast)"),
+    "bf16-emu": SweepConfig("BF16/bf16_train.py", ("--mode", "emulated"),
+                            "BF16 emulated: w/a/g cast to bf16"),
+    "fp8-e5m2w": SweepConfig("FP8/train_cifar10_fp8.py",
+                             ("--w-fmt", "e5m2", "--a-fmt", "e4m3", "--first-last-fp32"),
+                             "FP8: e5m2 weights, e4m3 activations, e5m2 gradients, "
+                             "first/last fp32"),
+    "fp8-e4m3w": SweepConfig("FP8/train_cifar10_fp8.py",
+                             ("--w-fmt", "e4m3", "--a-fmt", "e4m3", "--first-last-fp32"),
+                             "FP8: e4m3 weights and activations, e5m2 gradients, first/last fp32"),
+    "fp4": SweepConfig("FP4/train_cifar10_fp4.py", (), "FP4 E2M1, scaled (the script's defaults)"),
+    "fp4-mx": SweepConfig("FP4/train_cifar10_fp4.py",
+                          ("--w-fmt", "mxfp4", "--a-fmt", "mxfp4", "--g-fmt", "mxfp4"),
+                          "MXFP4 (32 E2M1 per E8M0 scale) w/a/g, gradients stochastic"),
+    "fp4-nv": SweepConfig("FP4/train_cifar10_fp4.py",
+                          ("--w-fmt", "nvfp4", "--a-fmt", "nvfp4", "--g-fmt", "nvfp4"),
+                          "NVFP4 (16 E2M1 per E4M3 scale, float32 per tensor) w/a/g, "
+                          "gradients stochastic"),
+    "fp4-nv-fl": SweepConfig("FP4/train_cifar10_fp4.py",
+                             ("--w-fmt", "nvfp4", "--a-fmt", "nvfp4", "--g-fmt", "nvfp4",
+                              "--first-last-fp32"),
+                             "NVFP4 w/a/g, gradients stochastic, first/last fp32 (extra: the "
+                             "4-bit candidate closest to FP32 after training, by its PTQ)"),
+    "posit4": SweepConfig("Posit/train_cifar10_posit.py",
+                          ("--bits", "4", "--es", "0", "--first-last-fp32"),
+                          "posit(4,0), scaled, first/last fp32"),
+    "posit8": SweepConfig("Posit/train_cifar10_posit.py",
+                          ("--bits", "8", "--es", "1", "--first-last-fp32"),
+                          "posit(8,1), gradients scaled, first/last fp32"),
+    "posit16": SweepConfig("Posit/train_cifar10_posit.py",
+                           ("--bits", "16", "--es", "1", "--first-last-fp32"),
+                           "posit(16,1), unscaled, first/last fp32"),
+}
+
+# RunConfig fields that define what is trained; an existing run must agree on them to be reused
+# (the others: the run's identity, where it lives, or how fast it runs), and runs that agree on
+# them share a table of the report.
+COMPARED_EXCLUDE = RESUME_FREE_FIELDS | {"seed", "label", "format", "channels_last",
+                                         "deterministic"}
+
+
+def compared_values(config: Mapping[str, Any]) -> Dict[str, object]:
+    """The fields of a RunConfig dict that must agree for an existing run to be reused."""
+    return {k: v for k, v in config.items() if k not in COMPARED_EXCLUDE}

@@ -164,3 +164,18 @@ def test_the_checks_see_what_they_look_for():
     found = [t for node in tree.body for t in _imported(node, "pkg.a", False, known)]
     assert found == [("pkg.b", None, "B"), ("pkg.b", "_x", None), ("pkg.b", "y", None),
                      ("pkg.b", None, None), ("pkg", None, "pkg")]
+
+
+def test_library_modules_do_not_import_the_command_line():
+    """Only entry points and the flag helpers import common.cli: the loop, the run records, the
+    evaluation and the report load without it (checked in a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, common.train, common.checkpoint, common.runs, common.data, common.ptq, "
+            "common.evaluation, common.report, common.config; "
+            "print(sorted(m for m in ('common.cli', 'common.qat_cli', 'common.sweep') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, check=True).stdout.strip()
+    assert out == "[]", out

@@ -9,7 +9,7 @@ every ``runs/*/ptq*.json`` written by ``ptq_eval.py``. A folder that cannot be r
 or a corrupt summary.json, a damaged metrics.jsonl) is left out and named in the report.
 
 How runs are grouped: runs whose configs agree on everything that defines the experiment (model,
-epochs, batch, learning-rate schedule, data ..., see ``common.sweep.compared_values``) and that
+epochs, batch, learning-rate schedule, data ..., see ``common.config.compared_values``) and that
 were scored on the same number of test images (the 1,000-image subset and the full 10,000 make two
 tables) form a section; inside it, runs with the same format (the config's format record and
 ``label``) form a row, whatever their seed, device or run name. A row's configuration key is the

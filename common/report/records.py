@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .. import runs
-from ..config import REPO_ROOT, FormatRecord
-from ..sweep import CONFIGS, compared_values
+from ..config import CONFIGS, REPO_ROOT, FormatRecord, compared_values
 from .stats import PairedDiff, mean_or_none, mean_std, paired_bootstrap, welch_interval
 
 DATA_CHOICES = ("all", "real", "synthetic")
