@@ -16,6 +16,8 @@ dim 1 and no block). When dim 1 is not a multiple of k the last block is shorter
 own elements only (computed on a zero-padded copy: zeros change no block's absolute maximum;
 traced into a user's torch.compile, the full blocks and the short one are cast apart instead,
 with the same bits, see ``_split_cast``: inductor miscompiles the pad-then-slice form).
+``quantize_tiles`` casts a layout its caller has made, one scale per n elements along its
+dim 1 (2D k x k weight blocks, common/operands.py), with the same kernels.
 
 Each cast is three small steps, as in torchao's float8 utilities (amax -> scale -> cast):
 1. the block's absolute maximum (``_block_amax``);
@@ -72,9 +74,9 @@ from . import dispatch
 from .dispatch import unpack
 from .formats import E2M1_MAX, E4M3_MAX, E8M0_MAX_EXP, E8M0_MIN_EXP, Format, parse_format
 
-__all__ = ["quantize_block", "mx_scale_exponent", "mx_scale_down", "mx_scale_up",
-           "nvfp4_tensor_scale", "nvfp4_block_scale", "F4_E2M1_MAX", "E4M3_MIN_NORMAL",
-           "NVFP4_TENSOR_DIVISOR"]
+__all__ = ["quantize_block", "quantize_tiles", "mx_scale_exponent", "mx_scale_down",
+           "mx_scale_up", "nvfp4_tensor_scale", "nvfp4_block_scale", "F4_E2M1_MAX",
+           "E4M3_MIN_NORMAL", "NVFP4_TENSOR_DIVISOR"]
 
 F4_E2M1_MAX = E2M1_MAX  # 6.0, NVFP4's element max (torchao: F4_E2M1_MAX)
 E4M3_MIN_NORMAL = 2.0**-6  # NVFP4 block scales are clamped to [2^-6, 448]: no e4m3 subnormals
@@ -466,10 +468,47 @@ def quantize_block(x: torch.Tensor, fmt, rounding: str = "nearest", saturate: bo
         if _ragged(x3.shape[1], fmt.block_size):  # no pad-then-slice there: see _split_cast
             return dispatch.to_input_dtype(to_x(_split_cast(x3, fmt, seed)), x.dtype)
     v3, to_x = _block_layout(x32, fmt.block_size)
+    return dispatch.to_input_dtype(to_x(_cast_layout(v3, fmt, rounding, seed, path)), x.dtype)
+
+
+def _cast_layout(v3: torch.Tensor, fmt: Format, rounding: str, seed, path: str) -> torch.Tensor:
+    """The cast of a contiguous float32 [M, kk, R] layout (one block per [m, :, r]), float32:
+    the compiled kernel where `path` (resolved) and the size call for it, else the eager ops."""
     compiled = dispatch.use_compiled(path, v3.numel(), v3.device, dispatch.EAGER_BITS_BELOW)
     y = _compiled_call(v3, fmt, rounding, seed, strict=path == "compiled") if compiled else None
     if y is None:
         static = {"static_sizes": True} if seed is not None else {}  # see _index
         y = _KERNELS[(_family(fmt), rounding)](v3, *_kernel_args(v3, fmt, seed, compiled=False),
                                                **static)
-    return dispatch.to_input_dtype(to_x(y.view(torch.float32)), x.dtype)
+    return y.view(torch.float32)
+
+
+def quantize_tiles(tiles: torch.Tensor, fmt, rounding: str = "nearest",
+                   generator: Optional[torch.Generator] = None, path: str = "auto",
+                   seed: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Cast float32 `tiles` [M, n, R] to the block format `fmt` with one scale per
+    tiles[m, :, r]: its n elements share it, whatever fmt.block_size says (2D block scaling
+    of weights, common/operands.py, casts a k x k tile as one block of k * k elements).
+
+    The scale and element rules are fmt's (docs/block-formats.md, "Scale rules"); NVFP4's
+    tensor scale g comes from all of `tiles` (zero padding changes no amax). Stochastic
+    rounding draws each element's random bits from its position in `tiles` (contiguous).
+    rounding, generator, path, seed: as quantize_block's. Returns a contiguous float32 tensor
+    of tiles' shape."""
+    fmt = parse_format(fmt)
+    if not fmt.is_block:
+        raise ValueError(f"quantize_tiles to {fmt}; accepted: a block format (mxfp8, mxfp4, "
+                         f"nvfp4, ...)")
+    dispatch.check_rounding(rounding)
+    dispatch.check_tensor(tiles)
+    if tiles.dim() != 3 or tiles.dtype != torch.float32:
+        raise ValueError(f"quantize_tiles of a {tiles.dtype} tensor of shape "
+                         f"{list(tiles.shape)}; accepted: a float32 [M, n, R] tensor")
+    v3 = tiles.detach().contiguous()
+    if v3.numel() == 0:
+        return v3.clone()
+    if rounding == "nearest":
+        seed = None
+    elif seed is None:
+        seed = dispatch.draw_seed(generator, v3.device)
+    return _cast_layout(v3, fmt, rounding, seed, dispatch.resolve_path(path))

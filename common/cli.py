@@ -212,14 +212,18 @@ def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = 
     """``parser.parse_args`` plus checks of the shared flags; bad values exit 2 via
     ``parser.error``.
 
-    ``--recipe NAME`` first sets the defaults of its preset flags (``RECIPES``); flags given
-    explicitly keep their value.
+    ``--recipe NAME`` first sets the defaults of its preset flags (``RECIPES``), and likewise
+    every flag of ``parser.presets`` ({flag: {name: {dest: default}}}, e.g. --gemm-recipe);
+    flags given explicitly keep their value.
     """
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--recipe", default=parser.get_default("recipe"))
-    recipe = pre.parse_known_args(argv)[0].recipe
-    if recipe in RECIPES:                # an unknown name is refused by the full parse below
-        parser.set_defaults(**RECIPES[recipe])
+    presets = {"--recipe": RECIPES, **getattr(parser, "presets", {})}
+    for flag, table in presets.items():
+        pre = argparse.ArgumentParser(add_help=False)
+        default = parser.get_default(flag[2:].replace("-", "_"))
+        pre.add_argument(flag, dest="preset", default=default)
+        name = pre.parse_known_args(argv)[0].preset
+        if name in table:                # an unknown name is refused by the full parse below
+            parser.set_defaults(**table[name])
     args = parser.parse_args(argv)
     checks = [
         (args.epochs >= 1, "--epochs must be >= 1"),

@@ -221,6 +221,25 @@ CONFIGS: Dict[str, SweepConfig] = {
                               "--first-last-fp32"),
                              "NVFP4 w/a/g, gradients stochastic, first/last fp32 (extra: the "
                              "4-bit candidate closest to FP32 after training, by its PTQ)"),
+    "fp8-te-gemm": SweepConfig("FP8/train_cifar10_fp8.py",
+                               ("--gemm-recipe", "te-fp8", "--first-last-fp32"),
+                               "FP8 GEMM mode, TransformerEngine recipe: e4m3 x and w, e5m2 dy, "
+                               "per-tensor scales, first/last fp32 (against fp8-e4m3w)"),
+    "fp8-te-gemm-acc16": SweepConfig("FP8/train_cifar10_fp8.py",
+                                     ("--gemm-recipe", "te-fp8", "--first-last-fp32",
+                                      "--acc", "fp16", "--acc-chunk", "32"),
+                                     "fp8-te-gemm with fp16 accumulation, chunks of 32, in all "
+                                     "three GEMMs"),
+    "fp4-nv-gemm-fl": SweepConfig("FP4/train_cifar10_fp4.py",
+                                  ("--gemm-recipe", "nvfp4", "--first-last-fp32"),
+                                  "NVFP4 GEMM mode, NVIDIA's recipe (2D weight blocks, Hadamard "
+                                  "on wgrad, SR on gradients), first/last fp32 (against "
+                                  "fp4-nv-fl)"),
+    "fp4-nv-gemm": SweepConfig("FP4/train_cifar10_fp4.py", ("--gemm-recipe", "nvfp4"),
+                               "NVFP4 GEMM mode, NVIDIA's recipe on every layer (against fp4-nv)"),
+    "fp4-mx-gemm": SweepConfig("FP4/train_cifar10_fp4.py", ("--gemm-recipe", "mxfp4"),
+                               "MXFP4 GEMM mode with the NVFP4 recipe's treatment, every layer "
+                               "(against fp4-mx)"),
     "posit4": SweepConfig("Posit/train_cifar10_posit.py",
                           ("--bits", "4", "--es", "0", "--first-last-fp32"),
                           "posit(4,0), scaled, first/last fp32"),

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.formats import Format, parse_format
+from common.gemm import GemmConfig, gemm_conv2d, gemm_linear
 from common.quant import ROUNDINGS, SCALINGS, quantize_scaled
 from common.scaling import Scaling
 
@@ -141,6 +142,7 @@ class QuantConfig:
     master: RoleQuant = RoleQuant()
     first_last_fp32: bool = False
     backend: str = "native"
+    gemm: Optional[GemmConfig] = None
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -149,6 +151,8 @@ class QuantConfig:
             if rq.scaling.flag not in role.scalings:
                 raise ValueError(f"{rq.scaling} scaling of the {role.what}: accepted for "
                                  f"{role.field}: {', '.join(role.scalings)}")
+        if self.gemm is not None:
+            self.gemm.check(self)
 
     def roles(self) -> List[Tuple[Role, RoleQuant]]:
         """(role, its settings) for every role of ``ROLES``, in order."""
@@ -160,20 +164,26 @@ class QuantConfig:
 
     @property
     def active(self) -> bool:
-        return any(rq.active for _, rq in self.roles())
+        """Whether the model changes at all: a role casts, or GEMM mode accumulates."""
+        accumulates = self.gemm is not None and self.gemm.accumulator is not None
+        return accumulates or any(rq.active for _, rq in self.roles())
 
     def to_dict(self) -> dict:
         d = {role.field: rq.to_dict() for role, rq in self.roles()}
         d.update(first_last_fp32=self.first_last_fp32, backend=self.backend)
+        if self.gemm is not None:   # absent in the tensor-role mode: older records compare equal
+            d["gemm"] = self.gemm.to_dict()
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantConfig":
         """Inverse of ``to_dict`` (a run record's ``format``; its other keys, such as family and
-        bits_per_element, are ignored; a role it lacks is fp32)."""
+        bits_per_element, are ignored; a role it lacks is fp32; no "gemm" key: tensor-role
+        mode)."""
         roles = {role.field: RoleQuant(**d[role.field]) for role in ROLES if role.field in d}
+        gemm = GemmConfig.from_dict(d["gemm"], RoleQuant) if d.get("gemm") else None
         return cls(first_last_fp32=bool(d.get("first_last_fp32", False)),
-                   backend=d.get("backend", "native"), **roles)
+                   backend=d.get("backend", "native"), gemm=gemm, **roles)
 
 
 def _check_role_table() -> None:
@@ -235,21 +245,33 @@ class _QuantMixin:
     def extra_repr(self) -> str:
         roles = ", ".join(f"{role.key}={rq.short()}" for role, rq in self.qconfig.roles()
                           if role.in_layer)
-        return f"{super().extra_repr()}, {roles}"
+        mode = f", {self.qconfig.gemm.tag()}" if self.qconfig.gemm is not None else ""
+        return f"{super().extra_repr()}, {roles}{mode}"
 
 
 class QuantConv2d(_QuantMixin, nn.Conv2d):
-    """Conv2d whose weight and input are fake-quantized (module docstring)."""
+    """Conv2d whose weight and input are fake-quantized (module docstring), or whose three GEMMs
+    cast their own operands (GEMM mode)."""
 
     def forward(self, x):
+        q = self.qconfig
+        if q.gemm is not None:
+            w = fake_quant(self.weight, RoleQuant(), q.weight_grad)   # dw's cast, if any
+            return gemm_conv2d(x, w, self.bias, self.stride, self.padding,
+                               q.gemm.operand_casts(q), q.gemm)
         x, w = self._quantized_operands(x)
         return self._conv_forward(x, w, self.bias)
 
 
 class QuantLinear(_QuantMixin, nn.Linear):
-    """Linear whose weight and input are fake-quantized (module docstring)."""
+    """Linear whose weight and input are fake-quantized (module docstring), or whose three GEMMs
+    cast their own operands (GEMM mode)."""
 
     def forward(self, x):
+        q = self.qconfig
+        if q.gemm is not None:
+            w = fake_quant(self.weight, RoleQuant(), q.weight_grad)
+            return gemm_linear(x, w, self.bias, q.gemm.operand_casts(q), q.gemm)
         x, w = self._quantized_operands(x)
         return F.linear(x, w, self.bias)
 

@@ -9,6 +9,8 @@ it only changes their defaults:
     --w-scaling/--a-scaling/--g-scaling/--wg-scaling none | tensor (| channel for weights)
     --first-last-fp32                               keep the first conv and the last Linear float32
     --backend                                       native (this project's casts) | qtorch
+    --gemm, --gemm-recipe, --weight-blocks-2d,      GEMM mode: each of a layer's three GEMMs
+    --wgrad-hadamard, --acc FMT, --acc-chunk ...    casts its own operands (docs/gemm.md)
 
 A block format (mxfp8, mxfp4, nvfp4, ...; docs/block-formats.md) carries its own scale per block,
 so its role is cast with scaling none: the script's default scaling gives way to none, and an
@@ -21,8 +23,10 @@ import argparse
 from typing import Dict, Optional, Union
 
 from common import cli
+from common.accumulate import Accumulator
 from common.config import FormatRecord
 from common.formats import NAMED_BLOCK_SPECS, NAMED_FLOAT_SPECS, parse_format
+from common.gemm import GEMMS, RECIPES, GemmConfig
 from common.qat import (
     BACKENDS,
     ROLES,
@@ -113,7 +117,75 @@ def add_quant_args(parser: argparse.ArgumentParser, defaults: Dict[str, str],
                    help="native = this project's exact casts; qtorch = QPyTorch float_quantize and "
                         "qtorch-plus posit_quantize, for parity with results made with them (their "
                         "own semantics, e.g. QPyTorch's e4m3 max is 480) (default: native)")
+    add_gemm_args(parser)
     return g
+
+
+def _gemm_presets() -> dict:
+    """--gemm-recipe NAME -> the flag defaults it sets (explicit flags keep their value)."""
+    return {name: dict(r.flags, gemm=True, weight_blocks_2d=r.weight_blocks_2d,
+                       wgrad_hadamard=r.hadamard_wgrad) for name, r in RECIPES.items()}
+
+
+def add_gemm_args(parser: argparse.ArgumentParser):
+    """Add the 'GEMM mode' group (docs/gemm.md)."""
+    g = parser.add_argument_group(
+        "GEMM mode", "Each quantized layer runs its three GEMMs (forward, dgrad, wgrad) with their "
+        "own operand casts: --w-* casts the weight, --a-* the input, --g-* the output gradient dy, "
+        "block formats along each GEMM's reduction dimension (docs/gemm.md).")
+    g.add_argument("--gemm", action=argparse.BooleanOptionalAction, default=False,
+                   help="GEMM mode: cast each GEMM's operands; off = the tensor-role mode (cast "
+                        "weight and input once in the forward, the error in the backward) "
+                        "(default: off)")
+    recipes = "; ".join(f"{name}: {r.source}" for name, r in RECIPES.items())
+    g.add_argument("--gemm-recipe", choices=tuple(RECIPES), default=None,
+                   help=f"a published recipe in one flag (implies --gemm and sets the role "
+                        f"flags; explicit flags win): {recipes} (default: none)")
+    g.add_argument("--weight-blocks-2d", action=argparse.BooleanOptionalAction, default=False,
+                   help="k x k weight blocks over (out, in) at each kernel tap, one scale each, so "
+                        "forward and dgrad share one quantized weight (block formats) "
+                        "(default: off)")
+    g.add_argument("--wgrad-hadamard", action=argparse.BooleanOptionalAction, default=False,
+                   help="random 16x16 Hadamard transform of both wgrad operands along the "
+                        "positions (default: off)")
+    g.add_argument("--hadamard-seed", type=int, default=0, metavar="N",
+                   help="seed of the Hadamard transform's random signs (default: 0)")
+    g.add_argument("--acc", type=format_type, default=None, metavar="FMT",
+                   help="emulate accumulation in FMT (fp16, bf16, e5m7, e8m13, ...) "
+                        "(default: float32 GEMMs)")
+    g.add_argument("--acc-chunk", type=int, default=32, metavar="K",
+                   help="products summed exactly before each rounding to --acc (default: 32)")
+    g.add_argument("--acc-promote", type=int, default=None, metavar="P",
+                   help="add the accumulator into float32 every P chunks (default: never)")
+    g.add_argument("--acc-rounding", choices=ROUNDINGS, default="nearest",
+                   help="rounding of the accumulator (default: nearest)")
+    g.add_argument("--acc-gemms", default=",".join(GEMMS), metavar="LIST",
+                   help=f"GEMMs that accumulate in --acc, comma-separated from {', '.join(GEMMS)} "
+                        f"(default: all three)")
+    parser.presets = {**getattr(parser, "presets", {}), "--gemm-recipe": _gemm_presets()}
+    return g
+
+
+def gemm_config(args: argparse.Namespace) -> Optional[GemmConfig]:
+    """The GemmConfig the GEMM-mode flags describe (None: tensor-role mode); exits 2 on a bad
+    combination."""
+    gemm_only = {"--weight-blocks-2d": args.weight_blocks_2d, "--wgrad-hadamard":
+                 args.wgrad_hadamard, "--acc": args.acc is not None}
+    if not args.gemm:
+        given = [flag for flag, on in gemm_only.items() if on]
+        if given:
+            cli.fail(f"{given[0]} needs GEMM mode; accepted: add --gemm (or a --gemm-recipe)")
+        return None
+    try:
+        acc = None
+        if args.acc is not None:
+            acc = Accumulator(args.acc, args.acc_chunk, args.acc_promote, args.acc_rounding)
+        return GemmConfig(weight_blocks_2d=args.weight_blocks_2d,
+                          hadamard_wgrad=args.wgrad_hadamard, hadamard_seed=args.hadamard_seed,
+                          accumulator=acc,
+                          accumulate=tuple(x for x in args.acc_gemms.split(",") if x))
+    except ValueError as e:
+        cli.fail(str(e))
 
 
 def check_widths(parser: argparse.ArgumentParser, args: argparse.Namespace,
@@ -158,7 +230,8 @@ def quant_config(args: argparse.Namespace) -> QuantConfig:
                                        rounding=getattr(args, f"{role.key}_rounding"),
                                        scaling=role_scaling(args, role))
                  for role in ROLES}
-        return QuantConfig(first_last_fp32=args.first_last_fp32, backend=args.backend, **roles)
+        return QuantConfig(first_last_fp32=args.first_last_fp32, backend=args.backend,
+                           gemm=gemm_config(args), **roles)
     except ValueError as e:
         cli.fail(str(e))
 
@@ -170,6 +243,8 @@ def run_tag(q: QuantConfig) -> str:
         parts.append("fl32")
     if q.backend != "native":
         parts.append(q.backend)
+    if q.gemm is not None:
+        parts.append(q.gemm.tag())
     return "_".join(parts)
 
 
@@ -191,6 +266,8 @@ def describe(q: QuantConfig) -> str:
         text += ", first/last fp32"
     if q.backend != "native":
         text += f", {q.backend}"
+    if q.gemm is not None:
+        text += f", {q.gemm.describe()}"
     return text
 
 

@@ -74,6 +74,9 @@ SETS: Dict[str, Tuple[str, ...]] = {
     "seed": ("fp32", "bf16", "fp8-e5m2w", "fp8-e4m3w", "fp4", "posit4", "posit8", "posit16"),
     "smoke": ("fp32", "fp8-e4m3w"),
     "fp4-all": ("fp32", "fp4", "fp4-mx", "fp4-nv"),   # the FP4 script's three configurations
+    # GEMM mode (docs/gemm.md), each beside the tensor-role row it is compared with
+    "gemm": ("fp8-e4m3w", "fp8-te-gemm", "fp8-te-gemm-acc16", "fp4-nv-fl", "fp4-nv-gemm-fl",
+             "fp4-nv", "fp4-nv-gemm", "fp4-mx", "fp4-mx-gemm"),
     "all": tuple(CONFIGS),
 }
 

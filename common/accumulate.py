@@ -1,0 +1,408 @@
+"""Emulated low-precision accumulation of GEMMs: the sums a matmul or conv forms, rounded to a
+narrow accumulator format A after every chunk of k products, as a hardware dot-product unit
+with a k-wide adder tree and an A-precision accumulator register does.
+
+Public API::
+
+    acc = Accumulator(fmt, chunk, promote_every=None, rounding="nearest", saturate=False)
+    y = acc.matmul(a, b)                       # or matmul(a, b, acc)
+    y = acc.conv2d(x, w, stride=1, padding=0)  # or conv2d(x, w, stride, padding, acc)
+
+The model (the contract; tests/test_accumulate.py checks it against an oracle in fractions)
+-------------------------------------------------------------------------------------------
+For one output element with products p_1 .. p_K (the reduction dimension, in the order below):
+
+1. Products are exact: operands are float32 (or float16/bfloat16), and the product of two
+   24-bit significands is exact in float64 (no product of float32 values leaves float64's range).
+2. The K products are cut into chunks of k consecutive ones (the last chunk may be shorter;
+   zeros fill it up, which changes no sum). Each chunk sum c_j is formed exactly (see
+   "Exactness of the chunk sums").
+3. The accumulator starts at +0 and takes each chunk sum with ONE rounding to A:
+   acc = round_A(acc + c_j), by ``common.quant.quantize(.., fmt, rounding, saturate)``.
+4. Promotion: with ``promote_every`` P, after every P chunks the accumulator is added into a
+   float32 master (one float32 addition, round to nearest even) and restarts at +0; what is left
+   after the last chunk is added too. Without promotion the result is float32(acc). k = 1
+   without promotion is plain sequential accumulation in A.
+5. Specials: a NaN product (a NaN operand, or 0 x inf) makes the output NaN; infinities add as
+   in IEEE arithmetic (inf + -inf = NaN). A sum beyond A's range becomes what quantize makes of
+   it: with ``saturate=False`` inf for IEEE-like formats (fp16, bf16, e5m7, ...), NaN for e4m3,
+   +-max for formats without inf or NaN (e2m1, ...); with ``saturate=True`` +-max, inf included.
+   Posits always saturate at maxpos, and an infinite sum gives NaR (NaN).
+   Zero has no sign in the model (the exact sum has none): a zero result is +0, also where A
+   rounds a tiny negative sum to zero.
+6. Stochastic rounding is quantize's: unbiased, with its random bits drawn per quantize call
+   (one per step and slice) from ``generator`` (default: torch's global generator). quantize
+   sees the float32 rounded to odd of the exact sum (see below), so the probability of rounding
+   up is resolved to float32's spacing over A's, 2^-(23 - mantissa bits) (fp16: 2^-13), its
+   last step set by the sticky bit.
+
+Reduction orders
+----------------
+- ``matmul(a, b)``: a [M, K] @ b [K, N] -> [M, N], or batched a [B, M, K] @ b [B, K, N] ->
+  [B, M, N], each batch entry its own accumulation. Products in the index order of K: chunk j
+  holds K indices j*k .. j*k + k - 1.
+- ``conv2d(x, w, stride, padding)``: x [N, C, H, W], w [O, C, kh, kw] -> [N, O, H', W'] (groups
+  1, dilation 1, no bias). The reduction index runs over (kh, kw, c), c fastest, as an NHWC
+  implicit-GEMM kernel reads it: chunk j holds positions j*k .. j*k + k - 1 of that order.
+  Padding supplies zero operands, which take part in the products (0 x inf is NaN).
+
+Exactness of the chunk sums
+---------------------------
+The chunk sums come from batched float64 GEMMs, in whatever order the BLAS adds. Let the
+nonzero products of a chunk have their leading bits at most at 2^e_hi and their last nonzero
+bits at least at 2^e_lo. Every partial sum of any subset of them is an integer multiple of
+2^e_lo below k * 2^(e_hi + 1) in magnitude, so it fits float64's 53-bit significand, and the
+GEMM's float64 sum is the exact sum in any order, when
+
+    e_hi - e_lo + 1 + ceil(log2 k) <= 53    (the products span at most 53 - ceil(log2 k) bits).
+
+It holds for k = 1 (a product has at most 48 bits), and for operands on low-precision grids:
+e4m3 values are multiples of 2^-9 below 2^9, so their products span at most 36 bits (exact for
+any k <= 2^17); bf16 x bf16 products have 16 significant bits (exact while their exponents span
+at most 37 - ceil(log2 k) binades: 32 at k = 32); fp16 x fp16 products have 22 (31 - ceil(log2
+k) binades). For general float32 operands (48-bit products) it fails: the float64 chunk sum
+then differs from the exact one by at most about (k - 1) * 2^-53 * sum|p_i|, and the model's
+result differs from the exact model only where acc + c_j lies that close to a rounding boundary
+of A (a midpoint between two A values, or the overflow threshold); for stochastic rounding the
+probability of rounding up moves by at most that distance over A's spacing.
+
+One rounding to A
+-----------------
+The exact acc + c_j is held as s = acc + c_j in float64 (rounded to nearest) and its exact
+error e (TwoSum). For every format but fp32 it goes to quantize as the float32 rounded to odd:
+t = float32(s) where t is exact, else whichever of t and its neighbour toward the exact sum is
+odd (the sign of (s - t) + e says which side; beyond float32's range +-max, which is odd).
+Rounding a value rounded to odd with 24 bits to nearest in A is the correct rounding of the
+exact value when A has at most 22 significant bits (Boldo and Melquiond: two bits to spare),
+also in float32's subnormal range for A's with 8 exponent bits, whose smallest spacing 2^-147
+is four float32 subnormal steps; hence A's of up to 21 mantissa bits (``MAX_MANTISSA_BITS``).
+(quantize narrows a float64 input by round-to-odd as well, and round-to-odd at 53 bits then
+at 24 is round-to-odd at 24; forming the float32 here, in the kernel that adds, spares a pass.)
+Posits (n <= 16): each decision point between neighbours and each posit value has at most 15
+significant bits (an even float32), so the round-to-odd value compares with each as the exact
+sum does, and quantize's posit rounding is correct too. fp32 rounds s moved to odd (one unit
+toward the exact sum where e != 0 and s is even) to nearest float32, 53 bits >= 24 + 2, and
+rounds to nearest only (quantize does not round fp32). Block formats have no single element
+grid: refused.
+
+Efficiency
+----------
+The work runs in slices of images (conv2d), batch entries or rows (matmul) of about
+``SLICE_BYTES`` of float64 buffers. Per slice: the operands chunked and zero-padded in float64
+(conv2d builds its im2col matrix directly in (kh, kw, c) order, one strided copy per kernel
+tap), one batched float64 GEMM for all chunk sums, then the one sequential loop: ceil(K / k)
+steps (P with promotion: the promotion groups step side by side, then one float32 addition per
+group), each an elementwise kernel (compiled once for large tensors, by common.dispatch's rule)
+and a quantize call. Nothing branches on tensor values, so the functions also run inside a
+user's torch.compile. Results are float32 tensors that do not require grad (training wraps the
+GEMMs in its own autograd Function).
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from . import _quant_kernels as K
+from . import dispatch
+from .formats import Format, parse_format
+from .quant import POSIT_STOCHASTIC_MAX_ES, ROUNDINGS, quantize
+
+__all__ = ["Accumulator", "matmul", "conv2d", "MAX_MANTISSA_BITS"]
+
+# quantize rounds a float64 input correctly (round-to-odd to float32, then to nearest in A) for
+# A's of up to 21 mantissa bits: 24 >= (21 + 1) + 2 (module docstring, "One rounding to A").
+MAX_MANTISSA_BITS = 21
+# Work buffers (operand chunks, chunk sums) per slice of images or rows: a few MiB, so that they
+# are reused from the heap and stay in cache instead of being mapped afresh per call.
+SLICE_BYTES = 1 << 23
+_OPERAND_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_format(fmt: Format, rounding: str) -> None:
+    """Refuse formats quantize cannot round a float64 sum to in one correct rounding."""
+    accepted = (f"fp32 (rounding 'nearest'), eXmY floats of at most {MAX_MANTISSA_BITS} mantissa "
+                f"bits (fp16, bf16, e5m7, e4m3, ...), posits")
+    if fmt.is_block:
+        raise ValueError(f"accumulator format {fmt} is a block format; accepted: {accepted}")
+    if fmt.is_float and fmt.man_bits > MAX_MANTISSA_BITS:
+        raise ValueError(f"accumulator format {fmt} has {fmt.man_bits} mantissa bits, too many "
+                         f"to round a float64 sum to once; accepted: {accepted}")
+    if fmt.is_identity and rounding != "nearest":
+        raise ValueError(f"stochastic rounding of an fp32 accumulator is not emulated; "
+                         f"accepted: {accepted}")
+    if fmt.is_posit and rounding != "nearest" and fmt.es > POSIT_STOCHASTIC_MAX_ES:
+        raise ValueError(f"stochastic rounding of {fmt} is refused by quantize; accepted: "
+                         f"posits with es <= {POSIT_STOCHASTIC_MAX_ES}, or rounding='nearest'")
+
+
+def _check_positive_int(value, name: str, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        none = "None or " if allow_none else ""
+        raise ValueError(f"{name} must be {none}an int >= 1, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Accumulator:
+    """An emulated accumulator: format A (``fmt``), chunk width k (``chunk``), promotion to a
+    float32 master every ``promote_every`` chunks (None: never), rounding "nearest" (ties to
+    even) or "stochastic", overflow to inf (``saturate=False``, as quantize) or to +-max."""
+
+    fmt: Union[str, Format]
+    chunk: int
+    promote_every: Optional[int] = None
+    rounding: str = "nearest"
+    saturate: bool = False
+
+    def __post_init__(self):
+        fmt = parse_format(self.fmt)
+        object.__setattr__(self, "fmt", fmt)
+        _check_positive_int(self.chunk, "chunk")
+        _check_positive_int(self.promote_every, "promote_every", allow_none=True)
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"unknown rounding {self.rounding!r}; accepted: "
+                             f"{', '.join(ROUNDINGS)}")
+        if not isinstance(self.saturate, bool):
+            raise ValueError(f"saturate must be True or False, got {self.saturate!r}")
+        _check_format(fmt, self.rounding)
+
+    def to_dict(self) -> dict:
+        """JSON-able fields, for run records (``from_dict`` reads them back)."""
+        return {"fmt": self.fmt.name, "chunk": self.chunk, "promote_every": self.promote_every,
+                "rounding": self.rounding, "saturate": self.saturate}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Accumulator":
+        """Inverse of ``to_dict``."""
+        return cls(d["fmt"], d["chunk"], d.get("promote_every"), d.get("rounding", "nearest"),
+                   d.get("saturate", False))
+
+    def short(self) -> str:
+        """Compact name for run names, e.g. 'fp16-k32-p4', 'bf16-k1-sr-sat'."""
+        s = f"{self.fmt.name}-k{self.chunk}"
+        if self.promote_every is not None:
+            s += f"-p{self.promote_every}"
+        if self.rounding == "stochastic":
+            s += "-sr"
+        if self.saturate:
+            s += "-sat"
+        return s
+
+    def matmul(self, a: torch.Tensor, b: torch.Tensor,
+               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """a [M, K] @ b [K, N] -> [M, N] float32, or batched [B, M, K] @ [B, K, N] ->
+        [B, M, N], accumulated as the module docstring says (K in index order)."""
+        _check_operands(a, b)
+        if a.dim() != b.dim() or a.dim() not in (2, 3) or a.shape[-1] != b.shape[-2] or (
+                a.dim() == 3 and a.shape[0] != b.shape[0]):
+            raise ValueError(f"matmul takes [M, K] @ [K, N] or [B, M, K] @ [B, K, N], got "
+                             f"{tuple(a.shape)} @ {tuple(b.shape)}")
+        nchunks, groups = self._plan(a.shape[-1])
+        if a.dim() == 3:  # slices of batch entries
+            entry_bytes = a.shape[1] * nchunks * (self.chunk + b.shape[2]) * 8
+            parts = [self._gemm(a[lo:hi], self._chunked(b[lo:hi], nchunks), groups, generator)
+                     for lo, hi in _slices(a.shape[0], entry_bytes)]
+        else:  # slices of rows, one chunked b
+            b_chunks = self._chunked(b.unsqueeze(0), nchunks)
+            row_bytes = nchunks * (self.chunk + b.shape[1]) * 8
+            parts = [self._gemm(a[lo:hi].unsqueeze(0), b_chunks, groups, generator)[0]
+                     for lo, hi in _slices(a.shape[0], row_bytes)]
+        return _cat(parts)
+
+    def _gemm(self, a: torch.Tensor, b_chunks: torch.Tensor, groups: int,
+              generator: Optional[torch.Generator]) -> torch.Tensor:
+        """a [B, M, K] times the chunked b [B, J, k, N] -> [B, M, N] float32."""
+        a_chunks = self._chunked(a.transpose(1, 2), b_chunks.shape[1]).transpose(2, 3)
+        return self._accumulate(torch.matmul(a_chunks, b_chunks), groups, generator)
+
+    def _chunked(self, t: torch.Tensor, nchunks: int) -> torch.Tensor:
+        """t [B, K, X] as float64 [B, J, k, X]: K zero-padded to nchunks * k and cut into
+        chunks of k."""
+        padded = t.new_empty((t.shape[0], nchunks * self.chunk, t.shape[2]),
+                             dtype=torch.float64)
+        padded[:, :t.shape[1]].copy_(t.detach())
+        padded[:, t.shape[1]:].zero_()
+        return padded.unflatten(1, (nchunks, self.chunk))
+
+    def conv2d(self, x: torch.Tensor, w: torch.Tensor, stride: Union[int, Tuple[int, int]] = 1,
+               padding: Union[int, Tuple[int, int]] = 0,
+               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """conv2d(x [N, C, H, W], w [O, C, kh, kw]) -> [N, O, H', W'] float32 (groups 1, no
+        bias), accumulated over (kh, kw, c), c fastest, as the module docstring says."""
+        _check_operands(x, w)
+        if x.dim() != 4 or w.dim() != 4 or x.shape[1] != w.shape[1]:
+            raise ValueError(f"conv2d takes x [N, C, H, W] and w [O, C, kh, kw], got "
+                             f"{tuple(x.shape)} and {tuple(w.shape)}")
+        stride, padding = _pair(stride, "stride", 1), _pair(padding, "padding", 0)
+        n, c, h, wd = x.shape
+        o, _, kh, kw = w.shape
+        out_h = (h + 2 * padding[0] - kh) // stride[0] + 1
+        out_w = (wd + 2 * padding[1] - kw) // stride[1] + 1
+        nchunks, groups = self._plan(c * kh * kw)
+        w_taps = w.permute(0, 2, 3, 1).flatten(1).t().unsqueeze(0)           # [1, K, O]
+        w_chunks = self._chunked(w_taps, nchunks)[0].transpose(1, 2)         # [J, O, k]
+        image_bytes = nchunks * (self.chunk + o) * out_h * out_w * 8
+        parts = [self._conv_images(x[lo:hi], w_chunks, (kh, kw), stride, padding, groups,
+                                   generator) for lo, hi in _slices(n, image_bytes)]
+        return _cat(parts).unflatten(2, (out_h, out_w))
+
+    def _conv_images(self, x: torch.Tensor, w_chunks: torch.Tensor, kernel: Tuple[int, int],
+                     stride: Tuple[int, int], padding: Tuple[int, int], groups: int,
+                     generator: Optional[torch.Generator]) -> torch.Tensor:
+        """conv2d of images x [n, C, H, W] with the chunked weight [J, O, k] -> [n, O, L]."""
+        n, c = x.shape[:2]
+        nchunks = w_chunks.shape[0]
+        padded = F.pad(x.detach(), (padding[1], padding[1], padding[0], padding[0]))
+        out_h = (padded.shape[2] - kernel[0]) // stride[0] + 1
+        out_w = (padded.shape[3] - kernel[1]) // stride[1] + 1
+        # the im2col matrix [n, K, L] with K in (kh, kw, c) order, zero-padded to whole chunks:
+        # one strided copy per kernel tap
+        taps = padded.new_empty((n, nchunks * self.chunk, out_h * out_w), dtype=torch.float64)
+        for tap, (i, j) in enumerate(itertools.product(range(kernel[0]), range(kernel[1]))):
+            window = padded[:, :, i:i + stride[0] * (out_h - 1) + 1:stride[0],
+                            j:j + stride[1] * (out_w - 1) + 1:stride[1]]
+            taps[:, tap * c:(tap + 1) * c].unflatten(2, (out_h, out_w)).copy_(window)
+        taps[:, kernel[0] * kernel[1] * c:].zero_()
+        col_chunks = taps.unflatten(1, (nchunks, self.chunk))                # [n, J, k, L]
+        sums = torch.matmul(w_chunks, col_chunks)                            # [n, J, O, L]
+        return self._accumulate(sums, groups, generator)
+
+    def _plan(self, k_total: int) -> Tuple[int, int]:
+        """(chunks after zero padding, promotion groups): every group holds the same number of
+        chunks, so the groups accumulate side by side."""
+        nchunks = max(1, -(-k_total // self.chunk))
+        per_group = nchunks if self.promote_every is None else min(self.promote_every, nchunks)
+        groups = -(-nchunks // per_group)
+        return groups * per_group, groups
+
+    def _accumulate(self, sums: torch.Tensor, groups: int,
+                    generator: Optional[torch.Generator]) -> torch.Tensor:
+        """[B, J, X, Y] float64 chunk sums -> [B, X, Y] float32: the groups of J / groups
+        consecutive chunks accumulate in A side by side, then add into the master in order."""
+        nchunks = sums.shape[1]
+        per_group = sums.unflatten(1, (groups, nchunks // groups))           # [B, G, P, X, Y]
+        acc = sums.new_zeros(per_group[:, :, 0].shape, dtype=torch.float32)  # A is in float32
+        for step in range(nchunks // groups):
+            acc = self._add_round(acc, per_group[:, :, step], generator)
+        acc = _positive_zero(acc)
+        master = acc[:, 0]  # = +0 + acc
+        for group in range(1, groups):
+            master = master + acc[:, group]
+        return master
+
+    def _add_round(self, acc: torch.Tensor, chunk_sum: torch.Tensor,
+                   generator: Optional[torch.Generator]) -> torch.Tensor:
+        """round_A(acc + chunk_sum) with one rounding, as float32 (-0 where A rounds a small
+        negative sum to zero: it adds as +0 does, and the end reads it as +0)."""
+        if self.fmt.is_identity:  # round the float64 sum rounded to odd: 53 bits >= 24 + 2
+            total = _elementwise(_sum_to_nearest32, acc, chunk_sum)
+            return torch.clamp(total, -self.fmt.max, self.fmt.max) if self.saturate else total
+        # a float32 that rounds to A as the exact sum does: at most 22 significant bits in A,
+        # 24 >= 22 + 2 (module docstring)
+        total = _elementwise(_sum_to_odd32, acc, chunk_sum)
+        return quantize(total, self.fmt, self.rounding, self.saturate, generator)
+
+
+def _positive_zero(t: torch.Tensor) -> torch.Tensor:
+    """float32 t with -0 replaced by +0, on the bit pattern: inductor compiles its CPU kernels
+    with -fno-signed-zeros, which lets the C++ compiler fold a float test for zero away."""
+    bits = t.view(torch.int32)
+    return torch.where(bits == K.F32_SIGN_BIT, 0, bits).view(torch.float32)
+
+
+def _two_sum(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(s, err): s = a + b rounded to nearest, err = a + b - s exactly (Knuth's TwoSum; finite
+    inputs whose sum does not overflow)."""
+    s = a + b
+    b_virtual = s - a
+    return s, (a - (s - b_virtual)) + (b - b_virtual)
+
+
+def _sum_to_odd32(acc: torch.Tensor, chunk_sum: torch.Tensor) -> torch.Tensor:
+    """acc (float32) + chunk_sum (float64) rounded to odd at float32's 24 bits: the exact sum
+    where float32 holds it, else whichever of its two float32 neighbours is odd (beyond float32's
+    range +-max, odd). inf and NaN pass through.
+
+    t = float32(s) is one neighbour (s: the float64 sum), and s lies in the same float32
+    interval as the exact sum (float32's grid is part of float64's, and the exact sum is within
+    half a float64 unit of s), so (s - t) + err has the sign of exact - t and is 0 only where
+    t is exact; adjacent float32 patterns alternate odd and even, so an even inexact t steps one
+    pattern toward the exact sum."""
+    a = acc.to(torch.float64)
+    s, err = _two_sum(a, chunk_sum)
+    t = s.to(torch.float32)
+    residual = (s - t.to(torch.float64)) + err
+    bits = t.view(torch.int32)
+    fix = (residual != 0) & ((bits & 1) == 0) & torch.isfinite(s)
+    up = (residual > 0) != (bits < 0)  # toward the exact sum = up in magnitude
+    return torch.where(fix, torch.where(up, bits + 1, bits - 1), bits).view(torch.float32)
+
+
+def _sum_to_nearest32(acc: torch.Tensor, chunk_sum: torch.Tensor) -> torch.Tensor:
+    """acc + chunk_sum rounded once to nearest float32 (IEEE overflow to inf): the float64 sum
+    rounded to odd (the nearest sum s, moved one unit toward the exact sum where TwoSum's error
+    is nonzero and s is even), then rounded to float32. inf and NaN pass through."""
+    s, err = _two_sum(acc.to(torch.float64), chunk_sum)
+    bits = s.view(torch.int64)
+    fix = (err != 0) & ((bits & 1) == 0) & torch.isfinite(s)
+    up = (err > 0) == (s > 0)  # s != 0 where err != 0
+    odd = torch.where(fix, torch.where(up, bits + 1, bits - 1), bits).view(torch.float64)
+    return odd.to(torch.float32)
+
+
+def _elementwise(kernel, acc: torch.Tensor, chunk_sum: torch.Tensor) -> torch.Tensor:
+    """kernel(acc, chunk_sum): one compiled kernel for large tensors, by dispatch's rule and
+    cache for quantize's bit arithmetic; eager ops for small ones, where compiling fails, and
+    inside a user's torch.compile. The same bits either way."""
+    path = dispatch.resolve_path("auto")
+    if dispatch.use_compiled(path, acc.numel(), acc.device, dispatch.EAGER_BITS_BELOW):
+        key = ("accumulate", kernel.__name__.strip("_"), acc.device.type)
+        y = dispatch.run_compiled(key, kernel, (acc, chunk_sum), strict=path == "compiled")
+        if y is not None:
+            return y
+    return kernel(acc, chunk_sum)
+
+
+def _slices(count: int, item_bytes: int) -> list:
+    """[(lo, hi)] ranges covering range(count), each holding about SLICE_BYTES of float64 work
+    buffers (at least one item): small buffers are reused from the heap and stay in cache."""
+    step = max(1, SLICE_BYTES // max(item_bytes, 1))
+    return [(lo, min(lo + step, count)) for lo in range(0, max(count, 1), step)]
+
+
+def _cat(parts: list) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _check_operands(a, b) -> None:
+    for t in (a, b):
+        if not isinstance(t, torch.Tensor) or t.dtype not in _OPERAND_DTYPES:
+            got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"operands must be float32, float16 or bfloat16 tensors (their "
+                             f"products are exact in float64), got {got}")
+
+
+def _pair(value, name: str, least: int) -> Tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < least
+                             for v in pair):
+        raise ValueError(f"{name} must be an int >= {least} or a pair of them, got {value!r}")
+    return pair
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor, acc: Accumulator,
+           generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """``acc.matmul(a, b)``."""
+    return acc.matmul(a, b, generator)
+
+
+def conv2d(x: torch.Tensor, w: torch.Tensor, stride: Union[int, Tuple[int, int]],
+           padding: Union[int, Tuple[int, int]], acc: Accumulator,
+           generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """``acc.conv2d(x, w, stride, padding)``."""
+    return acc.conv2d(x, w, stride, padding, generator)
