@@ -217,14 +217,13 @@ def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = 
     flags given explicitly keep their value.
     """
     presets = {"--recipe": RECIPES, **getattr(parser, "presets", {})}
-    for flag, table in presets.items():
-        pre = argparse.ArgumentParser(add_help=False)
-        default = parser.get_default(flag[2:].replace("-", "_"))
-        pre.add_argument(flag, dest="preset", default=default)
-        name = pre.parse_known_args(argv)[0].preset
-        if name in table:                # an unknown name is refused by the full parse below
-            parser.set_defaults(**table[name])
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)   # which presets are named, read as argparse reads the flags
+    named = [table[getattr(args, flag[2:].replace("-", "_"))] for flag, table in presets.items()
+             if getattr(args, flag[2:].replace("-", "_")) in table]
+    if named:                        # again, on the presets' defaults: explicit flags win
+        for defaults in named:
+            parser.set_defaults(**defaults)
+        args = parser.parse_args(argv)
     checks = [
         (args.epochs >= 1, "--epochs must be >= 1"),
         (args.batch_size >= 1, "--batch-size must be >= 1"),
