@@ -27,10 +27,9 @@ for path in (ROOT, os.path.join(ROOT, "benchmarks")):
         sys.path.insert(0, path)
 
 import torch  # noqa: E402
-from step_time import Stepper, load_plan  # noqa: E402
+from step_time import Stepper, build_stepper  # noqa: E402
 
 from common import hardware  # noqa: E402
-from common.config import CONFIGS  # noqa: E402
 
 # (GEMM-mode configuration, the tensor-role configuration it is compared with)
 PAIRS = [("fp8-te-gemm", "fp8-e4m3w"), ("fp4-nv-gemm-fl", "fp4-nv-fl"),
@@ -41,10 +40,7 @@ ACC_BASE = "fp8-te-gemm"
 
 
 def build(key: str, extra, args) -> Stepper:
-    script, flags, _ = CONFIGS[key]
-    kw = load_plan(script)([*flags, *extra, "--model", args.model, "--device", "cpu",
-                            "--batch-size", str(args.batch_size), "--synthetic"])
-    return Stepper(kw, torch.device("cpu"), args.batch_size)
+    return build_stepper(key, args, torch.device("cpu"), extra=extra)
 
 
 def timed(steppers: dict, args) -> dict:

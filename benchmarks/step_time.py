@@ -104,15 +104,20 @@ class Stepper:
         return (time.perf_counter() - t0) / steps
 
 
+def build_stepper(key: str, args, device, mode: str = "eager", extra=()) -> Stepper:
+    """The Stepper of configuration `key` as its script plans it, plus `extra` flags."""
+    script, flags, _ = CONFIGS[key]
+    kw = load_plan(script)([*flags, *extra, "--model", args.model, "--device", device.type,
+                            "--batch-size", str(args.batch_size), "--synthetic"])
+    return Stepper(kw, device, args.batch_size, mode)
+
+
 def measure(pairs, args, device) -> dict:
     """Median seconds per step of every (config, mode) pair, timed in interleaved rounds here."""
     steppers = {}
     for key, mode in pairs:
-        script, flags, _ = CONFIGS[key]
-        kw = load_plan(script)(list(flags) + ["--model", args.model, "--device", args.device,
-                                              "--batch-size", str(args.batch_size), "--synthetic"])
         name = key if mode == "eager" else f"{key} ({mode})"
-        steppers[name] = Stepper(kw, device, args.batch_size, mode)
+        steppers[name] = build_stepper(key, args, device, mode)
         t0 = time.perf_counter()
         for _ in range(args.warmup):
             steppers[name].step()

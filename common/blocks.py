@@ -458,10 +458,7 @@ def quantize_block(x: torch.Tensor, fmt, rounding: str = "nearest", saturate: bo
     x32 = _narrow(x, fmt)
     if x.numel() == 0:
         return x.clone()
-    if rounding == "nearest":
-        seed = None
-    elif seed is None:
-        seed = dispatch.draw_seed(generator, x32.device)
+    seed = _element_seed(rounding, seed, generator, x32.device)
     path = dispatch.resolve_path(path)
     if dispatch.tracing() and path != "compiled":  # the eager ops, traced into a user's graph
         x3, to_x = _rows(x32)
@@ -469,6 +466,14 @@ def quantize_block(x: torch.Tensor, fmt, rounding: str = "nearest", saturate: bo
             return dispatch.to_input_dtype(to_x(_split_cast(x3, fmt, seed)), x.dtype)
     v3, to_x = _block_layout(x32, fmt.block_size)
     return dispatch.to_input_dtype(to_x(_cast_layout(v3, fmt, rounding, seed, path)), x.dtype)
+
+
+def _element_seed(rounding: str, seed, generator, device: torch.device):
+    """The seed words of the elements' stochastic rounding (None for nearest): the given test
+    seed, else a draw from `generator` (or torch's default generator)."""
+    if rounding == "nearest":
+        return None
+    return dispatch.draw_seed(generator, device) if seed is None else seed
 
 
 def _cast_layout(v3: torch.Tensor, fmt: Format, rounding: str, seed, path: str) -> torch.Tensor:
@@ -507,8 +512,5 @@ def quantize_tiles(tiles: torch.Tensor, fmt, rounding: str = "nearest",
     v3 = tiles.detach().contiguous()
     if v3.numel() == 0:
         return v3.clone()
-    if rounding == "nearest":
-        seed = None
-    elif seed is None:
-        seed = dispatch.draw_seed(generator, v3.device)
+    seed = _element_seed(rounding, seed, generator, v3.device)
     return _cast_layout(v3, fmt, rounding, seed, dispatch.resolve_path(path))

@@ -218,8 +218,8 @@ def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = 
     """
     presets = {"--recipe": RECIPES, **getattr(parser, "presets", {})}
     args = parser.parse_args(argv)   # which presets are named, read as argparse reads the flags
-    named = [table[getattr(args, flag[2:].replace("-", "_"))] for flag, table in presets.items()
-             if getattr(args, flag[2:].replace("-", "_")) in table]
+    chosen = [(table, getattr(args, flag[2:].replace("-", "_"))) for flag, table in presets.items()]
+    named = [table[name] for table, name in chosen if name in table]
     if named:                        # again, on the presets' defaults: explicit flags win
         for defaults in named:
             parser.set_defaults(**defaults)

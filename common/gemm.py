@@ -43,7 +43,10 @@ HADAMARD_BLOCK = 16  # the NVFP4 recipe's 16 x 16 random Hadamard transform
 OPERAND_ROLES = {"input": "act", "weight": "weight", "grad_output": "grad",
                  "input_for_grad_weight": "act", "weight_for_grad_input": "weight",
                  "grad_output_for_grad_weight": "grad"}
-OVERRIDE_SLOTS = ("weight_for_grad_input", "input_for_grad_weight", "grad_output_for_grad_weight")
+# The slots GemmConfig may override, with their run-name marks (operand, GEMM: w in dgrad, ...).
+OVERRIDE_TAGS = {"weight_for_grad_input": "wd", "input_for_grad_weight": "xw",
+                 "grad_output_for_grad_weight": "gw"}
+OVERRIDE_SLOTS = tuple(OVERRIDE_TAGS)
 
 
 @dataclass(frozen=True)
@@ -155,7 +158,7 @@ class GemmConfig:
         for slot in OVERRIDE_SLOTS:
             rq = getattr(self, slot)
             if rq is not None:
-                parts.append(f"{slot.split('_')[0][0]}{slot.split('_')[-1][0]}-{rq.short()}")
+                parts.append(f"{OVERRIDE_TAGS[slot]}-{rq.short()}")
         if self.accumulator is not None:
             gemms = "" if self.accumulate == GEMMS else "-" + "".join(g[0] for g in self.accumulate)
             parts.append(f"acc-{self.accumulator.short()}{gemms}")
@@ -187,25 +190,27 @@ class Recipe:
     source: str = ""
 
 
+def _role_flags(forward: str, grad: str, scaling: str, grad_rounding: str = "nearest") -> dict:
+    """The role flags of a recipe: x and w in `forward`, dy in `grad`, one scaling for all."""
+    return {"w_fmt": forward, "a_fmt": forward, "g_fmt": grad, "g_rounding": grad_rounding,
+            "w_scaling": scaling, "a_scaling": scaling, "g_scaling": scaling}
+
+
 RECIPES = {
     "te-fp8": Recipe(
-        {"w_fmt": "e4m3", "a_fmt": "e4m3", "g_fmt": "e5m2",
-         "w_scaling": "tensor", "a_scaling": "tensor", "g_scaling": "tensor"},
+        _role_flags("e4m3", "e5m2", "tensor"),
         source="TransformerEngine's FP8 recipe (HYBRID: e4m3 forward, e5m2 gradients), per-tensor "
                "current scaling"),
     "nvfp4": Recipe(
-        {"w_fmt": "nvfp4", "a_fmt": "nvfp4", "g_fmt": "nvfp4", "g_rounding": "stochastic",
-         "w_scaling": "none", "a_scaling": "none", "g_scaling": "none"},
+        _role_flags("nvfp4", "nvfp4", "none", "stochastic"),
         weight_blocks_2d=True, hadamard_wgrad=True,
         source="NVIDIA's NVFP4 pretraining recipe (arXiv:2509.25149): 16x16 2D weight blocks, "
                "16x16 random Hadamard on wgrad, stochastic rounding on gradients"),
     "mxfp8": Recipe(
-        {"w_fmt": "mxfp8", "a_fmt": "mxfp8", "g_fmt": "mxfp8",
-         "w_scaling": "none", "a_scaling": "none", "g_scaling": "none"},
+        _role_flags("mxfp8", "mxfp8", "none"),
         source="OCP MXFP8 for every operand (torchao's MX training, e4m3 elements)"),
     "mxfp4": Recipe(
-        {"w_fmt": "mxfp4", "a_fmt": "mxfp4", "g_fmt": "mxfp4", "g_rounding": "stochastic",
-         "w_scaling": "none", "a_scaling": "none", "g_scaling": "none"},
+        _role_flags("mxfp4", "mxfp4", "none", "stochastic"),
         weight_blocks_2d=True, hadamard_wgrad=True,
         source="MXFP4 with the NVFP4 recipe's treatment (Tseng et al., arXiv:2502.20586: "
                "stochastic rounding and random Hadamard in the backward pass)"),
@@ -233,6 +238,15 @@ def _reusable(a, b) -> bool:
     blocks, so only the layout differs (hardware casts such an operand once and transposes it;
     a stochastic cast is then drawn once, too)."""
     return a == b and _elementwise(a)
+
+
+def _memory_format(t: torch.Tensor) -> torch.memory_format:
+    """channels_last where a 4-D t is laid out so (and not also contiguous), else contiguous:
+    a GEMM mode result keeps its layer's layout."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(
+            memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def _forward_weight(w: torch.Tensor, casts: OperandCasts, gemm: GemmConfig) -> torch.Tensor:
@@ -311,10 +325,8 @@ class _GemmConv2d(torch.autograd.Function):
         if acc is None:
             y = F.conv2d(xq, wq, None, stride, padding)
         else:
-            y = acc.conv2d(xq, wq, stride=stride, padding=padding).to(
-                memory_format=torch.channels_last if x.is_contiguous(
-                    memory_format=torch.channels_last) and not x.is_contiguous()
-                else torch.contiguous_format)
+            y = acc.conv2d(xq, wq, stride=stride, padding=padding).contiguous(
+                memory_format=_memory_format(x))
         if bias is not None:
             y = y + bias.view(1, -1, 1, 1)
         x_saved = xq if _reusable(casts.input, casts.input_for_grad_weight) and \
@@ -365,9 +377,7 @@ class _GemmConv2d(torch.autograd.Function):
             else:
                 dx = _dgrad_conv(dyd, wd, x_saved.shape, stride, padding, acc)
         if dw is not None:
-            dw = dw.contiguous(memory_format=torch.channels_last) if w_saved.is_contiguous(
-                memory_format=torch.channels_last) and not w_saved.is_contiguous() \
-                else dw.contiguous()
+            dw = dw.contiguous(memory_format=_memory_format(w_saved))
         db = dy.sum((0, 2, 3)) if has_bias and ctx.needs_input_grad[2] else None
         return dx, dw, db, None, None, None, None
 

@@ -16,6 +16,7 @@ parity with results made with those libraries).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, fields
 from typing import Callable, List, Optional, Tuple, Union
 
@@ -168,6 +169,12 @@ class QuantConfig:
         accumulates = self.gemm is not None and self.gemm.accumulator is not None
         return accumulates or any(rq.active for _, rq in self.roles())
 
+    @functools.cached_property
+    def operand_casts(self):
+        """GEMM mode's six operand casts (common.gemm.OperandCasts), resolved once per config:
+        every layer's forward reads them."""
+        return self.gemm.operand_casts(self)
+
     def to_dict(self) -> dict:
         d = {role.field: rq.to_dict() for role, rq in self.roles()}
         d.update(first_last_fp32=self.first_last_fp32, backend=self.backend)
@@ -184,6 +191,9 @@ class QuantConfig:
         gemm = GemmConfig.from_dict(d["gemm"], RoleQuant) if d.get("gemm") else None
         return cls(first_last_fp32=bool(d.get("first_last_fp32", False)),
                    backend=d.get("backend", "native"), gemm=gemm, **roles)
+
+
+NO_CAST = RoleQuant()   # fp32: a role that casts nothing
 
 
 def _check_role_table() -> None:
@@ -242,6 +252,11 @@ class _QuantMixin:
         w = fake_quant(self.weight, q.weight, q.weight_grad, q.backend)
         return x, w
 
+    def _gemm_weight(self):
+        """The weight a GEMM-mode layer hands to its GEMMs: itself, with dw cast per the
+        weight-gradient role (straight through when that role is fp32)."""
+        return fake_quant(self.weight, NO_CAST, self.qconfig.weight_grad)
+
     def extra_repr(self) -> str:
         roles = ", ".join(f"{role.key}={rq.short()}" for role, rq in self.qconfig.roles()
                           if role.in_layer)
@@ -256,9 +271,8 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
     def forward(self, x):
         q = self.qconfig
         if q.gemm is not None:
-            w = fake_quant(self.weight, RoleQuant(), q.weight_grad)   # dw's cast, if any
-            return gemm_conv2d(x, w, self.bias, self.stride, self.padding,
-                               q.gemm.operand_casts(q), q.gemm)
+            return gemm_conv2d(x, self._gemm_weight(), self.bias, self.stride, self.padding,
+                               q.operand_casts, q.gemm)
         x, w = self._quantized_operands(x)
         return self._conv_forward(x, w, self.bias)
 
@@ -270,8 +284,7 @@ class QuantLinear(_QuantMixin, nn.Linear):
     def forward(self, x):
         q = self.qconfig
         if q.gemm is not None:
-            w = fake_quant(self.weight, RoleQuant(), q.weight_grad)
-            return gemm_linear(x, w, self.bias, q.gemm.operand_casts(q), q.gemm)
+            return gemm_linear(x, self._gemm_weight(), self.bias, q.operand_casts, q.gemm)
         x, w = self._quantized_operands(x)
         return F.linear(x, w, self.bias)
 
