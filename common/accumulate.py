@@ -93,7 +93,10 @@ The work runs in slices of images (conv2d), batch entries or rows (matmul) of ab
 tap), one batched float64 GEMM for all chunk sums, then the one sequential loop: ceil(K / k)
 steps (P with promotion: the promotion groups step side by side, then one float32 addition per
 group), each an elementwise kernel (compiled once for large tensors, by common.dispatch's rule)
-and a quantize call. Nothing branches on tensor values, so the functions also run inside a
+and a quantize call. For round-to-nearest into a float format or float32, large tensors take
+FUSED_STEPS steps per compiled call instead (sum, round to odd and round to A, unrolled in one
+kernel: one pass over memory per call; the same bits). The float64 GEMMs bound the speed from
+below: they cost several float32 training steps. Nothing branches on tensor values, so the functions also run inside a
 user's torch.compile. Results are float32 tensors that do not require grad (training wraps the
 GEMMs in its own autograd Function).
 """
@@ -120,6 +123,10 @@ MAX_MANTISSA_BITS = 21
 # are reused from the heap and stay in cache instead of being mapped afresh per call.
 SLICE_BYTES = 1 << 23
 _OPERAND_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Chunk steps per compiled call on the fused path (Accumulator._fused_steps): a fixed count, so
+# one compiled kernel serves every layer and chunk count (the loop is unrolled in it); the
+# steps left over after the last full call go one at a time.
+FUSED_STEPS = 8
 
 
 def _check_format(fmt: Format, rounding: str) -> None:
@@ -287,13 +294,49 @@ class Accumulator:
         nchunks = sums.shape[1]
         per_group = sums.unflatten(1, (groups, nchunks // groups))           # [B, G, P, X, Y]
         acc = sums.new_zeros(per_group[:, :, 0].shape, dtype=torch.float32)  # A is in float32
-        for step in range(nchunks // groups):
-            acc = self._add_round(acc, per_group[:, :, step], generator)
+        fused = self._fused_steps(acc, per_group, generator)
+        if fused is not None:
+            acc = fused
+        else:
+            for step in range(nchunks // groups):
+                acc = self._add_round(acc, per_group[:, :, step], generator)
         acc = _positive_zero(acc)
         master = acc[:, 0]  # = +0 + acc
         for group in range(1, groups):
             master = master + acc[:, group]
         return master
+
+    def _fused_steps(self, acc: torch.Tensor, per_group: torch.Tensor,
+                     generator: Optional[torch.Generator]) -> Optional[torch.Tensor]:
+        """All chunk steps of ``_accumulate``, FUSED_STEPS at a time in one compiled call each
+        (one pass over memory instead of two kernels per step), the last steps that make no
+        full call one by one; for round-to-nearest into a float format or float32. None where
+        that does not apply or cannot compile: the caller then steps one chunk at a time, with
+        the same bits."""
+        if self.rounding != "nearest" or self.fmt.is_posit or (
+                self.fmt.is_identity and self.saturate):
+            return None
+        steps = per_group.shape[2]
+        path = dispatch.resolve_path("auto")
+        if steps < FUSED_STEPS or not dispatch.use_compiled(path, acc.numel(), acc.device,
+                                                            dispatch.EAGER_BITS_BELOW):
+            return None
+        if self.fmt.is_identity:
+            key, kernel = ("accumulate", "fused_fp32", acc.device.type), _k_fused_fp32
+            params = ()
+        else:
+            key, kernel = ("accumulate", "fused_float", acc.device.type), _k_fused_float
+            params = (dispatch.param_tensor(self.fmt, self.saturate, acc.device, "bits"),)
+        full = steps - steps % FUSED_STEPS
+        for start in range(0, full, FUSED_STEPS):
+            block = per_group[:, :, start:start + FUSED_STEPS]
+            acc = dispatch.run_compiled(key, kernel, (acc, block, *params),
+                                        strict=path == "compiled")
+            if acc is None:
+                return None
+        for step in range(full, steps):
+            acc = self._add_round(acc, per_group[:, :, step], generator)
+        return acc
 
     def _add_round(self, acc: torch.Tensor, chunk_sum: torch.Tensor,
                    generator: Optional[torch.Generator]) -> torch.Tensor:
@@ -353,6 +396,22 @@ def _sum_to_nearest32(acc: torch.Tensor, chunk_sum: torch.Tensor) -> torch.Tenso
     up = (err > 0) == (s > 0)  # s != 0 where err != 0
     odd = torch.where(fix, torch.where(up, bits + 1, bits - 1), bits).view(torch.float64)
     return odd.to(torch.float32)
+
+
+def _k_fused_float(acc: torch.Tensor, block: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """FUSED_STEPS chunk steps: acc = round_A(acc + block[:, :, s]) for s in order, A a float
+    format with kernel parameters p (round to nearest even, _quant_kernels.float_nearest)."""
+    for step in range(FUSED_STEPS):
+        total = _sum_to_odd32(acc, block[:, :, step])
+        acc = K.float_nearest(total.view(torch.int32), dispatch.unpack(p)).view(torch.float32)
+    return acc
+
+
+def _k_fused_fp32(acc: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """FUSED_STEPS chunk steps into a float32 accumulator (one rounding each)."""
+    for step in range(FUSED_STEPS):
+        acc = _sum_to_nearest32(acc, block[:, :, step])
+    return acc
 
 
 def _elementwise(kernel, acc: torch.Tensor, chunk_sum: torch.Tensor) -> torch.Tensor:

@@ -256,41 +256,46 @@ def _forward_weight(w: torch.Tensor, casts: OperandCasts, gemm: GemmConfig) -> t
 
 
 # ---------------------------------------------------------------------------------------------
-# wgrad as a GEMM over positions: [N, L, ·] operands, blocks and Hadamard along L (per image)
+# wgrad as a GEMM over positions: [N, ·, L] operands, blocks and Hadamard along L (per image)
 # ---------------------------------------------------------------------------------------------
-def _wgrad(x_rows: torch.Tensor, dy_rows: torch.Tensor, casts: OperandCasts,
+def _cast_positions(t: torch.Tensor, rq) -> torch.Tensor:
+    """t [N, R, L] cast per rq with a block format's blocks along its last dim, the positions
+    of each image: cast as the 2-D [N*R, L], whose blocks lie contiguous in memory (no copy)."""
+    if not rq.active or _elementwise(rq):
+        return _cast(t, rq, 1)
+    flat = t.reshape(-1, t.shape[-1])
+    return _cast(flat, rq, 1).view(t.shape)
+
+
+def _wgrad(x_cols: torch.Tensor, dy_cols: torch.Tensor, casts: OperandCasts,
            gemm: GemmConfig, x_is_cast: bool = False, dy_is_cast: bool = False) -> torch.Tensor:
-    """dw [O, K] = sum over n, l of dy_rows[n, l, o] * x_rows[n, l, k], both operands cast along
-    the positions l of each image (dim 1), after the optional Hadamard transform of both; with
-    an accumulator, each image accumulates its positions and the images' float32 results are
-    added in order (split-K over the batch). x_is_cast / dy_is_cast: the operand already holds
-    its other GEMM's cast, which this one reuses (``_reusable``; never with the Hadamard
-    transform, which comes before the cast)."""
+    """dw [O, K] = sum over n, l of dy_cols[n, o, l] * x_cols[n, k, l]: both operands [N, ·, L],
+    cast along the positions l of each image (their last dim), after the optional Hadamard
+    transform of both; with an accumulator, each image accumulates its positions and the
+    images' float32 results are added in order (split-K over the batch). Positions last keeps
+    every block contiguous in memory, so neither the transform nor the cast moves data.
+    x_is_cast / dy_is_cast: the operand already holds its other GEMM's cast, which this one
+    reuses (``_reusable``; never with the Hadamard transform, which comes before the cast)."""
     if gemm.hadamard_wgrad:
-        x_rows = hadamard_transform(x_rows, 1, gemm.hadamard_seed, HADAMARD_BLOCK)
-        dy_rows = hadamard_transform(dy_rows, 1, gemm.hadamard_seed, HADAMARD_BLOCK)
+        x_cols = hadamard_transform(x_cols, -1, gemm.hadamard_seed, HADAMARD_BLOCK)
+        dy_cols = hadamard_transform(dy_cols, -1, gemm.hadamard_seed, HADAMARD_BLOCK)
     if not x_is_cast:
-        x_rows = _cast(x_rows, casts.input_for_grad_weight, 1)
+        x_cols = _cast_positions(x_cols, casts.input_for_grad_weight)
     if not dy_is_cast:
-        dy_rows = _cast(dy_rows, casts.grad_output_for_grad_weight, 1)
+        dy_cols = _cast_positions(dy_cols, casts.grad_output_for_grad_weight)
     acc = gemm.accumulates("wgrad")
     if acc is None:
-        n, positions, o = dy_rows.shape
-        return dy_rows.reshape(n * positions, o).t() @ x_rows.reshape(n * positions, -1)
-    per_image = acc.matmul(dy_rows.transpose(1, 2), x_rows)   # [N, O, K]
+        return torch.bmm(dy_cols, x_cols.transpose(1, 2)).sum(0)
+    per_image = acc.matmul(dy_cols, x_cols.transpose(1, 2))   # [N, O, K]
     total = per_image[0].clone()
     for i in range(1, per_image.shape[0]):
         total = total + per_image[i]
     return total
 
 
-def _conv_rows(x: torch.Tensor, kernel, stride, padding) -> torch.Tensor:
-    """x's im2col rows [N, L, kh*kw*C], the reduction index ordered (kh, kw, c), c fastest."""
-    n, c = x.shape[:2]
-    kh, kw = kernel
-    cols = F.unfold(x, (kh, kw), padding=padding, stride=stride)   # [N, C*kh*kw, L], (c, kh, kw)
-    cols = cols.view(n, c, kh * kw, -1).permute(0, 3, 2, 1)          # [N, L, kh*kw, C]
-    return cols.reshape(n, cols.shape[1], kh * kw * c)
+def _conv_cols(x: torch.Tensor, kernel, stride, padding) -> torch.Tensor:
+    """x's im2col columns [N, C*kh*kw, L] (F.unfold: index (c, kh, kw), positions last)."""
+    return F.unfold(x, tuple(kernel), padding=padding, stride=stride)
 
 
 def _dgrad_conv(dy: torch.Tensor, w: torch.Tensor, x_shape, stride, padding,
@@ -365,11 +370,10 @@ class _GemmConv2d(torch.autograd.Function):
             dy_reuse = not gemm.hadamard_wgrad and _reusable(casts.grad_output,
                                                              casts.grad_output_for_grad_weight)
             dy_w = dyd if dy_reuse else dy
-            dy_rows = dy_w.permute(0, 2, 3, 1).reshape(dy.shape[0], -1, dy.shape[1])
-            dw_rows = _wgrad(_conv_rows(x_saved, kernel, stride, padding), dy_rows, casts, gemm,
-                             x_is_cast=ctx.x_cast, dy_is_cast=dy_reuse)
-            o, c = w_saved.shape[:2]
-            dw = dw_rows.view(o, kernel[0], kernel[1], c).permute(0, 3, 1, 2)
+            dy_cols = dy_w.reshape(dy.shape[0], dy.shape[1], -1)   # [N, O, L]
+            dw_cols = _wgrad(_conv_cols(x_saved, kernel, stride, padding), dy_cols, casts,
+                             gemm, x_is_cast=ctx.x_cast, dy_is_cast=dy_reuse)
+            dw = dw_cols.view(w_saved.shape)                          # (c, kh, kw) as unfold
         if need_x and dx is None:
             acc = gemm.accumulates("dgrad")
             if acc is None:
@@ -413,7 +417,7 @@ class _GemmLinear(torch.autograd.Function):
             dy_reuse = not gemm.hadamard_wgrad and _reusable(casts.grad_output,
                                                              casts.grad_output_for_grad_weight)
             dy_w = dyd if dy_reuse else dy
-            dw = _wgrad(x_saved.unsqueeze(0), dy_w.unsqueeze(0), casts, gemm,
+            dw = _wgrad(x_saved.t().unsqueeze(0), dy_w.t().unsqueeze(0), casts, gemm,
                         x_is_cast=x_cast, dy_is_cast=dy_reuse)
         if has_bias and ctx.needs_input_grad[2]:
             db = dy.sum(0)

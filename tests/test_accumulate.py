@@ -441,6 +441,40 @@ def test_compiled_kernels_give_the_eager_bits(acc, monkeypatch):
     assert_same_array_bits(results["compiled"], results["eager"], acc.short())
 
 
+@pytest.mark.slow
+def test_fused_compiled_steps_match_the_oracle(monkeypatch):
+    """QUANT_PATH=compiled sends round-to-nearest accumulation through the fused kernels
+    (FUSED_STEPS chunk steps per call, the steps left over one by one): the oracle's bits, for
+    step counts below, at and above FUSED_STEPS and not a multiple of it, with promotion, with
+    overflow to inf / NaN and saturating."""
+    from common import accumulate
+
+    keys, run_compiled = [], dispatch.run_compiled
+
+    def spy(key, *args, **kwargs):
+        keys.append(key[1])
+        return run_compiled(key, *args, **kwargs)
+
+    monkeypatch.setattr(dispatch, "run_compiled", spy)
+    monkeypatch.setenv("QUANT_PATH", "compiled")
+    steps = accumulate.FUSED_STEPS
+    a, b = e4m3_operands((3, 2 * steps + 5), 21), e4m3_operands((2 * steps + 5, 2), 22)
+    for spec in ("fp16", "bf16", "e5m7", "e8m13", "fp32"):
+        for chunk, promote_every in ((1, None), (3, 2), (1, steps + 1), (64, None)):
+            acc = Accumulator(spec, chunk, promote_every)
+            want = oracle_matmul(a, b, spec, chunk, promote_every)
+            assert_same_array_bits(acc.matmul(a, b), want, acc.short())
+    big = 2.0 ** 9
+    a = torch.full((2, steps + 3), big)
+    a[1, ::2] = -big
+    b = torch.full((steps + 3, 1), big)
+    for spec, saturate in (("fp16", False), ("fp16", True), ("e4m3", False), ("e5m7", True)):
+        acc = Accumulator(spec, 1, saturate=saturate)
+        assert_same_array_bits(acc.matmul(a, b), oracle_matmul(a, b, spec, 1, None, saturate),
+                               acc.short())
+    assert {"fused_float", "fused_fp32"} <= set(keys)
+
+
 # ---------------------------------------------------------------------------------------------
 # arguments and records
 # ---------------------------------------------------------------------------------------------

@@ -129,6 +129,47 @@ def test_conv_gemm_operands(fmt, stride):
     torch.testing.assert_close(dw, ref_dw, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv_wgrad_hadamard_then_blocks_along_positions(stride, channels_last):
+    """wgrad with the random Hadamard transform: both operands' positions of each image are
+    rotated 16 at a time (a block-diagonal matrix of R, built here), then cast with NVFP4
+    blocks along the positions; dw is their product summed over images and positions."""
+    from common.operands import hadamard_matrix
+
+    torch.manual_seed(8)
+    x, w = torch.randn(2, 16, 8, 8), torch.randn(16, 16, 3, 3)
+    if channels_last:
+        x, w = (t.to(memory_format=torch.channels_last) for t in (x, w))
+    _, _, dw, dy = _run_conv(x, w, "nvfp4", stride, 1, hadamard_wgrad=True, hadamard_seed=5)
+    rows = _conv_rows_reference(x, (3, 3), stride, 1)                # [N, L, K]
+    dy_rows = dy.flatten(2).transpose(1, 2)                           # [N, L, O]
+    positions = rows.shape[1]
+    padded = -(-positions // 16) * 16
+    rot = torch.block_diag(*[hadamard_matrix(5)] * (padded // 16))  # [padded, padded]
+
+    def rotate_then_cast(t):   # [N, L, ·]: rows l -> (R-blocks)ᵀ t, then blocks along L
+        t = F.pad(t, (0, 0, 0, padded - positions))
+        t = torch.einsum("lm,nlk->nmk", rot, t)
+        n, length, k = t.shape
+        q = quantize(t.transpose(1, 2).reshape(n * k, length), "nvfp4")
+        return q.view(n, k, length).transpose(1, 2)
+    xq, dyq = rotate_then_cast(rows), rotate_then_cast(dy_rows)
+    ref_dw = torch.einsum("nlo,nlk->ok", dyq, xq).view(16, 3, 3, 16).permute(0, 3, 1, 2)
+    torch.testing.assert_close(dw, ref_dw, rtol=1e-5, atol=1e-4)
+    if channels_last:
+        assert dw.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_linear_wgrad_blocks_along_the_batch():
+    """A Linear's wgrad reduces over the batch: NVFP4 blocks of 16 consecutive samples."""
+    torch.manual_seed(9)
+    x, w = torch.randn(40, 24), torch.randn(8, 24)
+    _, _, dw, dy = _run_linear(x, w, "nvfp4")
+    q = lambda t: quantize(t, "nvfp4")  # noqa: E731
+    torch.testing.assert_close(dw, q(dy.t()) @ q(x.t()).t(), rtol=1e-5, atol=1e-4)
+
+
 def test_unblocked_stochastic_dy_is_drawn_once():
     """An unblocked stochastic cast of dy is drawn once and read by both backward GEMMs: dx and
     dw are torch's conv gradients of one quantized dy (the backward's first random draw)."""
