@@ -7,10 +7,11 @@ trained to several epoch counts (the recipe's curve).
 
 Reads the run records kept in results/runs/ (full test set) and results/runs-test1k/ (history:
 runs scored on the first 1,000 test images) and the run folders in runs/ (summary.json,
-metrics.jsonl, predictions.json, ptq.json from ptq_eval.py); a run of the same configuration
-and seed found twice counts once, and runs on different test sets are kept in separate tables. A
-run folder that cannot be read (a corrupt summary.json or metrics.jsonl) is left out with a
-warning and named in results.md. Details: common/report/.
+metrics.jsonl, predictions.json, ptq.json and ptq_acc.json from ptq_eval.py: the latter gives a
+table of accuracy per accumulator and chunk size and acc_vs_mantissa.png); a run of the same
+configuration and seed found twice counts once, and runs on different test sets are kept in
+separate tables. A run folder that cannot be read (a corrupt summary.json or metrics.jsonl) is
+left out with a warning and named in results.md. Details: common/report/.
 """  # noqa: E501  (its first line is 101 characters; --help prints the first paragraph verbatim)
 import argparse
 import os
@@ -75,7 +76,8 @@ def main(argv=None):
     for line in res["warnings"]:
         print(f"warning: {line}", file=sys.stderr)
     print(f"{res['runs']} runs ({res['finished']} finished, {res['not_finished']} not finished) in "
-          f"{res['sections']} table{'s' if res['sections'] != 1 else ''}, {res['ptq']} ptq.json; "
+          f"{res['sections']} table{'s' if res['sections'] != 1 else ''}, {res['ptq']} ptq.json, "
+          f"{res['ptq_acc']} ptq_acc.json; "
           f"wrote {res['results']}, {res['csv']}" + "".join(f", {p}" for p in res["plots"]))
 
 

@@ -96,9 +96,9 @@ group), each an elementwise kernel (compiled once for large tensors, by common.d
 and a quantize call. For round-to-nearest into a float format or float32, large tensors take
 FUSED_STEPS steps per compiled call instead (sum, round to odd and round to A, unrolled in one
 kernel: one pass over memory per call; the same bits). The float64 GEMMs bound the speed from
-below: they cost several float32 training steps. Nothing branches on tensor values, so the functions also run inside a
-user's torch.compile. Results are float32 tensors that do not require grad (training wraps the
-GEMMs in its own autograd Function).
+below: they cost several float32 training steps. Nothing branches on tensor values, so the
+functions also run inside a user's torch.compile. Results are float32 tensors that do not
+require grad (training wraps the GEMMs in its own autograd Function).
 """
 from __future__ import annotations
 

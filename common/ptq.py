@@ -27,13 +27,18 @@ The result goes to ``ptq.json`` in the run's or record's folder (next to the wei
 that says which non-default cast settings it used (``ptq_first-last-fp32.json``, ...), so
 evaluations with other settings sit beside it; ``report.py`` puts each beside the trained results.
 A BF16-autocast run's own evaluation ran under autocast: its float32 row here is the same weights
-evaluated in plain float32.
+evaluated in plain float32. ``limit_images`` evaluates the first N test images only, for timing and
+smoke tests (recorded in the JSON, and the file name gets ``_nN``). Emulated low-precision
+accumulation of the GEMMs (``ptq_eval.py --acc``) is common/ptq_acc.py's, on the same loading
+(``prepare``) and record fields (``source_record``).
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -44,7 +49,7 @@ from . import data as data_mod
 from . import runs
 from .config import DEFAULT_RUNS_DIR, RunConfig
 from .errors import UserError
-from .evaluation import find_weights, load_trained, rebuild_model, run_layout
+from .evaluation import Trained, find_weights, load_trained, rebuild_model, run_layout
 from .formats import parse_format
 from .hardware import device_name
 from .qat import QuantConfig, RoleQuant, quantize_model, storage_bits
@@ -52,7 +57,7 @@ from .train import build_run_model, evaluate, resolve_device
 
 __all__ = ["DEFAULT_FORMATS", "SCALING_MODES", "WEIGHT_SCALINGS", "PTQ_FILE", "ptq_file_name",
            "resolve_checkpoint", "load_model", "ptq_qconfig", "evaluate_formats", "run_ptq",
-           "parse_formats"]
+           "parse_formats", "Setup", "prepare", "source_record", "provenance"]
 
 # The formats of the seed set, widest first: bf16, the two OCP FP8s, OCP MX FP4; the block
 # formats OCP MXFP8/MXFP6/MXFP4 and NVFP4 (docs/block-formats.md); posits 16/8/4.
@@ -137,55 +142,101 @@ def evaluate_formats(model: nn.Module, data: data_mod.DeviceData, normalizer: da
     return rows
 
 
-def ptq_file_name(weight_scaling: str = "channel", first_last_fp32: bool = False) -> str:
+def ptq_file_name(weight_scaling: str = "channel", first_last_fp32: bool = False,
+                  limit_images: Optional[int] = None, stem: str = "ptq") -> str:
     """ptq.json for the default cast settings; otherwise a name that lists the ones changed, so
-    one checkpoint's evaluations under different settings do not overwrite each other."""
+    one checkpoint's evaluations under different settings do not overwrite each other
+    (``stem`` "ptq_acc": the accumulation evaluation's, common/ptq_acc.py)."""
     parts = ([f"w{weight_scaling}"] if weight_scaling != "channel" else []) + \
-            (["first-last-fp32"] if first_last_fp32 else [])
-    return PTQ_FILE if not parts else f"ptq_{'_'.join(parts)}.json"
+            (["first-last-fp32"] if first_last_fp32 else []) + \
+            ([f"n{limit_images}"] if limit_images is not None else [])
+    return f"{stem}.json" if not parts else f"{stem}_{'_'.join(parts)}.json"
+
+
+@dataclass
+class Setup:
+    """One checkpoint, ready to evaluate: its float model, the test data and how to batch it."""
+
+    checkpoint: Path
+    trained: Trained
+    device: torch.device
+    channels_last: bool
+    batch: int
+    data: data_mod.DeviceData
+    normalizer: data_mod.Normalizer
+    model: nn.Module
+    limit_images: Optional[int] = None
+
+
+def prepare(checkpoint: Path, device: str = "auto", data_dir: Optional[str] = None,
+            eval_batch_size: Optional[int] = None, limit_images: Optional[int] = None) -> Setup:
+    """Load the weights, rebuild the float model in the loop's layout and load the test set (its
+    first ``limit_images`` images only, when given: for timing and smoke tests)."""
+    if limit_images is not None and limit_images < 1:
+        raise UserError(f"--limit-images {limit_images}: accepted: an integer >= 1")
+    checkpoint = Path(checkpoint)
+    trained = load_trained(checkpoint)
+    config = trained.config
+    dev = resolve_device(device)
+    channels_last = run_layout(trained, dev)
+    data = data_mod.load_device_data(dev, data_dir or config.data_dir, config.synthetic)
+    if limit_images is not None:
+        data = dataclasses.replace(data, test_x=data.test_x[:limit_images],
+                                   test_y=data.test_y[:limit_images])
+    return Setup(checkpoint, trained, dev, channels_last, eval_batch_size or config.eval_batch_size,
+                 data, data_mod.Normalizer(dev, channels_last=channels_last),
+                 rebuild_model(trained, dev, quantized=False), limit_images)
+
+
+def source_record(setup: Setup, test_images: int) -> Dict[str, Any]:
+    """The JSON fields that say what was evaluated, where and on what (shared by ptq.json and
+    ptq_acc.json)."""
+    trained, config = setup.trained, setup.trained.config
+    last = trained.metrics[-1] if trained.metrics else {}
+    return {
+        "source": {
+            "name": config.name, "checkpoint": str(setup.checkpoint), "label": config.label,
+            "format": config.format, "model": config.model, "recipe": config.recipe,
+            "epoch": trained.epoch,
+            "epochs": config.epochs, "status": trained.summary.get("status"),
+            "autocast": trained.autocast, "trained_test_acc": last.get("test_acc"),
+            "trained_test_loss": last.get("test_loss"), "config": config.to_dict(),
+        },
+        "device": str(setup.device), "device_name": device_name(setup.device),
+        "channels_last": setup.channels_last, "eval_batch_size": setup.batch,
+        "data_source": setup.data.source, "test_images": test_images,
+        "limit_images": setup.limit_images,
+    }
+
+
+def provenance() -> Dict[str, Any]:
+    """Versions, commit and time of writing."""
+    return {"torch_version": torch.__version__, "python_version": platform.python_version(),
+            "git": runs.git_info(Path(__file__).resolve().parent.parent),
+            "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
 def run_ptq(checkpoint: Path, formats: Sequence[str] = DEFAULT_FORMATS,
             scalings: Sequence[str] = SCALING_MODES, weight_scaling: str = "channel",
             first_last_fp32: bool = False, device: str = "auto", data_dir: Optional[str] = None,
             eval_batch_size: Optional[int] = None, out: Optional[Path] = None,
-            log=None) -> Dict[str, Any]:
+            log=None, limit_images: Optional[int] = None) -> Dict[str, Any]:
     """Evaluate one checkpoint in every format; write and return the ptq.json dict."""
-    checkpoint = Path(checkpoint)
-    trained = load_trained(checkpoint)
-    config = trained.config
-    dev = resolve_device(device)
-    channels_last = run_layout(trained, dev)
-    batch = eval_batch_size or config.eval_batch_size
-    data = data_mod.load_device_data(dev, data_dir or config.data_dir, config.synthetic)
-    normalizer = data_mod.Normalizer(dev, channels_last=channels_last)
-    model = rebuild_model(trained, dev, quantized=False)
-    last = trained.metrics[-1] if trained.metrics else {}
-    summary = trained.summary
-    rows = evaluate_formats(model, data, normalizer, batch, formats, scalings, weight_scaling,
-                            first_last_fp32, log)
+    setup = prepare(checkpoint, device, data_dir, eval_batch_size, limit_images)
+    rows = evaluate_formats(setup.model, setup.data, setup.normalizer, setup.batch, formats,
+                            scalings, weight_scaling, first_last_fp32, log)
     result = {
-        "source": {
-            "name": config.name, "checkpoint": str(checkpoint), "label": config.label,
-            "format": config.format, "model": config.model, "recipe": config.recipe,
-            "epoch": trained.epoch,
-            "epochs": config.epochs, "status": summary.get("status"),
-            "autocast": trained.autocast, "trained_test_acc": last.get("test_acc"),
-            "trained_test_loss": last.get("test_loss"), "config": config.to_dict(),
-        },
-        "device": str(dev), "device_name": device_name(dev), "channels_last": channels_last,
-        "eval_batch_size": batch, "data_source": data.source, "test_images": rows[0]["test_images"],
+        **source_record(setup, rows[0]["test_images"]),
         "weight_scaling": weight_scaling, "first_last_fp32": first_last_fp32,
         "casts": "weights and input activations of every Conv2d/Linear"
                  + (" except the first conv and the last Linear" if first_last_fp32 else "")
                  + ", round to nearest even; block formats with their own block scales only; "
                    "BatchNorm, residual adds and pooling in float32",
-        "torch_version": torch.__version__, "python_version": platform.python_version(),
-        "git": runs.git_info(Path(__file__).resolve().parent.parent),
-        "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **provenance(),
         "results": rows,
     }
-    path = Path(out) if out else checkpoint.parent / ptq_file_name(weight_scaling, first_last_fp32)
+    path = Path(out) if out else setup.checkpoint.parent / ptq_file_name(
+        weight_scaling, first_last_fp32, limit_images)
     runs.write_json(path, result)
     result["path"] = str(path)
     return result

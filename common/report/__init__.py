@@ -5,7 +5,8 @@ accuracy against bits, differences to FP32).
     python report.py --model resnet20 --epochs 164 --data real
 
 What it reads: every ``runs/*/summary.json`` (with the run's ``metrics.jsonl`` for the curves) and
-every ``runs/*/ptq*.json`` written by ``ptq_eval.py``. A folder that cannot be read as a run (no
+every ``runs/*/ptq*.json`` written by ``ptq_eval.py`` (``ptq_acc*.json``: its low-precision
+accumulation evaluations, ``--acc``). A folder that cannot be read as a run (no
 or a corrupt summary.json, a damaged metrics.jsonl) is left out and named in the report.
 
 How runs are grouped: runs whose configs agree on everything that defines the experiment (model,
@@ -31,8 +32,12 @@ markers; ``forest.png``, each configuration's difference to FP32 with both inter
 bits per element, for the table on the largest test set. A table of ResNet-20 on all 10,000 test
 images also compares FP32's mean with the accuracy He et al. report.
 
+Accumulation (``ptq_eval.py --acc``): a table per trained configuration (accumulator x chunk
+size k) and ``acc_vs_mantissa.png``, accuracy against the accumulator's mantissa bits.
+
 Modules: ``records`` reads runs and groups them, ``stats`` holds the intervals, ``tables`` writes
-the markdown and CSV, ``plots`` the figures; ``make_report`` here puts them together.
+the markdown and CSV, ``plots`` the figures, ``accumulation`` the accumulation table and plot;
+``make_report`` here puts them together.
 """
 from __future__ import annotations
 
@@ -43,7 +48,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 from .. import runs
 from ..config import REPO_ROOT
 from ..errors import UserError
-from . import plots, records, stats, tables
+from . import accumulation, plots, records, stats, tables
+from .accumulation import ACC_PLOT, group_acc, load_acc, plot_accumulation
 from .plots import (
     PLOT_BITS,
     PLOT_EPOCHS,
@@ -70,10 +76,11 @@ from .records import (
 )
 from .tables import CSV_COLUMNS, EPOCHS_COLUMNS, PAPER_RESNET20_ACC
 
-__all__ = ["CSV_COLUMNS", "DATA_CHOICES", "EPOCHS_COLUMNS", "EPOCHS_CSV", "PAPER_RESNET20_ACC",
-           "PLOT_BITS", "PLOT_EPOCHS", "PLOT_FOREST", "REPO_ROOT", "RESULTS_CSV", "RESULTS_MD",
-           "build_sections", "config_colors", "group_ptq", "load_ptq", "load_runs",
-           "main_section", "make_report", "plot_bits", "plot_epochs", "plot_forest", "plots",
+__all__ = ["ACC_PLOT", "CSV_COLUMNS", "DATA_CHOICES", "EPOCHS_COLUMNS", "EPOCHS_CSV",
+           "PAPER_RESNET20_ACC", "PLOT_BITS", "PLOT_EPOCHS", "PLOT_FOREST", "REPO_ROOT",
+           "RESULTS_CSV", "RESULTS_MD", "accumulation", "build_sections", "config_colors",
+           "group_acc", "group_ptq", "load_acc", "load_ptq", "load_runs", "main_section",
+           "make_report", "plot_accumulation", "plot_bits", "plot_epochs", "plot_forest", "plots",
            "records", "runs", "shown", "stats", "tables"]
 
 RESULTS_MD = "results.md"
@@ -90,6 +97,7 @@ class _Loaded:
     curves: List[List[List[Run]]]        # epoch_curves, over every epoch count
     repeats: List[str]
     ptq_files: List[Dict[str, Any]]
+    acc_files: List[Dict[str, Any]]
 
 
 def _load(dirs: Sequence[Path], model: Optional[str], epochs: Optional[int], data: str,
@@ -104,13 +112,14 @@ def _load(dirs: Sequence[Path], model: Optional[str], epochs: Optional[int], dat
     if filtered:
         broken = [b for b in broken
                   if b.config is not None and keep(b.config, model, epochs, data, recipe)]
-    ptq_files = [d for d in load_ptq(dirs)
-                 if keep(d["source"].get("config") or {}, model, epochs, data, recipe)]
+    ptq_files, acc_files = ([d for d in found
+                             if keep(d["source"].get("config") or {}, model, epochs, data, recipe)]
+                            for found in (load_ptq(dirs), load_acc(dirs)))
     if not all_runs and not broken:
         filt = " matching the filters" if filtered else ""
         raise UserError(f"no runs{filt} in {', '.join(shown(d) for d in dirs)} (run sweep.py or "
                         f"a format script first)")
-    return _Loaded(all_runs, broken, curves, repeats, ptq_files)
+    return _Loaded(all_runs, broken, curves, repeats, ptq_files, acc_files)
 
 
 def _draw(sections: Sequence[Section], ptq_groups, out_dir: Path) -> Tuple[List[Path], List[str]]:
@@ -163,8 +172,14 @@ def make_report(runs_dirs: Union[Path, Sequence[Path]], out_dir: Path, model: Op
     if plots and sections:
         plotted, plot_lines = _draw(sections, ptq_groups, out_dir)
         lines += plot_lines
+    acc_groups = group_acc(got.acc_files)
+    (out_dir / ACC_PLOT).unlink(missing_ok=True)        # likewise
+    if plots and acc_groups:
+        plot_accumulation(acc_groups, out_dir / ACC_PLOT)
+        plotted.append(out_dir / ACC_PLOT)
+    acc_lines = accumulation.acc_lines(acc_groups, ACC_PLOT if plots else None)
     lost = tables.unfinished_rows(got.runs, got.broken)
-    lines += tables.closing_lines(ptq_groups, sections, got.repeats, lost)
+    lines += tables.closing_lines(ptq_groups, sections, got.repeats, lost, acc_lines)
     (out_dir / RESULTS_MD).write_text("\n".join(lines), encoding="utf-8")
     tables.write_csv(out_dir / RESULTS_CSV, tables.csv_rows(sections))
     if curve_rows:
@@ -175,4 +190,5 @@ def make_report(runs_dirs: Union[Path, Sequence[Path]], out_dir: Path, model: Op
             "plots": plotted, "paper_gap": [g for g in gaps if g],
             "warnings": [b.warning for b in got.broken if b.warning],
             "runs": len(got.runs), "finished": sum(r.finished for r in got.runs),
-            "sections": len(sections), "not_finished": len(lost), "ptq": len(got.ptq_files)}
+            "sections": len(sections), "not_finished": len(lost), "ptq": len(got.ptq_files),
+            "ptq_acc": len(got.acc_files)}

@@ -60,7 +60,8 @@ def _section_colors(sections: Sequence[Section],
     return {**config_colors(g.config_key for s in sections for g in s.groups), **(given or {})}
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only, no display), imported on first use."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -75,7 +76,7 @@ def _text_color(color):
     return tuple(c * min(1.0, 0.5 / luminance) for c in rgb) if luminance else rgb
 
 
-def _legend_below(ax, ncol: int = 1, handles=None, labels=None, drop: float = 40.0):
+def legend_below(ax, ncol: int = 1, handles=None, labels=None, drop: float = 40.0):
     """Legend under the panel, ``drop`` points below its bottom edge (clear of the tick labels
     and the x label), so it never covers data; the panel keeps its width."""
     from matplotlib.transforms import ScaledTranslation
@@ -89,7 +90,7 @@ def _legend_below(ax, ncol: int = 1, handles=None, labels=None, drop: float = 40
                      bbox_transform=below, ncol=ncol, frameon=False)
 
 
-def _boxes(ax) -> Dict[str, Tuple[float, ...]]:
+def axes_boxes(ax) -> Dict[str, Tuple[float, ...]]:
     """The axes' and its legend's extents in pixels, once the figure is drawn (for tests: the
     legend is outside the axes)."""
     leg = ax.get_legend()
@@ -158,7 +159,7 @@ def _epoch_panel(ax, sec: Section, fam: str, colors: Mapping[str, str], title: s
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy (%)")
     ax.grid(True, alpha=0.3)
-    _legend_below(ax)
+    legend_below(ax)
     return {"title": ax.get_title(), "xticks": [float(t) for t in ax.get_xticks()],
             "lines": [h.get_label() for h in ax.get_lines()], "colors": drawn}
 
@@ -170,7 +171,7 @@ def plot_epochs(sections: Sequence[Section], path, colors: Optional[Mapping[str,
     section (experiment). Mean over the finished seeds, band min-max; the legend under each
     panel. Returns what each panel shows (title, line labels and colours, x ticks, the axes'
     and legend's pixel boxes), for tests."""
-    plt = _pyplot()
+    plt = pyplot()
     colors = _section_colors(sections, colors)
     layout = _epoch_layout(sections)
     ncols = min(2, max(len(f) for f in layout))
@@ -195,7 +196,7 @@ def plot_epochs(sections: Sequence[Section], path, colors: Optional[Mapping[str,
                  fontsize=11)
     fig.tight_layout()
     fig.canvas.draw()
-    panels = [{**info, **_boxes(ax)} for ax, info in placed]
+    panels = [{**info, **axes_boxes(ax)} for ax, info in placed]
     fig.savefig(path, dpi=130, bbox_inches="tight")     # "tight" keeps the legends below
     plt.close(fig)
     return panels
@@ -398,7 +399,7 @@ def _bits_panel(ax, points: Sequence[Point], base: Optional[Group], title: str,
     ax.set_xlabel("bits per element (block formats include their shared scales)")
     ax.set_title(title if points else f"{title}: none", fontsize=10)
     ax.grid(True, alpha=0.3)
-    _legend_below(ax, drop=34)
+    legend_below(ax, drop=34)
     return points
 
 
@@ -412,7 +413,7 @@ def plot_bits(sections: Sequence[Section], ptq_groups: Sequence[PtqGroup], path,
     the default settings are drawn (every layer, weights per channel); the tables show the
     others (e.g. --first-last-fp32). Returns {"points": [Point], "panels": [{"panel", "ylim",
     "axes_box", "legend_box"}]}, for tests."""
-    plt = _pyplot()
+    plt = pyplot()
     colors = _section_colors(sections, colors)
     ptq_of = {sec.key: [pg for pg in ptq_groups if pg.section_key == sec.key and pg.default_cast]
               for sec in sections}
@@ -435,7 +436,7 @@ def plot_bits(sections: Sequence[Section], ptq_groups: Sequence[PtqGroup], path,
                  fontsize=11)
     fig.tight_layout()
     fig.canvas.draw()
-    info = [{"panel": name, "ylim": ax.get_ylim(), **_boxes(ax)} for ax, name in panels]
+    info = [{"panel": name, "ylim": ax.get_ylim(), **axes_boxes(ax)} for ax, name in panels]
     fig.savefig(path, dpi=130, bbox_inches="tight")    # "tight" keeps the outside legend
     plt.close(fig)
     return {"points": plotted, "panels": info}
@@ -508,7 +509,7 @@ def plot_forest(sec: Section, path, colors: Optional[Mapping[str, str]] = None) 
     and can be ten times wider, so such a line is cut at the edge with an arrow, and every row's
     numbers are written on the right. Returns what it drew (row labels top to bottom, their
     colours, group labels, the band, the x range), for tests."""
-    plt = _pyplot()
+    plt = pyplot()
     colors = _section_colors([sec], colors)
     base = sec.baseline
     slots = _forest_slots(sec)

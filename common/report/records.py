@@ -258,14 +258,17 @@ def place_test_sets(all_runs: Sequence[Run]) -> None:
 
 
 def load_ptq(runs_dirs: Union[Path, Sequence[Path]]) -> List[Dict[str, Any]]:
-    """Every ``ptq*.json`` one level under the ``runs_dirs`` (one per source run and cast settings:
-    a record's copy wins over the run folder's), with its path."""
+    """Every ``ptq*.json`` one level under the ``runs_dirs`` (one per source run, cast settings
+    and test-set size: a record's copy wins over the run folder's), with its path; the
+    accumulation evaluations (``ptq_acc*.json``) are ``accumulation.load_acc``'s."""
     out, seen = [], set()
-    for p in (p for d in _dirs(runs_dirs) for p in sorted(d.glob("*/ptq*.json"))):
+    for p in (p for d in _dirs(runs_dirs) for p in sorted(d.glob("*/ptq*.json"))
+              if not p.name.startswith("ptq_acc")):
         d = runs.read_json(p)
         if isinstance(d, dict) and d.get("results") and d.get("source"):
             ident = _key([d["source"].get("name"), d.get("first_last_fp32"),
-                          d.get("weight_scaling"), d.get("eval_batch_size")])
+                          d.get("weight_scaling"), d.get("eval_batch_size"),
+                          d.get("test_images")])
             if ident in seen:
                 continue
             seen.add(ident)

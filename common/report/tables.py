@@ -486,8 +486,10 @@ def plot_lines(names: Dict[str, str], forest_of: Optional[Section]) -> List[str]
 
 
 def closing_lines(ptq_groups: Sequence[PtqGroup], sections: Sequence[Section],
-                  repeats: Sequence[str], lost: Sequence[Sequence[str]]) -> List[str]:
-    """The sections after the plots: post-training quantization, repeats, runs not counted."""
+                  repeats: Sequence[str], lost: Sequence[Sequence[str]],
+                  acc: Sequence[str] = ()) -> List[str]:
+    """The sections after the plots: post-training quantization (then ``acc``, the
+    low-precision accumulation section's lines), repeats, runs not counted."""
     lines: List[str] = []
     if ptq_groups:
         lines += ["## Post-training quantization", "",
@@ -497,6 +499,7 @@ def closing_lines(ptq_groups: Sequence[PtqGroup], sections: Sequence[Section],
                   "the label).", ""]
         for pg in ptq_groups:
             lines += ptq_lines(pg, sections) + [""]
+    lines += list(acc)
     if repeats:
         lines += ["## Repeats not counted as seeds", "",
                   "Runs of the same configuration and seed count once (the finished one, else the "
