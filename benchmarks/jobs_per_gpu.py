@@ -31,7 +31,7 @@ def worker(args) -> None:
 
     from benchmarks.step_time import CONFIGS, Stepper, load_plan
 
-    script, flags, _ = CONFIGS[args.config]
+    script, flags = CONFIGS[args.config].script, CONFIGS[args.config].flags
     kw = load_plan(script)(list(flags) + ["--model", args.model, "--device", args.device,
                                           "--batch-size", str(args.batch_size), "--synthetic"])
     device = torch.device(args.device)

@@ -106,7 +106,7 @@ class Stepper:
 
 def build_stepper(key: str, args, device, mode: str = "eager", extra=()) -> Stepper:
     """The Stepper of configuration `key` as its script plans it, plus `extra` flags."""
-    script, flags, _ = CONFIGS[key]
+    script, flags = CONFIGS[key].script, CONFIGS[key].flags
     kw = load_plan(script)([*flags, *extra, "--model", args.model, "--device", device.type,
                             "--batch-size", str(args.batch_size), "--synthetic"])
     return Stepper(kw, device, args.batch_size, mode)

@@ -192,6 +192,7 @@ class SweepConfig(NamedTuple):
     script: str
     flags: Tuple[str, ...] = ()
     about: str = ""
+    compared_with: str = ""   # the configuration this one changes, its row of comparison
 
 
 # The configurations a sweep can run, by key (the key starts the run's name). Adding one is one
@@ -224,22 +225,23 @@ CONFIGS: Dict[str, SweepConfig] = {
     "fp8-te-gemm": SweepConfig("FP8/train_cifar10_fp8.py",
                                ("--gemm-recipe", "te-fp8", "--first-last-fp32"),
                                "FP8 GEMM mode, TransformerEngine recipe: e4m3 x and w, e5m2 dy, "
-                               "per-tensor scales, first/last fp32 (against fp8-e4m3w)"),
+                               "per-tensor scales, first/last fp32", compared_with="fp8-e4m3w"),
     "fp8-te-gemm-acc16": SweepConfig("FP8/train_cifar10_fp8.py",
                                      ("--gemm-recipe", "te-fp8", "--first-last-fp32",
                                       "--acc", "fp16", "--acc-chunk", "32"),
                                      "fp8-te-gemm with fp16 accumulation, chunks of 32, in all "
-                                     "three GEMMs"),
+                                     "three GEMMs", compared_with="fp8-te-gemm"),
     "fp4-nv-gemm-fl": SweepConfig("FP4/train_cifar10_fp4.py",
                                   ("--gemm-recipe", "nvfp4", "--first-last-fp32"),
                                   "NVFP4 GEMM mode, NVIDIA's recipe (2D weight blocks, Hadamard "
-                                  "on wgrad, SR on gradients), first/last fp32 (against "
-                                  "fp4-nv-fl)"),
+                                  "on wgrad, SR on gradients), first/last fp32",
+                                  compared_with="fp4-nv-fl"),
     "fp4-nv-gemm": SweepConfig("FP4/train_cifar10_fp4.py", ("--gemm-recipe", "nvfp4"),
-                               "NVFP4 GEMM mode, NVIDIA's recipe on every layer (against fp4-nv)"),
+                               "NVFP4 GEMM mode, NVIDIA's recipe on every layer",
+                               compared_with="fp4-nv"),
     "fp4-mx-gemm": SweepConfig("FP4/train_cifar10_fp4.py", ("--gemm-recipe", "mxfp4"),
-                               "MXFP4 GEMM mode with the NVFP4 recipe's treatment, every layer "
-                               "(against fp4-mx)"),
+                               "MXFP4 GEMM mode with the NVFP4 recipe's treatment, every layer",
+                               compared_with="fp4-mx"),
     "posit4": SweepConfig("Posit/train_cifar10_posit.py",
                           ("--bits", "4", "--es", "0", "--first-last-fp32"),
                           "posit(4,0), scaled, first/last fp32"),

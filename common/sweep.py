@@ -676,5 +676,6 @@ def list_lines() -> List[str]:
     cmds = {k: f"{c.script} {shlex.join(c.flags)}".rstrip() for k, c in CONFIGS.items()}
     cmd_width = max(map(len, cmds.values()))
     for key, c in CONFIGS.items():
-        lines.append(f"  {key:<{width}}  {cmds[key]:<{cmd_width}}  # {c.about}".rstrip(" #"))
+        about = c.about + (f" (against {c.compared_with})" if c.compared_with else "")
+        lines.append(f"  {key:<{width}}  {cmds[key]:<{cmd_width}}  # {about}".rstrip(" #"))
     return lines

@@ -791,3 +791,53 @@ def test_labels_keep_off_the_fp32_line():
     assert all(abs(y - 90.45) >= 0.3 - 1e-9 for y in out)
     assert sorted(range(5), key=lambda i: out[i]) == list(range(5))
     assert out[0] == 89.0 and out[1] <= 90.15 and out[2] >= 90.75 and out[3] >= out[2] + 0.6
+
+
+def test_gemm_rows_are_compared_with_their_tensor_role_row(tmp_path):
+    """A configuration that names the row it changes (fp4-nv-gemm-fl: fp4-nv-fl) gets a second
+    table and the compared_with CSV columns: the paired bootstrap and Welch interval of its
+    seeds against that row's, not against FP32."""
+    import csv
+
+    from common.report import records
+    from common.report.stats import paired_bootstrap, welch_interval
+
+    known = {k: (s, rec) for k, s, rec in records.known_configs()}
+    rd = tmp_path / "runs"
+    rd.mkdir()
+    n = 1000
+    rows = {"fp32": ([1] * 905 + [0] * 95, [0] * 5 + [1] * 905 + [0] * 90),
+            "fp4-nv-fl": ([1] * 880 + [0] * 120, [1] * 890 + [0] * 110),
+            "fp4-nv-gemm-fl": ([0] * 30 + [1] * 870 + [0] * 100, [1] * 902 + [0] * 98)}
+    for key, seeds in rows.items():
+        script, rec = known[key]
+        for seed, correct in enumerate(seeds):
+            assert len(correct) == n
+            name = f"{key}_s{seed}"
+            acc = 100 * sum(correct) / n
+            s = write_run(rd, name, key.upper(), rec.to_dict(), seed, "finished",
+                          [50.0, 60.0, acc], 100.0, "A")
+            s["config"]["script"] = script
+            (rd / name / "summary.json").write_text(json.dumps(s))
+            write_predictions(rd, name, correct)
+    out = tmp_path / "results"
+    report.make_report(rd, out, plots=False)
+    want = paired_bootstrap(rows["fp4-nv-gemm-fl"], rows["fp4-nv-fl"])
+    accs = {k: [100 * sum(c) / n for c in v] for k, v in rows.items()}
+    welch = welch_interval(accs["fp4-nv-gemm-fl"], accs["fp4-nv-fl"])
+    text = (out / "results.md").read_text()
+    line = next(x for x in text.splitlines() if x.startswith("| FP4-NV-GEMM-FL | fp4-nv-gemm-fl")
+                and "fp4-nv-fl" in x)
+    assert f"[{want.ci_low:+.2f}, {want.ci_high:+.2f}]" in line
+    assert f"[{welch.ci_low:+.2f}, {welch.ci_high:+.2f}]" in line
+    assert f"{want.diff:+.2f}" in line
+    with open(out / "results.csv", newline="") as f:
+        table = {r["config"]: r for r in csv.DictReader(f)}
+    gemm = table["fp4-nv-gemm-fl"]
+    assert gemm["compared_with"] == "fp4-nv-fl"
+    assert float(gemm["cmp_ci_low"]) == pytest.approx(want.ci_low, abs=1e-4)
+    assert float(gemm["cmp_ci_high"]) == pytest.approx(want.ci_high, abs=1e-4)
+    assert float(gemm["cmp_t_ci_low"]) == pytest.approx(welch.ci_low, abs=1e-4)
+    assert float(gemm["diff_vs_compared"]) == pytest.approx(want.diff, abs=1e-4)
+    assert table["fp4-nv-fl"]["compared_with"] == ""                   # no partner of its own
+    assert float(gemm["ci_low"]) != pytest.approx(want.ci_low, abs=1e-4)   # FP32's is another

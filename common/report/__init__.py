@@ -50,6 +50,7 @@ from ..config import REPO_ROOT
 from ..errors import UserError
 from . import accumulation, plots, records, stats, tables
 from .accumulation import ACC_PLOT, group_acc, load_acc, plot_accumulation
+from .compare import compare_partners
 from .plots import (
     PLOT_BITS,
     PLOT_EPOCHS,
@@ -154,6 +155,7 @@ def make_report(runs_dirs: Union[Path, Sequence[Path]], out_dir: Path, model: Op
     sections = build_sections(got.runs)
     for sec in sections:
         sec.compare_to_baseline()
+    comparisons = {sec.key: compare_partners(sec) for sec in sections}
     ptq_groups = group_ptq(got.ptq_files)
     out_dir = Path(out_dir)
     try:
@@ -164,7 +166,7 @@ def make_report(runs_dirs: Union[Path, Sequence[Path]], out_dir: Path, model: Op
     gaps = [tables.paper_gap(sec) for sec in sections]
     lines = tables.intro_lines(command, got.runs, ", ".join(shown(d) for d in dirs), RESULTS_CSV)
     for sec, gap in zip(sections, gaps):
-        lines += tables.section_lines(sec, gap)
+        lines += tables.section_lines(sec, gap, comparisons[sec.key])
     curve_rows = tables.epoch_rows(got.curves)
     lines += tables.curve_lines(curve_rows, epochs, EPOCHS_CSV)
     plotted: List[Path] = []
@@ -181,7 +183,7 @@ def make_report(runs_dirs: Union[Path, Sequence[Path]], out_dir: Path, model: Op
     lost = tables.unfinished_rows(got.runs, got.broken)
     lines += tables.closing_lines(ptq_groups, sections, got.repeats, lost, acc_lines)
     (out_dir / RESULTS_MD).write_text("\n".join(lines), encoding="utf-8")
-    tables.write_csv(out_dir / RESULTS_CSV, tables.csv_rows(sections))
+    tables.write_csv(out_dir / RESULTS_CSV, tables.csv_rows(sections, comparisons))
     if curve_rows:
         tables.write_csv(out_dir / EPOCHS_CSV, curve_rows, EPOCHS_COLUMNS)
     else:      # a curve of an earlier report in this folder would read as this one's

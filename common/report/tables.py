@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
+from .compare import COMPARE_ALIGN, COMPARE_HEADER, Comparison, compare_rows, csv_fields
 from .records import Broken, Group, PtqGroup, Run, Section, median_epoch_time, trained_weight_format
 from .stats import PairedDiff, mean_or_none, mean_std, one_sample_bootstrap, t_interval
 
@@ -17,7 +18,8 @@ EPOCHS_COLUMNS = ("config", "label", "recipe", "model", "epochs", "seeds", "test
 CSV_COLUMNS = ("config", "label", "recipe", "model", "epochs", "seeds", "test_images", "acc_mean",
                "acc_std", "diff_vs_fp32", "ci_low", "ci_high", "ci_half_width", "resolved",
                "t_ci_low", "t_ci_high", "t_df", "t_resolved", "methods_disagree", "bits",
-               "ema_acc_mean", "hours_per_run", "hardware", "not_finished")
+               "ema_acc_mean", "hours_per_run", "hardware", "not_finished", "compared_with",
+               "diff_vs_compared", "cmp_ci_low", "cmp_ci_high", "cmp_t_ci_low", "cmp_t_ci_high")
 # He, Zhang, Ren, Sun, "Deep Residual Learning for Image Recognition", CVPR 2016, Table 6:
 # ResNet-20 on CIFAR-10, 8.75% test error (164 epochs, the paper recipe), i.e. 91.25% accuracy.
 PAPER_RESNET20_ACC = 91.25
@@ -203,12 +205,16 @@ def section_rows(sec: Section) -> List[List[str]]:
     return rows
 
 
-def csv_rows(sections: Sequence[Section]) -> List[Dict[str, Any]]:
+def csv_rows(sections: Sequence[Section],
+             comparisons: Optional[Dict[str, Sequence[Comparison]]] = None
+             ) -> List[Dict[str, Any]]:
     """One row per configuration and experiment (``CSV_COLUMNS``); empty cells where a value
-    does not exist (no finished seed, no FP32 row, no per-image predictions)."""
+    does not exist (no finished seed, no FP32 row, no per-image predictions, no row it is
+    compared with: ``comparisons`` by section key)."""
     out = []
     for sec in sections:
         base = sec.baseline
+        compared = csv_fields((comparisons or {}).get(sec.key, ()))
         for g in sec.groups:
             acc, std = g.acc
             p, w = g.paired, g.welch
@@ -230,6 +236,7 @@ def csv_rows(sections: Sequence[Section]) -> List[Dict[str, Any]]:
                 "ema_acc_mean": g.ema_acc,
                 "hours_per_run": wall / 3600 if wall else None,
                 "hardware": "; ".join(g.hardware), "not_finished": g.notes,
+                **compared.get(id(g), {}),
             })
     return out
 
@@ -437,9 +444,10 @@ def cost_lines(sec: Section) -> List[str]:
     return lines
 
 
-def section_lines(sec: Section, gap: Optional[Dict[str, Any]]) -> List[str]:
+def section_lines(sec: Section, gap: Optional[Dict[str, Any]],
+                  comparisons: Sequence[Comparison] = ()) -> List[str]:
     """One section of results.md: heading, table, the sentences under it (``gap``: its
-    ``paper_gap``)."""
+    ``paper_gap``), and the table of rows compared with another row than FP32."""
     lines = [f"## {section_title(sec)}", ""]
     lines += md_table(RESULT_HEADER, section_rows(sec), RESULT_ALIGN)
     disagree = disagreement_line(sec)
@@ -447,6 +455,10 @@ def section_lines(sec: Section, gap: Optional[Dict[str, Any]]) -> List[str]:
         lines += ["", disagree]
     if gap:
         lines += ["", gap["line"] + "."]
+    if comparisons:
+        lines += ["", "Against the configuration each one changes (GEMM mode against its "
+                  "tensor-role row; the same two intervals as against FP32):", ""]
+        lines += md_table(COMPARE_HEADER, compare_rows(comparisons), COMPARE_ALIGN)
     return lines + cost_lines(sec) + [""]
 
 
