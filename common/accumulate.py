@@ -292,21 +292,28 @@ class Accumulator:
         """[B, J, X, Y] float64 chunk sums -> [B, X, Y] float32: the groups of J / groups
         consecutive chunks accumulate in A side by side, then add into the master in order."""
         nchunks = sums.shape[1]
+        # the steps' chunk sums as rows of one contiguous [P, B*G*X*Y] tensor (one copy): each
+        # step, and each run of steps, is then a 1-D (or 2-D) contiguous slice, so the compiled
+        # elementwise kernels see one rank and stride pattern whatever the layer's shapes (a
+        # kernel that dynamo recompiles per shape runs out of recompiles and falls back to eager)
         per_group = sums.unflatten(1, (groups, nchunks // groups))           # [B, G, P, X, Y]
-        acc = sums.new_zeros(per_group[:, :, 0].shape, dtype=torch.float32)  # A is in float32
-        fused = self._fused_steps(acc, per_group, generator)
+        shape = per_group[:, :, 0].shape
+        steps = sums.new_empty((per_group.shape[2], shape.numel()))        # always a fresh one
+        steps.view(per_group.shape[2], *shape).copy_(per_group.permute(2, 0, 1, 3, 4))
+        acc = sums.new_zeros(steps.shape[1], dtype=torch.float32)            # A is in float32
+        fused = self._fused_steps(acc, steps, generator)
         if fused is not None:
             acc = fused
         else:
-            for step in range(nchunks // groups):
-                acc = self._add_round(acc, per_group[:, :, step], generator)
-        acc = _positive_zero(acc)
+            for step in range(steps.shape[0]):
+                acc = self._add_round(acc, steps[step], generator)
+        acc = _positive_zero(acc).view(shape)
         master = acc[:, 0]  # = +0 + acc
         for group in range(1, groups):
             master = master + acc[:, group]
         return master
 
-    def _fused_steps(self, acc: torch.Tensor, per_group: torch.Tensor,
+    def _fused_steps(self, acc: torch.Tensor, chunk_sums: torch.Tensor,
                      generator: Optional[torch.Generator]) -> Optional[torch.Tensor]:
         """All chunk steps of ``_accumulate``, FUSED_STEPS at a time in one compiled call each
         (one pass over memory instead of two kernels per step), the last steps that make no
@@ -316,7 +323,7 @@ class Accumulator:
         if self.rounding != "nearest" or self.fmt.is_posit or (
                 self.fmt.is_identity and self.saturate):
             return None
-        steps = per_group.shape[2]
+        steps = chunk_sums.shape[0]
         path = dispatch.resolve_path("auto")
         if steps < FUSED_STEPS or not dispatch.use_compiled(path, acc.numel(), acc.device,
                                                             dispatch.EAGER_BITS_BELOW):
@@ -329,13 +336,13 @@ class Accumulator:
             params = (dispatch.param_tensor(self.fmt, self.saturate, acc.device, "bits"),)
         full = steps - steps % FUSED_STEPS
         for start in range(0, full, FUSED_STEPS):
-            block = per_group[:, :, start:start + FUSED_STEPS]
+            block = chunk_sums[start:start + FUSED_STEPS]
             acc = dispatch.run_compiled(key, kernel, (acc, block, *params),
                                         strict=path == "compiled")
             if acc is None:
                 return None
         for step in range(full, steps):
-            acc = self._add_round(acc, per_group[:, :, step], generator)
+            acc = self._add_round(acc, chunk_sums[step], generator)
         return acc
 
     def _add_round(self, acc: torch.Tensor, chunk_sum: torch.Tensor,
@@ -399,10 +406,10 @@ def _sum_to_nearest32(acc: torch.Tensor, chunk_sum: torch.Tensor) -> torch.Tenso
 
 
 def _k_fused_float(acc: torch.Tensor, block: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """FUSED_STEPS chunk steps: acc = round_A(acc + block[:, :, s]) for s in order, A a float
+    """FUSED_STEPS chunk steps: acc = round_A(acc + block[s]) for s in order, A a float
     format with kernel parameters p (round to nearest even, _quant_kernels.float_nearest)."""
     for step in range(FUSED_STEPS):
-        total = _sum_to_odd32(acc, block[:, :, step])
+        total = _sum_to_odd32(acc, block[step])
         acc = K.float_nearest(total.view(torch.int32), dispatch.unpack(p)).view(torch.float32)
     return acc
 
@@ -410,7 +417,7 @@ def _k_fused_float(acc: torch.Tensor, block: torch.Tensor, p: torch.Tensor) -> t
 def _k_fused_fp32(acc: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
     """FUSED_STEPS chunk steps into a float32 accumulator (one rounding each)."""
     for step in range(FUSED_STEPS):
-        acc = _sum_to_nearest32(acc, block[:, :, step])
+        acc = _sum_to_nearest32(acc, block[step])
     return acc
 
 

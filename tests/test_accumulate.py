@@ -475,6 +475,41 @@ def test_fused_compiled_steps_match_the_oracle(monkeypatch):
     assert {"fused_float", "fused_fp32"} <= set(keys)
 
 
+@pytest.mark.slow
+def test_compiled_kernels_do_not_recompile_per_shape(monkeypatch):
+    """Many layer shapes, chunk counts and promotion groups through the compiled kernels: each
+    kernel compiles once (dynamo makes one graph per kernel key), with the oracle's bits. A
+    kernel that dynamo recompiled per shape or stride ran out of recompiles in training and, on
+    the auto path, silently fell back to eager ops for the rest of the process."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    keys, run_compiled = set(), dispatch.run_compiled
+
+    def spy(key, *args, **kwargs):
+        keys.add(key)
+        return run_compiled(key, *args, **kwargs)
+
+    monkeypatch.setattr(dispatch, "run_compiled", spy)
+    monkeypatch.setenv("QUANT_PATH", "compiled")
+    torch._dynamo.reset()
+    counters.clear()
+    cases = [(m, k_total, n, chunk, promote)
+             for m, n in ((3, 2), (5, 4), (2, 7), (1, 9))
+             for k_total, chunk, promote in ((37, 3, 2), (50, 4, 3), (29, 2, 5), (64, 1, None),
+                                             (20, 5, 2))]
+    for i, (m, k_total, n, chunk, promote) in enumerate(cases):
+        a, b = e4m3_operands((m, k_total), 40 + i), e4m3_operands((k_total, n), 80 + i)
+        acc = Accumulator("bf16", chunk, promote)
+        assert_same_array_bits(acc.matmul(a, b), oracle_matmul(a, b, "bf16", chunk, promote),
+                               f"{acc.short()} {m}x{k_total}x{n}")
+    for i, (n, c, h, chunk, promote) in enumerate(((2, 3, 5, 4, 2), (1, 4, 6, 3, 3),
+                                                   (3, 2, 7, 2, 2), (2, 5, 4, 5, None))):
+        x, w = e4m3_operands((n, c, h, h), 120 + i), e4m3_operands((4, c, 3, 3), 130 + i)
+        Accumulator("fp16", chunk, promote).conv2d(x, w, 1, 1)
+    assert counters["stats"]["unique_graphs"] <= len(keys), sorted(keys)
+
+
 # ---------------------------------------------------------------------------------------------
 # arguments and records
 # ---------------------------------------------------------------------------------------------
