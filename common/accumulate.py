@@ -125,7 +125,7 @@ SLICE_BYTES = 1 << 23
 _OPERAND_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Chunk steps per compiled call on the fused path (Accumulator._fused_steps): a fixed count, so
 # one compiled kernel serves every layer and chunk count (the loop is unrolled in it); the
-# steps left over after the last full call go one at a time.
+# steps left after the last whole call go one at a time.
 FUSED_STEPS = 8
 
 
@@ -292,57 +292,59 @@ class Accumulator:
         """[B, J, X, Y] float64 chunk sums -> [B, X, Y] float32: the groups of J / groups
         consecutive chunks accumulate in A side by side, then add into the master in order."""
         nchunks = sums.shape[1]
-        # the steps' chunk sums as rows of one contiguous [P, B*G*X*Y] tensor (one copy): each
-        # step, and each run of steps, is then a 1-D (or 2-D) contiguous slice, so the compiled
+        # the steps' chunk sums as rows of one fresh contiguous [P, B*G*X*Y] tensor (one copy):
+        # each step, and each run of steps, is then a contiguous slice, so the compiled
         # elementwise kernels see one rank and stride pattern whatever the layer's shapes (a
         # kernel that dynamo recompiles per shape runs out of recompiles and falls back to eager)
         per_group = sums.unflatten(1, (groups, nchunks // groups))           # [B, G, P, X, Y]
-        shape = per_group[:, :, 0].shape
-        steps = sums.new_empty((per_group.shape[2], shape.numel()))        # always a fresh one
-        steps.view(per_group.shape[2], *shape).copy_(per_group.permute(2, 0, 1, 3, 4))
-        acc = sums.new_zeros(steps.shape[1], dtype=torch.float32)            # A is in float32
-        fused = self._fused_steps(acc, steps, generator)
-        if fused is not None:
-            acc = fused
-        else:
-            for step in range(steps.shape[0]):
-                acc = self._add_round(acc, steps[step], generator)
+        shape, count = per_group[:, :, 0].shape, per_group.shape[2]
+        steps = sums.new_empty((count, shape.numel()))
+        steps.view(count, *shape).copy_(per_group.permute(2, 0, 1, 3, 4))
+        acc = sums.new_zeros(shape.numel(), dtype=torch.float32)            # A is in float32
+        done, fused = 0, self._fused_kernel(acc)
+        if fused is not None and count >= FUSED_STEPS:
+            out = self._fused_steps(acc, steps, *fused)
+            if out is not None:
+                done, acc = count - count % FUSED_STEPS, out
+        for step in range(done, count):
+            acc = self._add_round(acc, steps[step], generator)
         acc = _positive_zero(acc).view(shape)
         master = acc[:, 0]  # = +0 + acc
         for group in range(1, groups):
             master = master + acc[:, group]
         return master
 
-    def _fused_steps(self, acc: torch.Tensor, chunk_sums: torch.Tensor,
-                     generator: Optional[torch.Generator]) -> Optional[torch.Tensor]:
-        """All chunk steps of ``_accumulate``, FUSED_STEPS at a time in one compiled call each
-        (one pass over memory instead of two kernels per step), the last steps that make no
-        full call one by one; for round-to-nearest into a float format or float32. None where
-        that does not apply or cannot compile: the caller then steps one chunk at a time, with
-        the same bits."""
+    def _fused_kernel(self, acc: torch.Tensor) -> Optional[tuple]:
+        """(key, kernel, extra args, strict) of the fused kernel, which runs FUSED_STEPS chunk
+        steps per call (sum, round to odd, round to A in one pass over memory instead of two
+        kernels per step), where it applies: round-to-nearest into a float format or float32,
+        on tensors the compiled kernels serve (common.dispatch's rule). None elsewhere."""
         if self.rounding != "nearest" or self.fmt.is_posit or (
                 self.fmt.is_identity and self.saturate):
             return None
-        steps = chunk_sums.shape[0]
         path = dispatch.resolve_path("auto")
-        if steps < FUSED_STEPS or not dispatch.use_compiled(path, acc.numel(), acc.device,
-                                                            dispatch.EAGER_BITS_BELOW):
+        if not dispatch.use_compiled(path, acc.numel(), acc.device, dispatch.EAGER_BITS_BELOW):
             return None
         if self.fmt.is_identity:
-            key, kernel = ("accumulate", "fused_fp32", acc.device.type), _k_fused_fp32
-            params = ()
-        else:
-            key, kernel = ("accumulate", "fused_float", acc.device.type), _k_fused_float
-            params = (dispatch.param_tensor(self.fmt, self.saturate, acc.device, "bits"),)
-        full = steps - steps % FUSED_STEPS
-        for start in range(0, full, FUSED_STEPS):
-            block = chunk_sums[start:start + FUSED_STEPS]
-            acc = dispatch.run_compiled(key, kernel, (acc, block, *params),
-                                        strict=path == "compiled")
+            return ("accumulate", "fused_fp32", acc.device.type), _k_fused_fp32, (), \
+                path == "compiled"
+        params = (dispatch.param_tensor(self.fmt, self.saturate, acc.device, "bits"),)
+        return ("accumulate", "fused_float", acc.device.type), _k_fused_float, params, \
+            path == "compiled"
+
+    @staticmethod
+    def _fused_steps(acc: torch.Tensor, steps: torch.Tensor, key: tuple, kernel, params: tuple,
+                     strict: bool) -> Optional[torch.Tensor]:
+        """The rows of ``steps`` added into acc, FUSED_STEPS rows per compiled call, as far as
+        whole calls go (the caller adds the rest one step at a time); None where the kernel
+        cannot compile (the caller then steps through every row, with the same bits).
+        Padding the last call with zero rows would be exact too, but costs more than it saves
+        (measured: benchmarks/gemm_speed.py at k = 128)."""
+        for start in range(0, steps.shape[0] - FUSED_STEPS + 1, FUSED_STEPS):
+            acc = dispatch.run_compiled(key, kernel, (acc, steps[start:start + FUSED_STEPS],
+                                                      *params), strict=strict)
             if acc is None:
                 return None
-        for step in range(full, steps):
-            acc = self._add_round(acc, chunk_sums[step], generator)
         return acc
 
     def _add_round(self, acc: torch.Tensor, chunk_sum: torch.Tensor,

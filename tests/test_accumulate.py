@@ -478,7 +478,7 @@ def test_fused_compiled_steps_match_the_oracle(monkeypatch):
 @pytest.mark.slow
 def test_compiled_kernels_do_not_recompile_per_shape(monkeypatch):
     """Many layer shapes, chunk counts and promotion groups through the compiled kernels: each
-    kernel compiles once (dynamo makes one graph per kernel key), with the oracle's bits. A
+    kernel compiles at most twice, whatever the shapes, with the oracle's bits. A
     kernel that dynamo recompiled per shape or stride ran out of recompiles in training and, on
     the auto path, silently fell back to eager ops for the rest of the process."""
     import torch._dynamo
@@ -507,7 +507,8 @@ def test_compiled_kernels_do_not_recompile_per_shape(monkeypatch):
                                                    (3, 2, 7, 2, 2), (2, 5, 4, 5, None))):
         x, w = e4m3_operands((n, c, h, h), 120 + i), e4m3_operands((4, c, 3, 3), 130 + i)
         Accumulator("fp16", chunk, promote).conv2d(x, w, 1, 1)
-    assert counters["stats"]["unique_graphs"] <= len(keys), sorted(keys)
+    # at most two graphs a kernel: a run of steps that is its whole tensor, and one that is not
+    assert counters["stats"]["unique_graphs"] <= 2 * len(keys), sorted(keys)
 
 
 # ---------------------------------------------------------------------------------------------

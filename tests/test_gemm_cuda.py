@@ -178,7 +178,7 @@ def test_accumulator_matmul_same_bits_as_cpu(spec, chunk, promote_every, path, m
     got, want = parity(monkeypatch, path, acc.matmul, a, b)
     assert_same_array_bits(got, want, f"{acc.short()} {path}")
     if path == "compiled":   # fused calls for whole runs of FUSED_STEPS, single steps after
-        chunks = math.ceil(K_PARTIAL / chunk)
+        chunks = -(-K_PARTIAL // chunk)
         steps = chunks if promote_every is None else min(promote_every, chunks)  # per group
         fused = accumulate.FUSED_STEPS
         want_names = ({"fused_float"} if steps >= fused else set()) | (
