@@ -53,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "layer accumulated in each of these formats instead of the casts above "
                         "(--formats, --scalings and --weight-scaling do not apply): comma-"
                         "separated format specs, each with an optional :pN for promotion to a "
-                        "float32 total every N chunks; the issue's set: "
-                        f"{ptq_acc.ISSUE_ACCUMULATORS}; writes ptq_acc.json (default: none, the "
+                        "float32 total every N chunks, e.g. the README's experiment: "
+                        f"{ptq_acc.README_ACCUMULATORS}; writes ptq_acc.json (default: none, the "
                         "format casts run)")
     g.add_argument("--acc-chunks", default=None, metavar="LIST",
                    help="comma-separated chunk sizes k (products summed exactly before each "
@@ -111,7 +111,7 @@ def _check_args(args):
                         "--weight-scaling apply without --acc only")
     if args.acc is None and args.acc_chunks is not None:
         raise UserError("--acc-chunks applies with --acc only (name the accumulators, e.g. "
-                        f"--acc {ptq_acc.ISSUE_ACCUMULATORS})")
+                        f"--acc {ptq_acc.README_ACCUMULATORS})")
 
 
 def _print_done(res):

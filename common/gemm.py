@@ -267,22 +267,20 @@ def _cast_positions(t: torch.Tensor, rq) -> torch.Tensor:
     return _cast(flat, rq, 1).view(t.shape)
 
 
-def _wgrad(x_cols: torch.Tensor, dy_cols: torch.Tensor, casts: OperandCasts,
-           gemm: GemmConfig, x_is_cast: bool = False, dy_is_cast: bool = False) -> torch.Tensor:
-    """dw [O, K] = sum over n, l of dy_cols[n, o, l] * x_cols[n, k, l]: both operands [N, ·, L],
-    cast along the positions l of each image (their last dim), after the optional Hadamard
-    transform of both; with an accumulator, each image accumulates its positions and the
-    images' float32 results are added in order (split-K over the batch). Positions last keeps
-    every block contiguous in memory, so neither the transform nor the cast moves data.
-    x_is_cast / dy_is_cast: the operand already holds its other GEMM's cast, which this one
-    reuses (``_reusable``; never with the Hadamard transform, which comes before the cast)."""
+def _wgrad_operand(t: torch.Tensor, rq, gemm: GemmConfig) -> torch.Tensor:
+    """A wgrad operand [N, R, L] as the wgrad GEMM reads it: the optional Hadamard transform
+    along the positions L, then the cast along them."""
     if gemm.hadamard_wgrad:
-        x_cols = hadamard_transform(x_cols, -1, gemm.hadamard_seed, HADAMARD_BLOCK)
-        dy_cols = hadamard_transform(dy_cols, -1, gemm.hadamard_seed, HADAMARD_BLOCK)
-    if not x_is_cast:
-        x_cols = _cast_positions(x_cols, casts.input_for_grad_weight)
-    if not dy_is_cast:
-        dy_cols = _cast_positions(dy_cols, casts.grad_output_for_grad_weight)
+        t = hadamard_transform(t, -1, gemm.hadamard_seed, HADAMARD_BLOCK)
+    return _cast_positions(t, rq)
+
+
+def _wgrad(x_cols: torch.Tensor, dy_cols: torch.Tensor, gemm: GemmConfig) -> torch.Tensor:
+    """dw [O, K] = sum over n, l of dy_cols[n, o, l] * x_cols[n, k, l]: both operands [N, ·, L]
+    as the GEMM reads them (``_wgrad_operand``: transformed and cast along the positions l of
+    each image, their last dim, which keeps every block contiguous in memory); with an
+    accumulator, each image accumulates its positions and the images' float32 results are
+    added in order (split-K over the batch)."""
     acc = gemm.accumulates("wgrad")
     if acc is None:
         return torch.bmm(dy_cols, x_cols.transpose(1, 2)).sum(0)
@@ -296,6 +294,94 @@ def _wgrad(x_cols: torch.Tensor, dy_cols: torch.Tensor, casts: OperandCasts,
 def _conv_cols(x: torch.Tensor, kernel, stride, padding) -> torch.Tensor:
     """x's im2col columns [N, C*kh*kw, L] (F.unfold: index (c, kh, kw), positions last)."""
     return F.unfold(x, tuple(kernel), padding=padding, stride=stride)
+
+
+def _out_size(size: int, k: int, s: int, p: int) -> int:
+    return (size + 2 * p - k) // s + 1
+
+
+def _per_kernel_column(x_shape, kernel, stride, padding, rq, gemm: GemmConfig) -> bool:
+    """Whether x's wgrad columns can be transformed and cast before unfolding, once per kernel
+    column kw instead of once per tap (``_conv_cols_cast``), with the same bits.
+
+    Each block of the columns (and each Hadamard block) then lies inside one output row: the
+    output width is a multiple of both block sizes. The rows the taps read, shifted by kh,
+    are then whole blocks of one padded input row, the same for every kh. Only scales taken
+    from block and tensor maxima (block formats) qualify: the distinct blocks have the
+    columns' maxima, but an RMS (a posit's tensor scale) counts repeats. Stochastic rounding
+    draws its bits per position of the columns, so it keeps the per-tap cast. Every padded row
+    must be read by some tap (kh >= stride), so that none adds to the tensor's maximum."""
+    if not (rq.active and rq.fmt.is_block and rq.rounding == "nearest"):
+        return False
+    wo = _out_size(x_shape[3], kernel[1], stride[1], padding[1])
+    blocks = (rq.fmt.block_size, HADAMARD_BLOCK) if gemm.hadamard_wgrad else (rq.fmt.block_size,)
+    return kernel[0] >= stride[0] and wo > 0 and all(wo % b == 0 for b in blocks)
+
+
+def _cast_by_kernel_column(x: torch.Tensor, kernel, stride, padding, rq,
+                           gemm: GemmConfig) -> torch.Tensor:
+    """x's wgrad columns transformed and cast before the unfold, where ``_per_kernel_column``
+    allows: [N, C, kw, rows, Wo], for each kernel column j the padded input cut to the
+    columns j reads, transformed and cast as one tensor (one tensor scale, as the columns').
+    Tap (i, j) reads rows i, i + sh, ... of [:, :, j]; ``_taps`` unfolds them into
+    ``_wgrad_operand(_conv_cols(x, ...), rq, gemm)``, bit for bit, at a third of the casting
+    work for a 3 x 3 kernel."""
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    n, c = x.shape[:2]
+    ho, wo = _out_size(x.shape[2], kh, sh, ph), _out_size(x.shape[3], kw, sw, pw)
+    rows = (ho - 1) * sh + kh
+    xp = F.pad(x.contiguous(), (pw, pw, ph, ph))   # NCHW: the cuts below copy whole rows
+    by_column = x.new_empty(n, c, kw, rows, wo)
+    for j in range(kw):
+        by_column[:, :, j] = xp[:, :, :rows, j:j + sw * (wo - 1) + 1:sw]
+    return _wgrad_operand(by_column.view(n, -1, wo), rq, gemm).view(by_column.shape)
+
+
+def _taps(by_column: torch.Tensor, kh: int, sh: int, ho: int) -> torch.Tensor:
+    """The columns [N, C*kh*kw, L] (F.unfold's order) of ``_cast_by_kernel_column``'s result."""
+    n, c, kw, _, wo = by_column.shape
+    cols = by_column.new_empty(n, c, kh, kw, ho, wo)
+    for i in range(kh):
+        cols[:, :, i] = by_column[:, :, :, i:i + sh * (ho - 1) + 1:sh]
+    return cols.view(n, c * kh * kw, ho * wo)
+
+
+def _wgrad_by_kernel_row(by_column: torch.Tensor, dy_cols: torch.Tensor, kh: int,
+                         ho: int) -> torch.Tensor:
+    """dw [O, C, kh, kw] of a stride-1 conv from ``_cast_by_kernel_column``'s result without
+    unfolding it: kernel row i reads rows i .. i + ho - 1 of every column cut, a strided view
+    [N, C*kw, L] that one batched GEMM takes as it is."""
+    n, c, kw, _, wo = by_column.shape
+    dw = dy_cols.new_empty(dy_cols.shape[1], c, kh, kw)
+    for i in range(kh):
+        x_rows = by_column[:, :, :, i:i + ho].reshape(n, c * kw, ho * wo)   # a view
+        dw[:, :, i] = torch.bmm(dy_cols, x_rows.transpose(1, 2)).sum(0).view(-1, c, kw)
+    return dw
+
+
+def _conv_wgrad(x_saved: torch.Tensor, dy_w: torch.Tensor, kernel, stride, padding,
+                casts: OperandCasts, gemm: GemmConfig, x_is_cast: bool,
+                dy_is_cast: bool) -> torch.Tensor:
+    """A conv's dw [O, C, kh, kw] as the wgrad GEMM over positions: x's columns and dy
+    [N, ·, L], each transformed and cast along the positions unless it already holds its
+    reusable cast (x_is_cast, dy_is_cast: ``_reusable``)."""
+    rq = casts.input_for_grad_weight
+    by_column = cols = None
+    if x_is_cast:
+        cols = _conv_cols(x_saved, kernel, stride, padding)
+    elif _per_kernel_column(x_saved.shape, kernel, stride, padding, rq, gemm):
+        by_column = _cast_by_kernel_column(x_saved, kernel, stride, padding, rq, gemm)
+    else:
+        cols = _wgrad_operand(_conv_cols(x_saved, kernel, stride, padding), rq, gemm)
+    dy_cols = dy_w.reshape(dy_w.shape[0], dy_w.shape[1], -1)    # [N, O, L]
+    if not dy_is_cast:
+        dy_cols = _wgrad_operand(dy_cols, casts.grad_output_for_grad_weight, gemm)
+    ho = dy_w.shape[2]
+    if by_column is not None:
+        if stride[0] == 1 and gemm.accumulates("wgrad") is None:
+            return _wgrad_by_kernel_row(by_column, dy_cols, kernel[0], ho)
+        cols = _taps(by_column, kernel[0], stride[0], ho)
+    return _wgrad(cols, dy_cols, gemm).view(dy_w.shape[1], x_saved.shape[1], *kernel)
 
 
 def _dgrad_conv(dy: torch.Tensor, w: torch.Tensor, x_shape, stride, padding,
@@ -366,14 +452,11 @@ class _GemmConv2d(torch.autograd.Function):
             elif need_w:
                 dw = torch.nn.grad.conv2d_weight(xw, wd.shape, dyw, stride, padding)
         elif need_w:
-            kernel = w_saved.shape[2:]
             dy_reuse = not gemm.hadamard_wgrad and _reusable(casts.grad_output,
                                                              casts.grad_output_for_grad_weight)
             dy_w = dyd if dy_reuse else dy
-            dy_cols = dy_w.reshape(dy.shape[0], dy.shape[1], -1)   # [N, O, L]
-            dw_cols = _wgrad(_conv_cols(x_saved, kernel, stride, padding), dy_cols, casts,
-                             gemm, x_is_cast=ctx.x_cast, dy_is_cast=dy_reuse)
-            dw = dw_cols.view(w_saved.shape)                          # (c, kh, kw) as unfold
+            dw = _conv_wgrad(x_saved, dy_w, tuple(w_saved.shape[2:]), stride, padding, casts, gemm,
+                             x_is_cast=ctx.x_cast, dy_is_cast=dy_reuse)
         if need_x and dx is None:
             acc = gemm.accumulates("dgrad")
             if acc is None:
@@ -417,8 +500,12 @@ class _GemmLinear(torch.autograd.Function):
             dy_reuse = not gemm.hadamard_wgrad and _reusable(casts.grad_output,
                                                              casts.grad_output_for_grad_weight)
             dy_w = dyd if dy_reuse else dy
-            dw = _wgrad(x_saved.t().unsqueeze(0), dy_w.t().unsqueeze(0), casts, gemm,
-                        x_is_cast=x_cast, dy_is_cast=dy_reuse)
+            x_w, dy_w = x_saved.t().unsqueeze(0), dy_w.t().unsqueeze(0)
+            if not x_cast:
+                x_w = _wgrad_operand(x_w, casts.input_for_grad_weight, gemm)
+            if not dy_reuse:
+                dy_w = _wgrad_operand(dy_w, casts.grad_output_for_grad_weight, gemm)
+            dw = _wgrad(x_w, dy_w, gemm)
         if has_bias and ctx.needs_input_grad[2]:
             db = dy.sum(0)
         return dx, dw, db, None, None

@@ -47,18 +47,18 @@ from .ptq import prepare, provenance, ptq_file_name, source_record
 from .qat import QuantConfig, quantize_model
 from .train import evaluate
 
-__all__ = ["ISSUE_ACCUMULATORS", "DEFAULT_CHUNKS", "ACC_STEM", "parse_accumulators",
+__all__ = ["README_ACCUMULATORS", "DEFAULT_CHUNKS", "ACC_STEM", "parse_accumulators",
            "parse_chunks", "acc_spec", "mantissa_bits", "acc_qconfig", "evaluate_accumulators",
            "acc_file_name", "run_ptq_acc"]
 
-# The issue's experiment (issue 24, item 7): the usual 16-bit accumulators, e5m7, and a
-# Hopper-like e8m13 promoted to float32 every 4 chunks; chunk sizes from sequential to 128.
-ISSUE_ACCUMULATORS = "fp16,bf16,e5m7,e8m13:p4"
+# The README's accumulation experiment: the usual 16-bit accumulators, e5m7, and a Hopper-like
+# e8m13 promoted to float32 every 4 chunks; chunk sizes from sequential to 128.
+README_ACCUMULATORS = "fp16,bf16,e5m7,e8m13:p4"
 DEFAULT_CHUNKS = (1, 16, 32, 128)
 ACC_STEM = "ptq_acc"
 ACCEPTED = (f"comma-separated accumulator formats (fp16, bf16, e5m7, eXmY of at most "
             f"{MAX_MANTISSA_BITS} mantissa bits, fp32, posit<n>es<k>), each with an optional "
-            f":pN (promotion to float32 every N chunks, N >= 1), e.g. {ISSUE_ACCUMULATORS}")
+            f":pN (promotion to float32 every N chunks, N >= 1), e.g. {README_ACCUMULATORS}")
 
 
 def _promotion(text: str, part: str) -> int:

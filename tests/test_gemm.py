@@ -131,14 +131,16 @@ def test_conv_gemm_operands(fmt, stride):
 
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("stride", [1, 2])
-def test_conv_wgrad_hadamard_then_blocks_along_positions(stride, channels_last):
+@pytest.mark.parametrize("size", [8, 32])   # output width 8 or 4: per tap; 32 or 16: per column
+def test_conv_wgrad_hadamard_then_blocks_along_positions(size, stride, channels_last):
     """wgrad with the random Hadamard transform: both operands' positions of each image are
     rotated 16 at a time (a block-diagonal matrix of R, built here), then cast with NVFP4
     blocks along the positions; dw is their product summed over images and positions."""
     from common.operands import hadamard_matrix
 
     torch.manual_seed(8)
-    x, w = torch.randn(2, 16, 8, 8), torch.randn(16, 16, 3, 3)
+    x, w = torch.randn(2, 16, size, size), torch.randn(16, 16, 3, 3)
+    x[1, 3, size // 2, 5] = 40.0   # an outlier: sets the NVFP4 tensor scale of the columns
     if channels_last:
         x, w = (t.to(memory_format=torch.channels_last) for t in (x, w))
     _, _, dw, dy = _run_conv(x, w, "nvfp4", stride, 1, hadamard_wgrad=True, hadamard_seed=5)
@@ -159,6 +161,52 @@ def test_conv_wgrad_hadamard_then_blocks_along_positions(stride, channels_last):
     torch.testing.assert_close(dw, ref_dw, rtol=1e-5, atol=1e-4)
     if channels_last:
         assert dw.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("fmt,rounding,size,kernel,stride,padding,per_column", [
+    ("nvfp4", "nearest", 32, 3, 1, 1, True),
+    ("nvfp4", "nearest", 32, 3, 2, 1, True),
+    ("nvfp4", "nearest", 16, 1, 1, 0, True),
+    ("mxfp4", "nearest", 32, 3, 1, 1, True),
+    ("mxfp4", "nearest", 16, 3, 1, 1, False),     # output width 16: an MX block spans 2 rows
+    ("nvfp4", "nearest", 8, 3, 1, 1, False),      # output width 8: a block spans 2 rows
+    ("nvfp4", "nearest", 32, 1, 2, 0, False),     # kh < stride: odd rows are read by no tap
+    ("nvfp4", "stochastic", 32, 3, 1, 1, False),  # random bits by position in the columns
+    ("e4m3", "nearest", 32, 3, 1, 1, False),      # no blocks
+])
+@pytest.mark.parametrize("hadamard", [False, True])
+def test_wgrad_columns_cast_per_kernel_column(fmt, rounding, size, kernel, stride, padding,
+                                              per_column, hadamard):
+    """Where allowed, x's wgrad columns are transformed and cast once per kernel column before
+    the unfold; the result is the per-tap cast of the unfolded columns, bit for bit, with an
+    outlier that sets the tensor scale."""
+    from common import gemm as G
+
+    torch.manual_seed(11)
+    x = torch.randn(2, 16, size, size).to(memory_format=torch.channels_last)
+    x[0, 2, size - 1, 3] = -30.0
+    casts, conf = _casts(fmt, rounding, hadamard_wgrad=hadamard, hadamard_seed=3)
+    rq, k2, s2, p2 = casts.input_for_grad_weight, (kernel,) * 2, (stride,) * 2, (padding,) * 2
+    assert G._per_kernel_column(x.shape, k2, s2, p2, rq, conf) is per_column
+    if per_column:
+        per_tap = G._wgrad_operand(G._conv_cols(x, k2, s2, p2), rq, conf)
+        by_column = G._cast_by_kernel_column(x, k2, s2, p2, rq, conf)
+        ho = (size + 2 * padding - kernel) // stride + 1
+        assert torch.equal(G._taps(by_column, kernel, stride, ho), per_tap)
+
+
+def test_wgrad_columns_per_kernel_column_needs_every_row_read():
+    """Why kh >= stride is required: a 1x1 stride-2 conv reads even rows only, so an outlier in
+    an odd row would set the tensor scale of a per-column cast but not of the columns."""
+    from common import gemm as G
+
+    x = torch.randn(1, 16, 32, 32)
+    x[0, 0, 1, 0] = 1000.0
+    casts, conf = _casts("nvfp4")
+    rq, k2, s2, p2 = casts.input_for_grad_weight, (1, 1), (2, 2), (0, 0)
+    per_tap = G._wgrad_operand(G._conv_cols(x, k2, s2, p2), rq, conf)
+    by_column = G._cast_by_kernel_column(x, k2, s2, p2, rq, conf)
+    assert not torch.equal(G._taps(by_column, 1, 2, 16), per_tap)
 
 
 def test_linear_wgrad_blocks_along_the_batch():
@@ -234,6 +282,27 @@ def test_accumulation_in_every_gemm(stride):
     torch.testing.assert_close(dx, ref_dx, rtol=0, atol=0)
     plain_dx = torch.nn.grad.conv2d_input(x.shape, q(w), q(dy), stride, 1)
     torch.testing.assert_close(dx, plain_dx, rtol=2e-2, atol=5e-2)   # fp16 accumulation
+
+
+@pytest.mark.parametrize("size,stride", [(16, 1), (32, 2)])
+def test_accumulated_wgrad_of_columns_cast_per_kernel_column(size, stride):
+    """NVFP4 wgrad with an accumulator where x's columns are cast per kernel column (output
+    width 16): the Accumulator's per-image result on the per-position casts, bit for bit."""
+    torch.manual_seed(12)
+    acc = Accumulator("fp16", 16, promote_every=2)
+    x, w = torch.randn(2, 16, size, size), torch.randn(8, 16, 3, 3)
+    x[1, 5, 7, 3] = 25.0
+    _, _, dw, dy = _run_conv(x, w, "nvfp4", stride, 1, accumulator=acc)
+    q = lambda t: quantize(t, "nvfp4")  # noqa: E731
+
+    def along_positions(t):   # [N, L, K] cast with blocks along L, one NVFP4 tensor scale
+        n, positions, k = t.shape
+        return q(t.transpose(1, 2).reshape(n * k, positions)).view(n, k, positions)
+    xq = along_positions(_conv_rows_reference(x, (3, 3), stride, 1))       # [N, K, L]
+    dyq = along_positions(dy.flatten(2).transpose(1, 2))                   # [N, O, L]
+    per_image = acc.matmul(dyq, xq.transpose(1, 2))
+    ref_dw = (per_image[0] + per_image[1]).view(8, 3, 3, 16).permute(0, 3, 1, 2)
+    torch.testing.assert_close(dw, ref_dw, rtol=0, atol=0)
 
 
 def test_accumulation_changes_linear_outputs_only_where_named():

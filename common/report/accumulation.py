@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-from .. import runs
 from ..config import compared_values
 from .plots import axes_boxes, legend_below, pyplot
+from .records import load_evaluations
 from .tables import epochs_text, fmt_num, md_table
 
 __all__ = ["ACC_PLOT", "ACC_GLOB", "AccGroup", "load_acc", "group_acc", "acc_lines",
@@ -43,10 +43,6 @@ def _key(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, default=str)
 
 
-def _dirs(runs_dirs: Union[Path, str, Sequence[Path]]) -> List[Path]:
-    return [Path(runs_dirs)] if isinstance(runs_dirs, (str, Path)) else [Path(d) for d in runs_dirs]
-
-
 def is_acc_file(d: Any) -> bool:
     """Whether a JSON dict is an accumulation evaluation (rows with a chunk size)."""
     return (isinstance(d, dict) and bool(d.get("results")) and bool(d.get("source"))
@@ -56,19 +52,10 @@ def is_acc_file(d: Any) -> bool:
 def load_acc(runs_dirs: Union[Path, Sequence[Path]]) -> List[Dict[str, Any]]:
     """Every ``ptq_acc*.json`` one level under the ``runs_dirs`` (one per source run, settings
     and test-set size: a record's copy wins over the run folder's), with its path."""
-    out, seen = [], set()
-    for p in (p for d in _dirs(runs_dirs) for p in sorted(d.glob(ACC_GLOB))):
-        d = runs.read_json(p)
-        if not is_acc_file(d):
-            continue
-        ident = _key([d["source"].get("name"), bool(d.get("first_last_fp32")),
-                      d.get("eval_batch_size"), d.get("test_images")])
-        if ident in seen:
-            continue
-        seen.add(ident)
-        d["path"] = str(p)
-        out.append(d)
-    return out
+    return load_evaluations(
+        runs_dirs, ACC_GLOB, accept=lambda p, d: is_acc_file(d),
+        identity=lambda d: [d["source"].get("name"), bool(d.get("first_last_fp32")),
+                            d.get("eval_batch_size"), d.get("test_images")])
 
 
 @dataclass

@@ -16,7 +16,7 @@ import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .. import runs
 from ..config import CONFIGS, REPO_ROOT, FormatRecord, compared_values
@@ -257,24 +257,37 @@ def place_test_sets(all_runs: Sequence[Run]) -> None:
             r.test_set = next(iter(known))
 
 
+def load_evaluations(runs_dirs: Union[Path, Sequence[Path]], pattern: str,
+                     accept: Callable[[Path, Any], bool],
+                     identity: Callable[[Dict[str, Any]], Sequence[Any]]) -> List[Dict[str, Any]]:
+    """Every JSON file matching ``pattern`` under the ``runs_dirs`` that ``accept`` takes, with
+    its path, one per ``identity``: the first found wins, so a record's copy (records folder
+    listed first) wins over the run folder's."""
+    out, seen = [], set()
+    for p in (p for d in _dirs(runs_dirs) for p in sorted(d.glob(pattern))):
+        d = runs.read_json(p)
+        if not accept(p, d):
+            continue
+        ident = _key(list(identity(d)))
+        if ident in seen:
+            continue
+        seen.add(ident)
+        d["path"] = str(p)
+        out.append(d)
+    return out
+
+
 def load_ptq(runs_dirs: Union[Path, Sequence[Path]]) -> List[Dict[str, Any]]:
     """Every ``ptq*.json`` one level under the ``runs_dirs`` (one per source run, cast settings
     and test-set size: a record's copy wins over the run folder's), with its path; the
     accumulation evaluations (``ptq_acc*.json``) are ``accumulation.load_acc``'s."""
-    out, seen = [], set()
-    for p in (p for d in _dirs(runs_dirs) for p in sorted(d.glob("*/ptq*.json"))
-              if not p.name.startswith("ptq_acc")):
-        d = runs.read_json(p)
-        if isinstance(d, dict) and d.get("results") and d.get("source"):
-            ident = _key([d["source"].get("name"), d.get("first_last_fp32"),
-                          d.get("weight_scaling"), d.get("eval_batch_size"),
-                          d.get("test_images")])
-            if ident in seen:
-                continue
-            seen.add(ident)
-            d["path"] = str(p)
-            out.append(d)
-    return out
+    return load_evaluations(
+        runs_dirs, "*/ptq*.json",
+        accept=lambda p, d: (not p.name.startswith("ptq_acc") and isinstance(d, dict)
+                             and bool(d.get("results")) and bool(d.get("source"))),
+        identity=lambda d: [d["source"].get("name"), d.get("first_last_fp32"),
+                            d.get("weight_scaling"), d.get("eval_batch_size"),
+                            d.get("test_images")])
 
 
 def shown(path) -> str:
