@@ -54,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(--formats, --scalings and --weight-scaling do not apply): comma-"
                         "separated format specs, each with an optional :pN for promotion to a "
                         "float32 total every N chunks, e.g. the README's experiment: "
-                        f"{ptq_acc.README_ACCUMULATORS}; writes ptq_acc.json (default: none, the "
-                        "format casts run)")
+                        f"{ptq_acc.README_ACCUMULATORS}; writes ptq_acc.json after every row, "
+                        "and a rerun into the same file adds only the rows it lacks (default: "
+                        "none, the format casts run)")
     g.add_argument("--acc-chunks", default=None, metavar="LIST",
                    help="comma-separated chunk sizes k (products summed exactly before each "
                         "rounding to the accumulator; 1 = sequential, the slowest to emulate); "

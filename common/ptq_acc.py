@@ -26,7 +26,11 @@ for ``--limit-images 128``); ``report.py`` shows it as a table (accumulator x k)
 
 Emulation on a CPU is slow: float64 chunk sums and one sequential step per chunk, so k = 1
 (one step per product) is the slowest; ``limit_images`` evaluates the first N test images only,
-for timing and smoke tests (reported results use all images).
+for timing and smoke tests (reported results use all images). The file is written after every
+row, and a rerun into the same file evaluates only the (accumulator, k) pairs it lacks, after
+checking that the file is of the same weights, layers and images (its float32 row must score the
+same): a long evaluation can be stopped and split over sessions, e.g. one accumulator at k = 1
+per session.
 """
 from __future__ import annotations
 
@@ -49,7 +53,7 @@ from .train import evaluate
 
 __all__ = ["README_ACCUMULATORS", "DEFAULT_CHUNKS", "ACC_STEM", "parse_accumulators",
            "parse_chunks", "acc_spec", "mantissa_bits", "acc_qconfig", "evaluate_accumulators",
-           "acc_file_name", "run_ptq_acc"]
+           "acc_file_name", "earlier_rows", "reference_row", "run_ptq_acc"]
 
 # The README's accumulation experiment: the usual 16-bit accumulators, e5m7, and a Hopper-like
 # e8m13 promoted to float32 every 4 chunks; chunk sizes from sequential to 128.
@@ -142,30 +146,31 @@ def evaluate_accumulators(model: nn.Module, data: data_mod.DeviceData,
                           normalizer: data_mod.Normalizer, batch_size: int,
                           accumulators: Sequence[Tuple[str, Optional[int]]],
                           chunks: Sequence[int] = DEFAULT_CHUNKS, first_last_fp32: bool = False,
-                          log=None) -> List[Dict[str, Any]]:
+                          log=None, skip=frozenset(),
+                          reference: Optional[Dict[str, Any]] = None) -> List[Dict[str, Any]]:
     """The float32 row, then one row per (accumulator, k), accumulator-major: a copy of ``model``
     whose forward GEMMs accumulate in that accumulator, evaluated with ``common.train.evaluate``.
-    ``log(row, index, total)`` is called after each row. ``model`` is left unchanged."""
-    total = 1 + len(accumulators) * len(chunks)
-    t0 = time.perf_counter()
-    rows = [_reference_row(evaluate(model, data, normalizer, batch_size),
-                           time.perf_counter() - t0)]
+    ``skip``: (accumulator spec, k) pairs not to evaluate (rows an earlier run wrote);
+    ``reference``: the float32 row where it was already evaluated. ``log(row, index, total)``
+    is called after each row. ``model`` is left unchanged."""
+    todo = [(parse_format(fmt), promote, k) for fmt, promote in accumulators for k in chunks
+            if (acc_spec(parse_format(fmt).name, promote), k) not in skip]
+    total = 1 + len(todo)
+    rows = [reference or reference_row(model, data, normalizer, batch_size)]
     if log:
         log(rows[-1], 1, total)
-    for fmt, promote in accumulators:
-        f = parse_format(fmt)
-        for k in chunks:
-            acc = Accumulator(f, k, promote)
-            qmodel = quantize_model(copy.deepcopy(model), acc_qconfig(acc, first_last_fp32))
-            t0 = time.perf_counter()
-            ev = evaluate(qmodel, data, normalizer, batch_size)
-            rows.append({"accumulator": acc_spec(f.name, promote), "format": f.name,
-                         "name": acc.short(), "reference": False, "chunk": k,
-                         "promote_every": promote, "mantissa_bits": mantissa_bits(f), **ev,
-                         "seconds": round(time.perf_counter() - t0, 3)})
-            if log:
-                log(rows[-1], len(rows), total)
-            del qmodel
+    for f, promote, k in todo:
+        acc = Accumulator(f, k, promote)
+        qmodel = quantize_model(copy.deepcopy(model), acc_qconfig(acc, first_last_fp32))
+        t0 = time.perf_counter()
+        ev = evaluate(qmodel, data, normalizer, batch_size)
+        rows.append({"accumulator": acc_spec(f.name, promote), "format": f.name,
+                     "name": acc.short(), "reference": False, "chunk": k,
+                     "promote_every": promote, "mantissa_bits": mantissa_bits(f), **ev,
+                     "seconds": round(time.perf_counter() - t0, 3)})
+        if log:
+            log(rows[-1], len(rows), total)
+        del qmodel
     return rows
 
 
@@ -174,20 +179,79 @@ def acc_file_name(first_last_fp32: bool = False, limit_images: Optional[int] = N
     return ptq_file_name("channel", first_last_fp32, limit_images, stem=ACC_STEM)
 
 
+# What must match for an earlier file's rows to be kept: the same trained weights (run name,
+# epoch, and their recorded accuracy), the same layers and the same test images in batches of
+# the same size.
+SAME_EVALUATION = (("source", "name"), ("source", "epoch"), ("source", "trained_test_acc"),
+                   ("first_last_fp32",), ("eval_batch_size",), ("test_images",),
+                   ("limit_images",))
+
+
+def _field(d: Dict[str, Any], keys: Tuple[str, ...]) -> Any:
+    for k in keys:
+        d = d.get(k) if isinstance(d, dict) else None
+    return d
+
+
+def earlier_rows(path: Path, fresh: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The rows of an earlier accumulation file at ``path`` of the same evaluation as ``fresh``
+    (``SAME_EVALUATION``; its float32 row must score as the new one, image count and accuracy),
+    which the new run keeps and does not repeat; [] where there is no file. A file of another
+    evaluation, or one that cannot be read, is refused with one line naming it."""
+    if not path.exists():
+        return []
+    old = runs.read_json(path)
+    if not (isinstance(old, dict) and old.get("kind") == "accumulation"
+            and isinstance(old.get("results"), list) and old["results"]
+            and all(isinstance(r, dict) and "chunk" in r for r in old["results"])):
+        raise UserError(f"{path} exists and is not an accumulation evaluation: move it away or "
+                        f"pass --out")
+    differs = [".".join(k) for k in SAME_EVALUATION if _field(old, k) != _field(fresh, k)]
+    ref_old, ref_new = old["results"][0], fresh["results"][0]
+    if not differs and (ref_old.get("test_acc"), ref_old.get("test_images")) != (
+            ref_new["test_acc"], ref_new["test_images"]):
+        differs = ["the float32 row's accuracy"]
+    if differs:
+        raise UserError(f"{path} holds an evaluation with another {', '.join(differs)}: move it "
+                        f"away or pass --out to keep both")
+    return [r for r in old["results"] if not r.get("reference")]
+
+
+def _merged(rows: Sequence[Dict[str, Any]], order: Sequence[str]) -> List[Dict[str, Any]]:
+    """The float32 row first, then the others by accumulator (``order``) and chunk size."""
+    ref = [r for r in rows if r.get("reference")][:1]
+    rest = sorted((r for r in rows if not r.get("reference")),
+                  key=lambda r: (order.index(r["accumulator"]), r["chunk"]))
+    return ref + rest
+
+
+def reference_row(model: nn.Module, data: data_mod.DeviceData, normalizer: data_mod.Normalizer,
+                  batch_size: int) -> Dict[str, Any]:
+    """The float32 row: ``model`` evaluated as trained, with its time."""
+    t0 = time.perf_counter()
+    ev = evaluate(model, data, normalizer, batch_size)
+    return _reference_row(ev, time.perf_counter() - t0)
+
+
 def run_ptq_acc(checkpoint: Path, accumulators: Sequence[Tuple[str, Optional[int]]],
                 chunks: Sequence[int] = DEFAULT_CHUNKS, first_last_fp32: bool = False,
                 device: str = "auto", data_dir: Optional[str] = None,
                 eval_batch_size: Optional[int] = None, limit_images: Optional[int] = None,
                 out: Optional[Path] = None, log=None) -> Dict[str, Any]:
-    """Evaluate one checkpoint with every (accumulator, k); write and return the JSON dict."""
+    """Evaluate one checkpoint with every (accumulator, k); write and return the JSON dict.
+
+    The file is written after every row, so an interrupted run keeps the rows it finished, and
+    a rerun of the same evaluation into the same file (``earlier_rows``) evaluates only the
+    (accumulator, k) pairs it lacks: the file holds the union. A run of hours (k = 1 on all
+    test images) can so be split over sessions, by accumulator or by chunk size."""
     setup = prepare(checkpoint, device, data_dir, eval_batch_size, limit_images)
-    rows = evaluate_accumulators(setup.model, setup.data, setup.normalizer, setup.batch,
-                                 accumulators, chunks, first_last_fp32, log)
+    path = Path(out) if out else setup.checkpoint.parent / acc_file_name(first_last_fp32,
+                                                                         limit_images)
+    ref = reference_row(setup.model, setup.data, setup.normalizer, setup.batch)
     result = {
         "kind": "accumulation",
-        **source_record(setup, rows[0]["test_images"]),
+        **source_record(setup, ref["test_images"]),
         "first_last_fp32": first_last_fp32,
-        "accumulators": [acc_spec(f, p) for f, p in accumulators], "chunks": list(chunks),
         "casts": "none: weights and activations in float32; the forward GEMM of every "
                  "Conv2d/Linear"
                  + (" except the first conv and the last Linear" if first_last_fp32 else "")
@@ -195,11 +259,26 @@ def run_ptq_acc(checkpoint: Path, accumulators: Sequence[Tuple[str, Optional[int
                    "products, one rounding to nearest even per chunk, promotion to a float32 "
                    "total every promote_every chunks); BatchNorm, residual adds and pooling in "
                    "float32",
-        **provenance(),
-        "results": rows,
+        "results": [ref],
     }
-    path = Path(out) if out else setup.checkpoint.parent / acc_file_name(first_last_fp32,
-                                                                         limit_images)
-    runs.write_json(path, result)
+    kept = earlier_rows(path, result)
+    specs = [acc_spec(parse_format(f).name, p) for f, p in accumulators]
+    order = specs + [a for a in dict.fromkeys(r["accumulator"] for r in kept) if a not in specs]
+    result["accumulators"] = order
+    result["chunks"] = sorted({*chunks, *(r["chunk"] for r in kept)})
+    rows = [ref, *kept]
+
+    def save(row, index, total):   # after every row: an interrupted run keeps what it finished
+        if not row["reference"]:
+            rows.append(row)
+        result.update(provenance())
+        result["results"] = _merged(rows, order)
+        runs.write_json(path, result)
+        if log:
+            log(row, index, total)
+
+    evaluate_accumulators(setup.model, setup.data, setup.normalizer, setup.batch, accumulators,
+                          chunks, first_last_fp32, save,
+                          skip={(r["accumulator"], r["chunk"]) for r in kept}, reference=ref)
     result["path"] = str(path)
     return result

@@ -129,6 +129,53 @@ def test_cli_writes_one_row_per_accumulator_and_chunk(entry, trained, capsys):
     assert rows[3]["test_loss"] != ref["test_loss"]      # e5m2 accumulation acted
 
 
+def _acc_cli(entry, argv):
+    with pytest.raises(SystemExit) as e:
+        cli.run_main(entry.main, argv)
+    return e.value.code
+
+
+def test_rerun_adds_only_missing_rows_and_refuses_other_settings(entry, trained, tmp_path,
+                                                                  capsys):
+    """A rerun into the same file evaluates only the (accumulator, k) pairs it lacks and writes
+    the union in order; a file of other settings gives one line naming it, exit 2."""
+    out = tmp_path / "acc.json"
+    base = [str(trained), "--limit-images", "32", "--eval-batch-size", "16", "--device", "cpu",
+            "--out", str(out)]
+    assert _acc_cli(entry, [*base, "--acc", "e5m2:p2", "--acc-chunks", "32"]) == 0
+    first = json.loads(out.read_text())["results"]
+    capsys.readouterr()
+    assert _acc_cli(entry, [*base, "--acc", "fp32,e5m2:p2", "--acc-chunks", "16,32"]) == 0
+    printed = capsys.readouterr().out
+    assert "[4/4]" in printed and "[5/" not in printed      # float32 + 3 new rows, not 5
+    res = json.loads(out.read_text())
+    rows = res["results"]
+    assert [(r["accumulator"], r["chunk"]) for r in rows] == [
+        ("fp32", None), ("fp32", 16), ("fp32", 32), ("e5m2:p2", 16), ("e5m2:p2", 32)]
+    assert rows[4] == first[1]                               # kept as written, not evaluated
+    assert res["accumulators"] == ["fp32", "e5m2:p2"] and res["chunks"] == [16, 32]
+    for argv, needle in (([*base[:4], "8", *base[5:]], "eval_batch_size"),
+                         ([*base, "--first-last-fp32"], "first_last_fp32")):
+        assert _acc_cli(entry, [*argv, "--acc", "fp16", "--acc-chunks", "16"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(out) in err[0] and needle in err[0], err
+    assert json.loads(out.read_text()) == res                # the refused file is untouched
+
+
+def test_rows_are_written_as_they_finish(trained, tmp_path):
+    """An evaluation stopped after its second row leaves a file with the rows it finished."""
+    out = tmp_path / "acc.json"
+
+    def stop_after_two(row, index, total):
+        if index == 2:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        ptq_acc.run_ptq_acc(trained / "weights.pt", [("fp16", None)], [16, 32], device="cpu",
+                            limit_images=16, out=out, log=stop_after_two)
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["accumulator"], r["chunk"]) for r in rows] == [("fp32", None), ("fp16", 16)]
+
+
 @pytest.fixture(scope="module")
 def batch(trained):
     """The loaded float model and its first 4 test images, normalised (k = 1 emulates one step
