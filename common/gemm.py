@@ -302,7 +302,7 @@ def _out_size(size: int, k: int, s: int, p: int) -> int:
 
 def _per_kernel_column(x_shape, kernel, stride, padding, rq, gemm: GemmConfig) -> bool:
     """Whether x's wgrad columns can be transformed and cast before unfolding, once per kernel
-    column kw instead of once per tap (``_conv_cols_cast``), with the same bits.
+    column kw instead of once per tap (``_cast_by_kernel_column``), with the same bits.
 
     Each block of the columns (and each Hadamard block) then lies inside one output row: the
     output width is a multiple of both block sizes. The rows the taps read, shifted by kh,
@@ -315,7 +315,7 @@ def _per_kernel_column(x_shape, kernel, stride, padding, rq, gemm: GemmConfig) -
         return False
     wo = _out_size(x_shape[3], kernel[1], stride[1], padding[1])
     blocks = (rq.fmt.block_size, HADAMARD_BLOCK) if gemm.hadamard_wgrad else (rq.fmt.block_size,)
-    return kernel[0] >= stride[0] and wo > 0 and all(wo % b == 0 for b in blocks)
+    return kernel[0] >= stride[0] and all(wo % b == 0 for b in blocks)
 
 
 def _cast_by_kernel_column(x: torch.Tensor, kernel, stride, padding, rq,

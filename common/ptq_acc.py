@@ -53,7 +53,7 @@ from .train import evaluate
 
 __all__ = ["README_ACCUMULATORS", "DEFAULT_CHUNKS", "ACC_STEM", "parse_accumulators",
            "parse_chunks", "acc_spec", "mantissa_bits", "acc_qconfig", "evaluate_accumulators",
-           "acc_file_name", "earlier_rows", "reference_row", "run_ptq_acc"]
+           "acc_file_name", "is_acc_file", "earlier_rows", "reference_row", "run_ptq_acc"]
 
 # The README's accumulation experiment: the usual 16-bit accumulators, e5m7, and a Hopper-like
 # e8m13 promoted to float32 every 4 chunks; chunk sizes from sequential to 128.
@@ -179,6 +179,13 @@ def acc_file_name(first_last_fp32: bool = False, limit_images: Optional[int] = N
     return ptq_file_name("channel", first_last_fp32, limit_images, stem=ACC_STEM)
 
 
+def is_acc_file(d: Any) -> bool:
+    """Whether a JSON dict is an accumulation evaluation (rows with a chunk size)."""
+    return (isinstance(d, dict) and isinstance(d.get("results"), list) and bool(d["results"])
+            and bool(d.get("source"))
+            and all(isinstance(r, dict) and "chunk" in r for r in d["results"]))
+
+
 # What must match for an earlier file's rows to be kept: the same trained weights (run name,
 # epoch, and their recorded accuracy), the same layers and the same test images in batches of
 # the same size.
@@ -201,9 +208,7 @@ def earlier_rows(path: Path, fresh: Dict[str, Any]) -> List[Dict[str, Any]]:
     if not path.exists():
         return []
     old = runs.read_json(path)
-    if not (isinstance(old, dict) and old.get("kind") == "accumulation"
-            and isinstance(old.get("results"), list) and old["results"]
-            and all(isinstance(r, dict) and "chunk" in r for r in old["results"])):
+    if not (is_acc_file(old) and old.get("kind") == "accumulation"):
         raise UserError(f"{path} exists and is not an accumulation evaluation: move it away or "
                         f"pass --out")
     differs = [".".join(k) for k in SAME_EVALUATION if _field(old, k) != _field(fresh, k)]

@@ -163,6 +163,24 @@ def test_conv_wgrad_hadamard_then_blocks_along_positions(size, stride, channels_
         assert dw.is_contiguous(memory_format=torch.channels_last)
 
 
+def _cast_columns_reference(x, kernel, stride, padding, fmt, hadamard_seed):
+    """x's wgrad columns [N, C*kh*kw, L] in F.unfold's (c, kh, kw) order, built by explicit
+    slicing (``_conv_rows_reference``), each image's positions rotated 16 at a time where a
+    seed is given (``hadamard_transform``, tested against the matrix in test_operands.py; the
+    same float32 arithmetic, so the bits can match), then cast with blocks along the positions
+    by ``quantize`` (blocks along dim 1)."""
+    from common.operands import hadamard_transform
+
+    rows = _conv_rows_reference(x, (kernel, kernel), stride, padding)       # [N, L, (kh, kw, c)]
+    n, positions, k = rows.shape
+    c = x.shape[1]
+    cols = rows.view(n, positions, kernel, kernel, c).permute(0, 4, 2, 3, 1).reshape(n, k,
+                                                                                     positions)
+    if hadamard_seed:
+        cols = hadamard_transform(cols, -1, hadamard_seed)
+    return quantize(cols.reshape(n * k, positions), fmt).view(n, k, positions)
+
+
 @pytest.mark.parametrize("fmt,rounding,size,kernel,stride,padding,per_column", [
     ("nvfp4", "nearest", 32, 3, 1, 1, True),
     ("nvfp4", "nearest", 32, 3, 2, 1, True),
@@ -189,10 +207,11 @@ def test_wgrad_columns_cast_per_kernel_column(fmt, rounding, size, kernel, strid
     rq, k2, s2, p2 = casts.input_for_grad_weight, (kernel,) * 2, (stride,) * 2, (padding,) * 2
     assert G._per_kernel_column(x.shape, k2, s2, p2, rq, conf) is per_column
     if per_column:
-        per_tap = G._wgrad_operand(G._conv_cols(x, k2, s2, p2), rq, conf)
         by_column = G._cast_by_kernel_column(x, k2, s2, p2, rq, conf)
         ho = (size + 2 * padding - kernel) // stride + 1
-        assert torch.equal(G._taps(by_column, kernel, stride, ho), per_tap)
+        seed = 3 if hadamard else None
+        reference = _cast_columns_reference(x, kernel, stride, padding, fmt, seed)
+        assert torch.equal(G._taps(by_column, kernel, stride, ho), reference)
 
 
 def test_wgrad_columns_per_kernel_column_needs_every_row_read():
@@ -204,9 +223,9 @@ def test_wgrad_columns_per_kernel_column_needs_every_row_read():
     x[0, 0, 1, 0] = 1000.0
     casts, conf = _casts("nvfp4")
     rq, k2, s2, p2 = casts.input_for_grad_weight, (1, 1), (2, 2), (0, 0)
-    per_tap = G._wgrad_operand(G._conv_cols(x, k2, s2, p2), rq, conf)
     by_column = G._cast_by_kernel_column(x, k2, s2, p2, rq, conf)
-    assert not torch.equal(G._taps(by_column, 1, 2, 16), per_tap)
+    reference = _cast_columns_reference(x, 1, 2, 0, "nvfp4", None)
+    assert not torch.equal(G._taps(by_column, 1, 2, 16), reference)
 
 
 def test_linear_wgrad_blocks_along_the_batch():

@@ -162,6 +162,18 @@ def test_rerun_adds_only_missing_rows_and_refuses_other_settings(entry, trained,
     assert json.loads(out.read_text()) == res                # the refused file is untouched
 
 
+def test_rerun_into_a_file_that_is_no_accumulation_evaluation_exits_2(entry, trained,
+                                                                       tmp_path, capsys):
+    out = tmp_path / "acc.json"
+    out.write_text("{not json")
+    argv = [str(trained), "--limit-images", "16", "--device", "cpu", "--out", str(out),
+            "--acc", "fp16", "--acc-chunks", "16"]
+    assert _acc_cli(entry, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(out) in err[0] and "not an accumulation evaluation" in err[0]
+    assert out.read_text() == "{not json"
+
+
 def test_rows_are_written_as_they_finish(trained, tmp_path):
     """An evaluation stopped after its second row leaves a file with the rows it finished."""
     out = tmp_path / "acc.json"

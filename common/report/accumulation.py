@@ -10,15 +10,15 @@ row.
 """
 from __future__ import annotations
 
-import json
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from ..config import compared_values
+from ..ptq_acc import is_acc_file
 from .plots import axes_boxes, legend_below, pyplot
-from .records import load_evaluations
+from .records import _key, load_evaluations
 from .tables import epochs_text, fmt_num, md_table
 
 __all__ = ["ACC_PLOT", "ACC_GLOB", "AccGroup", "load_acc", "group_acc", "acc_lines",
@@ -37,16 +37,6 @@ K_DODGE = 0.12
 # accumulator has its own marker (promoted ones a star).
 SHARED_DODGE = 0.3
 ACC_MARKERS = ("o", "s", "D", "^", "v", "P", "X", "h")
-
-
-def _key(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, default=str)
-
-
-def is_acc_file(d: Any) -> bool:
-    """Whether a JSON dict is an accumulation evaluation (rows with a chunk size)."""
-    return (isinstance(d, dict) and bool(d.get("results")) and bool(d.get("source"))
-            and all(isinstance(r, dict) and "chunk" in r for r in d["results"]))
 
 
 def load_acc(runs_dirs: Union[Path, Sequence[Path]]) -> List[Dict[str, Any]]:
