@@ -10,6 +10,7 @@ row.
 """
 from __future__ import annotations
 
+import json
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 from ..config import compared_values
 from ..ptq_acc import is_acc_file
 from .plots import axes_boxes, legend_below, pyplot
-from .records import _key, load_evaluations
+from .records import load_evaluations
 from .tables import epochs_text, fmt_num, md_table
 
 __all__ = ["ACC_PLOT", "ACC_GLOB", "AccGroup", "load_acc", "group_acc", "acc_lines",
@@ -37,6 +38,10 @@ K_DODGE = 0.12
 # accumulator has its own marker (promoted ones a star).
 SHARED_DODGE = 0.3
 ACC_MARKERS = ("o", "s", "D", "^", "v", "P", "X", "h")
+
+
+def _key(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, default=str)
 
 
 def load_acc(runs_dirs: Union[Path, Sequence[Path]]) -> List[Dict[str, Any]]:
