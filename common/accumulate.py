@@ -88,14 +88,16 @@ grid: refused.
 Efficiency
 ----------
 The work runs in slices of images (conv2d), batch entries or rows (matmul) of about
-``SLICE_BYTES`` of float64 buffers. Per slice: the operands chunked and zero-padded in float64
-(conv2d builds its im2col matrix directly in (kh, kw, c) order, one strided copy per kernel
-tap), one batched float64 GEMM for all chunk sums, then the one sequential loop: ceil(K / k)
-steps (P with promotion: the promotion groups step side by side, then one float32 addition per
+``SLICE_BYTES`` of float64 buffers. Per slice: the operands chunked and zero-padded in float64,
+the chunk index first (conv2d builds its im2col matrix directly in (kh, kw, c) order, one
+strided copy per kernel tap), one batched float64 GEMM for all chunk sums, which it writes
+chunk by chunk, each chunk's sums one contiguous row, then the one sequential loop over those
+rows: ceil(K / k) steps (with promotion, each group of P in turn, then one float32 addition per
 group), each an elementwise kernel (compiled once for large tensors, by common.dispatch's rule)
 and a quantize call. For round-to-nearest into a float format or float32, large tensors take
-FUSED_STEPS steps per compiled call instead (sum, round to odd and round to A, unrolled in one
-kernel: one pass over memory per call; the same bits). The float64 GEMMs bound the speed from
+FUSED_STEPS steps per compiled call instead, and what is left in calls of 4, 2 and 1 steps (sum,
+round to odd and round to A, unrolled in one kernel: one pass over memory per call; the same
+bits). The float64 GEMMs bound the speed from
 below: they cost several float32 training steps. Nothing branches on tensor values, so the
 functions also run inside a user's torch.compile. Results are float32 tensors that do not
 require grad (training wraps the GEMMs in its own autograd Function).
@@ -103,6 +105,7 @@ require grad (training wraps the GEMMs in its own autograd Function).
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
@@ -119,13 +122,15 @@ __all__ = ["Accumulator", "matmul", "conv2d", "MAX_MANTISSA_BITS"]
 # quantize rounds a float64 input correctly (round-to-odd to float32, then to nearest in A) for
 # A's of up to 21 mantissa bits: 24 >= (21 + 1) + 2 (module docstring, "One rounding to A").
 MAX_MANTISSA_BITS = 21
-# Work buffers (operand chunks, chunk sums) per slice of images or rows: a few MiB, so that they
-# are reused from the heap and stay in cache instead of being mapped afresh per call.
-SLICE_BYTES = 1 << 23
+# Work buffers (operand chunks, chunk sums) per slice of images or rows: at most 32 MiB, below
+# glibc's largest mmap threshold, so that they are reused from the heap instead of being mapped
+# (and page-faulted) afresh per call, and large enough that each compiled step runs over many
+# elements (README, "GEMM mode, accumulation": 8, 32 and 128 MiB measured).
+SLICE_BYTES = 1 << 25
 _OPERAND_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Chunk steps per compiled call on the fused path (Accumulator._fused_steps): a fixed count, so
-# one compiled kernel serves every layer and chunk count (the loop is unrolled in it); the
-# steps left after the last whole call go one at a time.
+# Chunk steps per compiled call on the fused path (Accumulator._fused_steps): fixed counts
+# (FUSED_STEPS, then 4, 2, 1 for the rest), so a few compiled kernels serve every layer and
+# chunk count (each unrolls its loop).
 FUSED_STEPS = 8
 
 
@@ -210,37 +215,51 @@ class Accumulator:
             raise ValueError(f"matmul takes [M, K] @ [K, N] or [B, M, K] @ [B, K, N], got "
                              f"{tuple(a.shape)} @ {tuple(b.shape)}")
         nchunks, groups = self._plan(a.shape[-1])
+        m, n = a.shape[-2], b.shape[-1]
         if a.dim() == 3:  # slices of batch entries
-            entry_bytes = a.shape[1] * nchunks * (self.chunk + b.shape[2]) * 8
-            parts = [self._gemm(a[lo:hi], self._chunked(b[lo:hi], nchunks), groups, generator)
-                     for lo, hi in _slices(a.shape[0], entry_bytes)]
+            entry_bytes = nchunks * (m * self.chunk + self.chunk * n + m * n) * 8
+            parts = []
+            for lo, hi in _slices(a.shape[0], entry_bytes):
+                sums = _steps_buffer(a, nchunks, (hi - lo, m, n))
+                torch.matmul(self._chunks(a[lo:hi], 2, nchunks),            # [J, b, M, k]
+                             self._chunks(b[lo:hi], 1, nchunks),            # [J, b, k, N]
+                             out=sums.view(nchunks, hi - lo, m, n))
+                parts.append(self._accumulate(sums, groups, generator).view(hi - lo, m, n))
         else:  # slices of rows, one chunked b
-            b_chunks = self._chunked(b.unsqueeze(0), nchunks)
-            row_bytes = nchunks * (self.chunk + b.shape[1]) * 8
-            parts = [self._gemm(a[lo:hi].unsqueeze(0), b_chunks, groups, generator)[0]
-                     for lo, hi in _slices(a.shape[0], row_bytes)]
+            b_chunks = self._chunks(b, 0, nchunks)                          # [J, k, N]
+            row_bytes = nchunks * (self.chunk + n) * 8
+            parts = []
+            for lo, hi in _slices(m, row_bytes):
+                sums = _steps_buffer(a, nchunks, (hi - lo, n))
+                torch.bmm(self._chunks(a[lo:hi], 1, nchunks), b_chunks,          # [J, m, N]
+                          out=sums.view(nchunks, hi - lo, n))
+                parts.append(self._accumulate(sums, groups, generator).view(hi - lo, n))
         return _cat(parts)
 
-    def _gemm(self, a: torch.Tensor, b_chunks: torch.Tensor, groups: int,
-              generator: Optional[torch.Generator]) -> torch.Tensor:
-        """a [B, M, K] times the chunked b [B, J, k, N] -> [B, M, N] float32."""
-        a_chunks = self._chunked(a.transpose(1, 2), b_chunks.shape[1]).transpose(2, 3)
-        return self._accumulate(torch.matmul(a_chunks, b_chunks), groups, generator)
-
-    def _chunked(self, t: torch.Tensor, nchunks: int) -> torch.Tensor:
-        """t [B, K, X] as float64 [B, J, k, X]: K zero-padded to nchunks * k and cut into
-        chunks of k."""
-        padded = t.new_empty((t.shape[0], nchunks * self.chunk, t.shape[2]),
-                             dtype=torch.float64)
-        padded[:, :t.shape[1]].copy_(t.detach())
-        padded[:, t.shape[1]:].zero_()
-        return padded.unflatten(1, (nchunks, self.chunk))
+    def _chunks(self, t: torch.Tensor, dim: int, nchunks: int) -> torch.Tensor:
+        """t as float64 [J, ...] with its dim ``dim`` zero-padded to nchunks * k and cut into
+        chunks of k, the chunk index first (the order the accumulation steps through), in one
+        copy: chunk j holds t's indices j*k .. j*k + k - 1 along dim."""
+        k, size = self.chunk, t.shape[dim]
+        shape = list(t.shape)
+        shape[dim] = k
+        out = t.new_empty((nchunks, *shape), dtype=torch.float64)
+        full, rest = divmod(size, k)
+        if full:
+            out[:full].movedim(0, dim).copy_(t.detach().narrow(dim, 0, full * k)
+                                             .unflatten(dim, (full, k)))
+        if rest:
+            out[full].narrow(dim, 0, rest).copy_(t.detach().narrow(dim, full * k, rest))
+            out[full].narrow(dim, rest, k - rest).zero_()
+        out[full + (rest > 0):].zero_()   # whole chunks of padding (equal promotion groups)
+        return out
 
     def conv2d(self, x: torch.Tensor, w: torch.Tensor, stride: Union[int, Tuple[int, int]] = 1,
                padding: Union[int, Tuple[int, int]] = 0,
                generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """conv2d(x [N, C, H, W], w [O, C, kh, kw]) -> [N, O, H', W'] float32 (groups 1, no
-        bias), accumulated over (kh, kw, c), c fastest, as the module docstring says."""
+        bias; a view of an [O, N, H', W'] tensor), accumulated over (kh, kw, c), c fastest, as
+        the module docstring says."""
         _check_operands(x, w)
         if x.dim() != 4 or w.dim() != 4 or x.shape[1] != w.shape[1]:
             raise ValueError(f"conv2d takes x [N, C, H, W] and w [O, C, kh, kw], got "
@@ -251,33 +270,36 @@ class Accumulator:
         out_h = (h + 2 * padding[0] - kh) // stride[0] + 1
         out_w = (wd + 2 * padding[1] - kw) // stride[1] + 1
         nchunks, groups = self._plan(c * kh * kw)
-        w_taps = w.permute(0, 2, 3, 1).flatten(1).t().unsqueeze(0)           # [1, K, O]
-        w_chunks = self._chunked(w_taps, nchunks)[0].transpose(1, 2)         # [J, O, k]
+        w_chunks = self._chunks(w.permute(0, 2, 3, 1).flatten(1), 1, nchunks)   # [J, O, k]
+        # images as [C, N, H, W] with their padding: each tap's window is then a strided view
+        # in the channel-major order of the im2col rows below
+        x_cn = F.pad(x.detach().transpose(0, 1),
+                     (padding[1], padding[1], padding[0], padding[0])).contiguous()
         image_bytes = nchunks * (self.chunk + o) * out_h * out_w * 8
-        parts = [self._conv_images(x[lo:hi], w_chunks, (kh, kw), stride, padding, groups,
-                                   generator) for lo, hi in _slices(n, image_bytes)]
-        return _cat(parts).unflatten(2, (out_h, out_w))
+        parts = [self._conv_images(x_cn[:, lo:hi], w_chunks, (kh, kw), stride, (out_h, out_w),
+                                   groups, generator) for lo, hi in _slices(n, image_bytes)]
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, 1)               # [O, N, L]
+        return out.transpose(0, 1).unflatten(2, (out_h, out_w))
 
-    def _conv_images(self, x: torch.Tensor, w_chunks: torch.Tensor, kernel: Tuple[int, int],
-                     stride: Tuple[int, int], padding: Tuple[int, int], groups: int,
+    def _conv_images(self, x_cn: torch.Tensor, w_chunks: torch.Tensor, kernel: Tuple[int, int],
+                     stride: Tuple[int, int], out_size: Tuple[int, int], groups: int,
                      generator: Optional[torch.Generator]) -> torch.Tensor:
-        """conv2d of images x [n, C, H, W] with the chunked weight [J, O, k] -> [n, O, L]."""
-        n, c = x.shape[:2]
+        """conv2d of padded images x_cn [C, n, Hp, Wp] with the chunked weight [J, O, k] ->
+        [O, n, L]: one batched GEMM over the chunks into the order the steps read."""
+        c, n = x_cn.shape[:2]
+        (out_h, out_w), (sh, sw) = out_size, stride
         nchunks = w_chunks.shape[0]
-        padded = F.pad(x.detach(), (padding[1], padding[1], padding[0], padding[0]))
-        out_h = (padded.shape[2] - kernel[0]) // stride[0] + 1
-        out_w = (padded.shape[3] - kernel[1]) // stride[1] + 1
-        # the im2col matrix [n, K, L] with K in (kh, kw, c) order, zero-padded to whole chunks:
+        # the im2col matrix [K, n, L] with K in (kh, kw, c) order, zero-padded to whole chunks:
         # one strided copy per kernel tap
-        taps = padded.new_empty((n, nchunks * self.chunk, out_h * out_w), dtype=torch.float64)
+        cols = x_cn.new_empty((nchunks * self.chunk, n, out_h, out_w), dtype=torch.float64)
         for tap, (i, j) in enumerate(itertools.product(range(kernel[0]), range(kernel[1]))):
-            window = padded[:, :, i:i + stride[0] * (out_h - 1) + 1:stride[0],
-                            j:j + stride[1] * (out_w - 1) + 1:stride[1]]
-            taps[:, tap * c:(tap + 1) * c].unflatten(2, (out_h, out_w)).copy_(window)
-        taps[:, kernel[0] * kernel[1] * c:].zero_()
-        col_chunks = taps.unflatten(1, (nchunks, self.chunk))                # [n, J, k, L]
-        sums = torch.matmul(w_chunks, col_chunks)                            # [n, J, O, L]
-        return self._accumulate(sums, groups, generator)
+            cols[tap * c:(tap + 1) * c] = x_cn[:, :, i:i + sh * (out_h - 1) + 1:sh,
+                                               j:j + sw * (out_w - 1) + 1:sw]
+        cols[kernel[0] * kernel[1] * c:].zero_()
+        sums = _steps_buffer(cols, nchunks, (w_chunks.shape[1], n * out_h * out_w))
+        torch.bmm(w_chunks, cols.view(nchunks, self.chunk, -1),              # [J, O, n*L]
+                  out=sums.view(nchunks, w_chunks.shape[1], -1))
+        return self._accumulate(sums, groups, generator).view(w_chunks.shape[1], n, -1)
 
     def _plan(self, k_total: int) -> Tuple[int, int]:
         """(chunks after zero padding, promotion groups): every group holds the same number of
@@ -289,33 +311,31 @@ class Accumulator:
 
     def _accumulate(self, sums: torch.Tensor, groups: int,
                     generator: Optional[torch.Generator]) -> torch.Tensor:
-        """[B, J, X, Y] float64 chunk sums -> [B, X, Y] float32: the groups of J / groups
-        consecutive chunks accumulate in A side by side, then add into the master in order."""
-        nchunks = sums.shape[1]
-        # the steps' chunk sums as rows of one fresh contiguous [P, B*G*X*Y] tensor (one copy):
-        # each step, and each run of steps, is then a contiguous slice, so the compiled
-        # elementwise kernels see one rank and stride pattern whatever the layer's shapes (a
-        # kernel that dynamo recompiles per shape runs out of recompiles and falls back to eager)
-        per_group = sums.unflatten(1, (groups, nchunks // groups))           # [B, G, P, X, Y]
-        shape, count = per_group[:, :, 0].shape, per_group.shape[2]
-        steps = sums.new_empty((count, shape.numel()))
-        steps.view(count, *shape).copy_(per_group.permute(2, 0, 1, 3, 4))
-        acc = sums.new_zeros(shape.numel(), dtype=torch.float32)            # A is in float32
-        done, fused = 0, self._fused_kernel(acc)
-        if fused is not None and count >= FUSED_STEPS:
-            out = self._fused_steps(acc, steps, *fused)
-            if out is not None:
-                done, acc = count - count % FUSED_STEPS, out
-        for step in range(done, count):
-            acc = self._add_round(acc, steps[step], generator)
-        acc = _positive_zero(acc).view(shape)
-        master = acc[:, 0]  # = +0 + acc
-        for group in range(1, groups):
-            master = master + acc[:, group]
+        """Float64 chunk sums [J, X] (``_steps_buffer``) -> the float32 results [X]: each group
+        of J / groups consecutive chunks accumulates in A, then the groups add into the float32
+        master in order."""
+        per_group = sums.shape[0] // groups
+        master = None
+        for group in range(groups):
+            acc = self._steps(sums[group * per_group:(group + 1) * per_group], generator)
+            acc = _positive_zero(acc)
+            master = acc if master is None else master + acc   # the first: +0 + acc
         return master
 
+    def _steps(self, steps: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+        """acc = round_A(acc + row) for each row of ``steps`` [P, X] in order, from acc = +0:
+        on the fused path in compiled calls of FUSED_STEPS rows, then of 4, 2 and 1 for what
+        is left (one kernel per row count); one step at a time elsewhere. The same bits."""
+        acc = steps.new_zeros(steps.shape[1], dtype=torch.float32)   # A is in float32
+        done, fused = 0, self._fused_kernel(acc)
+        if fused is not None:
+            done, acc = self._fused_steps(acc, steps, *fused)
+        for step in range(done, steps.shape[0]):
+            acc = self._add_round(acc, steps[step], generator)
+        return acc
+
     def _fused_kernel(self, acc: torch.Tensor) -> Optional[tuple]:
-        """(key, kernel, extra args, strict) of the fused kernel, which runs FUSED_STEPS chunk
+        """(name, kernel, extra args, strict) of the fused kernel, which runs several chunk
         steps per call (sum, round to odd, round to A in one pass over memory instead of two
         kernels per step), where it applies: round-to-nearest into a float format or float32,
         on tensors the compiled kernels serve (common.dispatch's rule). None elsewhere."""
@@ -326,26 +346,28 @@ class Accumulator:
         if not dispatch.use_compiled(path, acc.numel(), acc.device, dispatch.EAGER_BITS_BELOW):
             return None
         if self.fmt.is_identity:
-            return ("accumulate", "fused_fp32", acc.device.type), _k_fused_fp32, (), \
-                path == "compiled"
+            return "fused_fp32", _k_fused_fp32, (), path == "compiled"
         params = (dispatch.param_tensor(self.fmt, self.saturate, acc.device, "bits"),)
-        return ("accumulate", "fused_float", acc.device.type), _k_fused_float, params, \
-            path == "compiled"
+        return "fused_float", _k_fused_float, params, path == "compiled"
 
     @staticmethod
-    def _fused_steps(acc: torch.Tensor, steps: torch.Tensor, key: tuple, kernel, params: tuple,
-                     strict: bool) -> Optional[torch.Tensor]:
-        """The rows of ``steps`` added into acc, FUSED_STEPS rows per compiled call, as far as
-        whole calls go (the caller adds the rest one step at a time); None where the kernel
-        cannot compile (the caller then steps through every row, with the same bits).
-        Padding the last call with zero rows would be exact too, but costs more than it saves
-        (measured: benchmarks/gemm_speed.py at k = 128)."""
-        for start in range(0, steps.shape[0] - FUSED_STEPS + 1, FUSED_STEPS):
-            acc = dispatch.run_compiled(key, kernel, (acc, steps[start:start + FUSED_STEPS],
-                                                      *params), strict=strict)
-            if acc is None:
-                return None
-        return acc
+    def _fused_steps(acc: torch.Tensor, steps: torch.Tensor, name: str, kernel, params: tuple,
+                     strict: bool) -> Tuple[int, torch.Tensor]:
+        """The rows of ``steps`` added into acc by the compiled kernel: runs of FUSED_STEPS
+        rows, then runs of 4, 2 and 1 (each run length its own compiled kernel, whose loop
+        dynamo unrolls). Returns (rows done, acc): (0, acc) where the kernel cannot compile
+        (the caller then steps through every row, with the same bits)."""
+        done, run = 0, FUSED_STEPS
+        while done < steps.shape[0]:
+            while done + run > steps.shape[0]:
+                run //= 2
+            key = ("accumulate", name, f"rows{run}", acc.device.type)
+            out = dispatch.run_compiled(key, kernel, (acc, steps[done:done + run], *params),
+                                        strict=strict)
+            if out is None:
+                return 0, steps.new_zeros(steps.shape[1], dtype=torch.float32)
+            done, acc = done + run, out
+        return done, acc
 
     def _add_round(self, acc: torch.Tensor, chunk_sum: torch.Tensor,
                    generator: Optional[torch.Generator]) -> torch.Tensor:
@@ -358,6 +380,15 @@ class Accumulator:
         # 24 >= 22 + 2 (module docstring)
         total = _elementwise(_sum_to_odd32, acc, chunk_sum)
         return quantize(total, self.fmt, self.rounding, self.saturate, generator)
+
+
+def _steps_buffer(like: torch.Tensor, nchunks: int, shape: Tuple[int, ...]) -> torch.Tensor:
+    """A fresh float64 [J, X] buffer for the chunk sums (X = the product of shape), which the
+    GEMM fills through a view: each step reads one contiguous row of this 2-D base, so the
+    compiled kernels see one rank and stride pattern whatever the layer's shapes (dynamo
+    guards on a view's base too; a kernel that it recompiles per shape runs out of recompiles
+    and falls back to eager)."""
+    return like.new_empty((nchunks, math.prod(shape)), dtype=torch.float64)
 
 
 def _positive_zero(t: torch.Tensor) -> torch.Tensor:
@@ -408,17 +439,18 @@ def _sum_to_nearest32(acc: torch.Tensor, chunk_sum: torch.Tensor) -> torch.Tenso
 
 
 def _k_fused_float(acc: torch.Tensor, block: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """FUSED_STEPS chunk steps: acc = round_A(acc + block[s]) for s in order, A a float
-    format with kernel parameters p (round to nearest even, _quant_kernels.float_nearest)."""
-    for step in range(FUSED_STEPS):
+    """One chunk step per row of block: acc = round_A(acc + block[s]) for s in order, A a
+    float format with kernel parameters p (round to nearest even,
+    _quant_kernels.float_nearest)."""
+    for step in range(block.shape[0]):
         total = _sum_to_odd32(acc, block[step])
         acc = K.float_nearest(total.view(torch.int32), dispatch.unpack(p)).view(torch.float32)
     return acc
 
 
 def _k_fused_fp32(acc: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
-    """FUSED_STEPS chunk steps into a float32 accumulator (one rounding each)."""
-    for step in range(FUSED_STEPS):
+    """One chunk step per row of block into a float32 accumulator (one rounding each)."""
+    for step in range(block.shape[0]):
         acc = _sum_to_nearest32(acc, block[step])
     return acc
 

@@ -141,6 +141,11 @@ def _compile(fn: Callable, tag: str, options: Optional[dict]) -> Callable:
         # a CUDA build of torch on a machine without CUDA warns "No CUDA runtime is found" each
         # time inductor builds a CPU kernel: noise in every training log, nothing to act on
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    # dynamic_threads: the CPU kernel always opens an OpenMP region and lets the runtime pick
+    # the threads. Otherwise inductor decides serial or parallel once, from the size of the
+    # call it compiles for, and its disk cache hands that decision to later processes: a
+    # kernel first compiled on a small tensor (a test's) ran single-threaded on every tensor.
+    options = {"cpp.dynamic_threads": True, **(options or {})}
     return torch.compile(clone, dynamic=True, fullgraph=True, options=options)
 
 

@@ -444,15 +444,15 @@ def test_compiled_kernels_give_the_eager_bits(acc, monkeypatch):
 @pytest.mark.slow
 def test_fused_compiled_steps_match_the_oracle(monkeypatch):
     """QUANT_PATH=compiled sends round-to-nearest accumulation through the fused kernels
-    (FUSED_STEPS chunk steps per call, the steps left over one by one): the oracle's bits, for
+    (runs of FUSED_STEPS chunk steps per call, then of 4, 2 and 1): the oracle's bits, for
     step counts below, at and above FUSED_STEPS and not a multiple of it, with promotion, with
-    overflow to inf / NaN and saturating."""
+    overflow to inf / NaN and saturating; every run length's kernel takes part."""
     from common import accumulate
 
     keys, run_compiled = [], dispatch.run_compiled
 
     def spy(key, *args, **kwargs):
-        keys.append(key[1])
+        keys.append(key[1:3])
         return run_compiled(key, *args, **kwargs)
 
     monkeypatch.setattr(dispatch, "run_compiled", spy)
@@ -472,7 +472,26 @@ def test_fused_compiled_steps_match_the_oracle(monkeypatch):
         acc = Accumulator(spec, 1, saturate=saturate)
         assert_same_array_bits(acc.matmul(a, b), oracle_matmul(a, b, spec, 1, None, saturate),
                                acc.short())
-    assert {"fused_float", "fused_fp32"} <= set(keys)
+    runs = {f"rows{n}" for n in (steps, 4, 2, 1)}
+    assert {(name, run) for name in ("fused_float", "fused_fp32") for run in runs} <= set(keys)
+
+
+@pytest.mark.slow
+def test_compiled_kernels_stay_parallel_after_a_small_first_call():
+    """A kernel compiled on a small tensor (a test's) keeps an OpenMP region for the large ones
+    that come later: inductor otherwise decides serial or parallel once, from the first call's
+    size, and its disk cache handed a serial fused step to training (2x slower on 2 cores)."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    params = dispatch.param_tensor(parse_format("fp16"), False, torch.device("cpu"), "bits")
+    acc, rows = torch.zeros(8), torch.ones(2, 8, dtype=torch.float64)
+    key = ("accumulate", "fused_float", "rows2", "cpu", "parallel-test")
+    with inductor_config.patch(fx_graph_cache=False):
+        out, code = run_and_get_code(dispatch.run_compiled, key, accumulate._k_fused_float,
+                                     (acc, rows, params), True)
+    assert torch.equal(out, torch.full((8,), 2.0))
+    assert any("#pragma omp parallel" in c for c in code), "serial kernel"
 
 
 @pytest.mark.slow

@@ -34,7 +34,7 @@ import torch
 import torch._dynamo
 import torch.nn.functional as F
 
-from common import accumulate, dispatch
+from common import dispatch
 from common.accumulate import Accumulator
 from common.formats import parse_format
 from common.gemm import RECIPES, GemmConfig, gemm_conv2d, gemm_linear
@@ -177,13 +177,8 @@ def test_accumulator_matmul_same_bits_as_cpu(spec, chunk, promote_every, path, m
     keys = spy_compiled(monkeypatch)
     got, want = parity(monkeypatch, path, acc.matmul, a, b)
     assert_same_array_bits(got, want, f"{acc.short()} {path}")
-    if path == "compiled":   # fused calls for whole runs of FUSED_STEPS, single steps after
-        chunks = -(-K_PARTIAL // chunk)
-        steps = chunks if promote_every is None else min(promote_every, chunks)  # per group
-        fused = accumulate.FUSED_STEPS
-        want_names = ({"fused_float"} if steps >= fused else set()) | (
-            {"sum_to_odd32"} if steps % fused else set())
-        assert compiled_kernels(keys, "accumulate") == want_names
+    if path == "compiled":   # fused calls only: runs of FUSED_STEPS, then of 4, 2 and 1
+        assert compiled_kernels(keys, "accumulate") == {"fused_float"}
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -224,7 +219,7 @@ def test_accumulator_conv2d_same_bits_as_cpu(stride, padding, spec, chunk, promo
                                                       ("e8m13", 1, 16), ("fp32", 1, None)])
 def test_accumulator_auto_path_compiles_large_tensors(spec, chunk, promote_every, monkeypatch):
     """Outputs of at least dispatch.EAGER_BITS_BELOW elements: "auto" runs the compiled
-    kernels on the device (fused steps where a group has FUSED_STEPS or more); the CPU's eager
+    kernels on the device (fused steps, in runs of FUSED_STEPS, 4, 2 and 1); the CPU's eager
     bits. matmul 64 x 64 outputs, conv 4 x 16 x 16 x 16."""
     threshold = dispatch.EAGER_BITS_BELOW.get(torch.device(DEVICE).type,
                                               dispatch.EAGER_BITS_BELOW["cpu"])
