@@ -289,12 +289,37 @@ def test_report_table_and_plot_from_a_fabricated_file(trained, tmp_path):
             break
         cells = [c.strip() for c in ln.strip("|").split("|")]
         body[cells[0]] = cells[1:]
+    breaks = body.pop(next(name for name in body if name.startswith("breaks at")))
+    # drops beyond 1 point: bf16 and e5m7 (7 bits) at k = 1, 16 and 32; none at k = 128, where
+    # both stay 0.8-0.9 below; e8m13 is promoted and left out
+    assert breaks == ["", "7 bits (>= 10 hold)", "7 bits (>= 10 hold)", "7 bits (>= 10 hold)",
+                      "none (all >= 7 hold)"]
     assert list(body) == ["float32 GEMMs (reference)", "fp16", "bf16", "e5m7", "e8m13 (P = 4)"]
     assert body["float32 GEMMs (reference)"] == ["23"] + [f"{REF_ACC:.2f}"] * 4
     for (fmt, p, bits), by_k in ACCS.items():
         name = fmt if p is None else f"{fmt} (P = {p})"
         want = [str(bits)] + [f"{a:.2f} ({a - REF_ACC:+.2f})" for a in by_k.values()]
         assert body[name] == want, (name, body[name], want)
+
+
+def test_break_points_by_hand():
+    """The widest width more than BREAK_DROP below float32, and the narrowest above it that
+    holds, per chunk size: a width breaks if any accumulator of that width does; a width
+    below the break that holds again does not count as holding."""
+    from common.report import accumulation
+
+    def row(spec, bits, k, acc, promote=None):
+        return {"accumulator": spec, "reference": False, "chunk": k, "promote_every": promote,
+                "mantissa_bits": bits, "test_acc": acc}
+
+    results = [{"reference": True, "test_acc": 90.0},
+               row("e5m10", 10, 1, 89.5), row("e5m7", 7, 1, 85.0), row("e5m4", 4, 1, 89.9),
+               row("e5m10", 10, 8, 90.0), row("e5m7", 7, 8, 89.2), row("e6m7", 7, 8, 88.9),
+               row("e5m4", 4, 8, 80.0), row("e8m2", 2, 8, 10.0, promote=4),
+               row("e5m10", 10, 64, 70.0), row("e5m7", 7, 64, 60.0)]
+    g = accumulation.AccGroup("k", "label", {}, [{"results": results}])
+    assert accumulation.BREAK_DROP == 1.0
+    assert accumulation.break_points(g) == {1: (10, 7), 8: (10, 7), 64: (None, 10)}
 
 
 def test_plot_lines_reference_and_promoted_point(trained, tmp_path):

@@ -23,7 +23,7 @@ from .records import load_evaluations
 from .tables import epochs_text, fmt_num, md_table
 
 __all__ = ["ACC_PLOT", "ACC_GLOB", "AccGroup", "load_acc", "group_acc", "acc_lines",
-           "plot_accumulation", "K_COLORS"]
+           "plot_accumulation", "K_COLORS", "BREAK_DROP", "break_points"]
 
 ACC_PLOT = "acc_vs_mantissa.png"
 ACC_GLOB = "*/ptq_acc*.json"
@@ -38,6 +38,10 @@ K_DODGE = 0.12
 # accumulator has its own marker (promoted ones a star).
 SHARED_DODGE = 0.3
 ACC_MARKERS = ("o", "s", "D", "^", "v", "P", "X", "h")
+# An accumulator breaks a chunk size where it scores more than this many points below the
+# float32 row of the same weights (about three standard errors of an accuracy near 90% on
+# 10,000 test images).
+BREAK_DROP = 1.0
 
 
 def _key(obj: Any) -> str:
@@ -129,6 +133,32 @@ def group_title(g: AccGroup) -> str:
             f"{', synthetic data' if c.get('synthetic') else ''})")
 
 
+def break_points(g: AccGroup) -> Dict[int, Tuple[Optional[int], Optional[int]]]:
+    """Per chunk size k: (holds, breaks) in mantissa bits: ``breaks`` the widest accumulator
+    that scores more than BREAK_DROP points below float32, ``holds`` the narrowest width
+    above it (every accumulator there and wider stays within BREAK_DROP); None where there is
+    none. Promoted accumulators are left out: their promotion, not their width, sets their
+    error."""
+    out: Dict[int, Tuple[Optional[int], Optional[int]]] = {}
+    for k in g.chunks():
+        drops: Dict[int, float] = {}
+        for spec, bits, promote in g.accumulators():
+            diff = g.cell(spec, k)[1]
+            if promote is None and bits is not None and diff is not None:
+                drops[bits] = min(drops.get(bits, diff), diff)
+        broken = [b for b, d in drops.items() if d < -BREAK_DROP]
+        breaks = max(broken) if broken else None
+        holding = [b for b in drops if breaks is None or b > breaks]
+        out[k] = (min(holding) if holding else None, breaks)
+    return out
+
+
+def _break_text(holds: Optional[int], breaks: Optional[int]) -> str:
+    if breaks is None:
+        return "-" if holds is None else f"none (all >= {holds} hold)"
+    return f"{breaks} bits" + (f" (>= {holds} hold)" if holds is not None else "")
+
+
 def group_lines(g: AccGroup) -> List[str]:
     """The markdown of one group: what was evaluated, then the accumulator x k table."""
     n = len(g.files)
@@ -152,6 +182,9 @@ def group_lines(g: AccGroup) -> List[str]:
     for spec, bits, promote in g.accumulators():
         rows.append([acc_name(spec, promote), "-" if bits is None else str(bits),
                      *(_cell_text(*g.cell(spec, k)) for k in chunks)])
+    points = break_points(g)
+    rows.append([f"breaks at (widest more than {BREAK_DROP:g} point below float32, unpromoted)",
+                 "", *(_break_text(*points[k]) for k in chunks)])
     return lines + md_table(("accumulator", "mantissa bits", *(f"k = {k}" for k in chunks)),
                             rows, "lr" + "r" * len(chunks))
 
