@@ -462,7 +462,8 @@ class _GemmConv2d(torch.autograd.Function):
             if acc is None:
                 dx = torch.nn.grad.conv2d_input(x_saved.shape, wd, dyd, stride, padding)
             else:
-                dx = _dgrad_conv(dyd, wd, x_saved.shape, stride, padding, acc)
+                dx = _dgrad_conv(dyd, wd, x_saved.shape, stride, padding, acc).contiguous(
+                    memory_format=_memory_format(x_saved))
         if dw is not None:
             dw = dw.contiguous(memory_format=_memory_format(w_saved))
         db = dy.sum((0, 2, 3)) if has_bias and ctx.needs_input_grad[2] else None
