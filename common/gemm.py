@@ -280,15 +280,17 @@ def _wgrad(x_cols: torch.Tensor, dy_cols: torch.Tensor, gemm: GemmConfig) -> tor
     as the GEMM reads them (``_wgrad_operand``: transformed and cast along the positions l of
     each image, their last dim, which keeps every block contiguous in memory); with an
     accumulator, each image accumulates its positions and the images' float32 results are
-    added in order (split-K over the batch)."""
+    added in order (split-K over the batch). It forms dwᵀ = x_cols · dy_colsᵀ, which reads the
+    large operand x_cols along its contiguous positions; each element's products and their
+    order are the same."""
     acc = gemm.accumulates("wgrad")
     if acc is None:
         return torch.bmm(dy_cols, x_cols.transpose(1, 2)).sum(0)
-    per_image = acc.matmul(dy_cols, x_cols.transpose(1, 2))   # [N, O, K]
-    total = per_image[0].clone()
+    per_image = acc.matmul(x_cols, dy_cols.transpose(1, 2))   # [N, K, O]
+    total = per_image[0]
     for i in range(1, per_image.shape[0]):
         total = total + per_image[i]
-    return total
+    return total.t().contiguous()
 
 
 def _conv_cols(x: torch.Tensor, kernel, stride, padding) -> torch.Tensor:
