@@ -77,14 +77,16 @@ class AccGroup:
                        if not r.get("reference")})
 
     def accumulators(self) -> List[Tuple[str, Optional[int], Optional[int]]]:
-        """(spec, mantissa bits, promote_every) in the files' order of rows."""
+        """(spec, mantissa bits, promote_every): widest first, promoted ones last, ties in the
+        files' order of rows (rows added by a later rerun take their place by width)."""
         out: Dict[str, Tuple[str, Optional[int], Optional[int]]] = {}
         for d in self.files:
             for r in d["results"]:
                 if not r.get("reference"):
                     out.setdefault(r["accumulator"], (r["accumulator"], r.get("mantissa_bits"),
                                                       r.get("promote_every")))
-        return list(out.values())
+        return sorted(out.values(), key=lambda a: (a[2] is not None,
+                                                   -(a[1] if a[1] is not None else -1)))
 
     def cell(self, spec: str, chunk: int) -> Tuple[Optional[float], Optional[float]]:
         """(mean accuracy, mean difference to each checkpoint's float32 row), or Nones."""
