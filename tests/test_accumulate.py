@@ -446,7 +446,8 @@ def test_fused_compiled_steps_match_the_oracle(monkeypatch):
     """QUANT_PATH=compiled sends round-to-nearest accumulation through the fused kernels
     (runs of FUSED_STEPS chunk steps per call, then of 4, 2 and 1): the oracle's bits, for
     step counts below, at and above FUSED_STEPS and not a multiple of it, with promotion, with
-    overflow to inf / NaN and saturating; every run length's kernel takes part."""
+    overflow to inf / NaN and saturating; every run length's kernel takes part, also
+    the k = 1 kernels that form the products themselves (matmul and conv2d)."""
     from common import accumulate
 
     keys, run_compiled = [], dispatch.run_compiled
@@ -460,7 +461,8 @@ def test_fused_compiled_steps_match_the_oracle(monkeypatch):
     steps = accumulate.FUSED_STEPS
     a, b = e4m3_operands((3, 2 * steps + 5), 21), e4m3_operands((2 * steps + 5, 2), 22)
     for spec in ("fp16", "bf16", "e5m7", "e8m13", "fp32"):
-        for chunk, promote_every in ((1, None), (3, 2), (1, steps + 1), (64, None)):
+        for chunk, promote_every in ((1, None), (1, 7), (2, None), (2, 7), (3, 2),
+                                     (1, steps + 1), (64, None)):
             acc = Accumulator(spec, chunk, promote_every)
             want = oracle_matmul(a, b, spec, chunk, promote_every)
             assert_same_array_bits(acc.matmul(a, b), want, acc.short())
@@ -472,8 +474,16 @@ def test_fused_compiled_steps_match_the_oracle(monkeypatch):
         acc = Accumulator(spec, 1, saturate=saturate)
         assert_same_array_bits(acc.matmul(a, b), oracle_matmul(a, b, spec, 1, None, saturate),
                                acc.short())
+    # k = 1 on a conv too: the products kernels read the weight and the im2col rows
+    x, w = e4m3_operands((2, 3, 5, 5), 23), e4m3_operands((4, 3, 3, 3), 24)
+    for spec, promote_every in (("bf16", None), ("fp32", 4)):
+        acc = Accumulator(spec, 1, promote_every)
+        assert_same_array_bits(acc.conv2d(x, w, 1, 1),
+                               oracle_conv2d(x, w, (1, 1), (1, 1), spec, 1, promote_every),
+                               f"conv2d {acc.short()}")
     runs = {f"rows{n}" for n in (steps, 4, 2, 1)}
-    assert {(name, run) for name in ("fused_float", "fused_fp32") for run in runs} <= set(keys)
+    names = ("fused_float", "fused_fp32", "fused_float_products", "fused_fp32_products")
+    assert {(name, run) for name in names for run in runs} <= set(keys)
 
 
 @pytest.mark.slow
@@ -523,7 +533,8 @@ def test_compiled_kernels_do_not_recompile_per_shape(monkeypatch):
         assert_same_array_bits(acc.matmul(a, b), oracle_matmul(a, b, "bf16", chunk, promote),
                                f"{acc.short()} {m}x{k_total}x{n}")
     for i, (n, c, h, chunk, promote) in enumerate(((2, 3, 5, 4, 2), (1, 4, 6, 3, 3),
-                                                   (3, 2, 7, 2, 2), (2, 5, 4, 5, None))):
+                                                   (3, 2, 7, 2, 2), (2, 5, 4, 5, None),
+                                                   (2, 3, 5, 1, None), (1, 4, 6, 1, 4))):
         x, w = e4m3_operands((n, c, h, h), 120 + i), e4m3_operands((4, c, 3, 3), 130 + i)
         Accumulator("fp16", chunk, promote).conv2d(x, w, 1, 1)
     # at most two graphs a kernel: a run of steps that is its whole tensor, and one that is not
