@@ -97,7 +97,7 @@ group), each an elementwise kernel (compiled once for large tensors, by common.d
 and a quantize call. For round-to-nearest into a float format or float32, large tensors take
 FUSED_STEPS steps per compiled call instead, and what is left in calls of 4, 2 and 1 steps (sum,
 round to odd and round to A, unrolled in one kernel: one pass over memory per call; the same
-bits). At k = 1 (conv2d and 2-D matmul) the chunk sums are single products, and the fused
+bits). At k = 1 (conv2d and matmul) the chunk sums are single products, and the fused
 kernels form them as they go, from the two factors' rows (a weight value times an im2col row),
 instead of a GEMM writing all K products of every output to a buffer that the steps read back:
 1.8x faster on ResNet-20's PTQ forward pass (README, "Low-precision accumulation after
@@ -220,7 +220,13 @@ class Accumulator:
                              f"{tuple(a.shape)} @ {tuple(b.shape)}")
         nchunks, groups = self._plan(a.shape[-1])
         m, n = a.shape[-2], b.shape[-1]
-        if a.dim() == 3:  # slices of batch entries
+        if a.dim() == 3 and self.chunk == 1:  # the products formed by the steps
+            parts = []
+            for lo, hi in _slices(a.shape[0], nchunks * (m + n) * 8 + m * n * 4):
+                rows = (self._chunks(a[lo:hi], 2, nchunks).view(nchunks, hi - lo, m),
+                        self._chunks(b[lo:hi], 1, nchunks).view(nchunks, hi - lo, n))
+                parts.append(self._accumulate(rows, groups, generator).view(hi - lo, m, n))
+        elif a.dim() == 3:  # slices of batch entries
             entry_bytes = nchunks * (m * self.chunk + self.chunk * n + m * n) * 8
             parts = []
             for lo, hi in _slices(a.shape[0], entry_bytes):
@@ -332,7 +338,8 @@ class Accumulator:
         accumulates in A, then the groups add into the float32 master in order. ``rows``: the
         float64 chunk sums [J, X] (``_steps_buffer``), or at k = 1 the factors (a [J, M],
         b [J, N]) in float64, whose outer products a[j] b[j]^T, exact in float64, are the
-        chunk sums (X = M * N): the steps form them, so no [J, X] buffer is written and read."""
+        chunk sums (X = M * N; batched: a [J, B, M], b [J, B, N], X = B * M * N, one outer
+        product per entry): the steps form them, so no [J, X] buffer is written and read."""
         per_group = _row_count(rows) // groups
         master = None
         for group in range(groups):
@@ -347,13 +354,13 @@ class Accumulator:
         FUSED_STEPS rows, then of 4, 2 and 1 for what is left (one kernel per row count); one
         step at a time elsewhere. The same bits."""
         products = isinstance(rows, tuple)
-        size = rows[0].shape[1] * rows[1].shape[1] if products else rows.shape[1]
+        size = rows[0][0].numel() * rows[1].shape[-1] if products else rows.shape[1]
         acc = rows[0].new_zeros(size, dtype=torch.float32)   # A is in float32
         done, fused = 0, self._fused_kernel(acc, products)
         if fused is not None:
             done, acc = self._fused_steps(acc, rows, *fused)
         for step in range(done, _row_count(rows)):
-            row = torch.outer(rows[0][step], rows[1][step]).view(-1) if products else rows[step]
+            row = _outer(rows[0][step], rows[1][step]).view(-1) if products else rows[step]
             acc = self._add_round(acc, row, generator)
         return acc
 
@@ -392,7 +399,9 @@ class Accumulator:
                 run //= 2
             block = _row_range(rows, done, done + run)
             block = block if isinstance(block, tuple) else (block,)
-            key = ("accumulate", name, f"rows{run}", acc.device.type)
+            # batched factors (rank 3) trace another graph: their own key
+            kind = f"{name}_batched" if block[0].dim() == 3 else name
+            key = ("accumulate", kind, f"rows{run}", acc.device.type)
             out = dispatch.run_compiled(key, kernel, (acc, *block, *params), strict=strict)
             if out is None:
                 return 0, acc.new_zeros(acc.shape)
@@ -495,22 +504,27 @@ def _k_fused_fp32(acc: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
     return acc
 
 
+def _outer(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [..., M] and b [..., N] (float64) -> their products [..., M, N], exact in float64."""
+    return a.unsqueeze(-1) * b.unsqueeze(-2)
+
+
 def _k_fused_float_products(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                            p: torch.Tensor) -> torch.Tensor:
     """_k_fused_float at k = 1 with the chunk sums formed here: step s adds the products
-    a[s, m] * b[s, n] (float64, exact) into acc [M * N]."""
-    acc = acc.view(a.shape[1], b.shape[1])
+    a[s, .., m] * b[s, .., n] (float64, exact) into acc [(B *) M * N]."""
+    acc = acc.view(*a.shape[1:], b.shape[-1])
     for step in range(a.shape[0]):
-        total = _sum_to_odd32(acc, a[step, :, None] * b[step, None, :])
+        total = _sum_to_odd32(acc, _outer(a[step], b[step]))
         acc = K.float_nearest(total.view(torch.int32), dispatch.unpack(p)).view(torch.float32)
     return acc.view(-1)
 
 
 def _k_fused_fp32_products(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """_k_fused_fp32 at k = 1 with the products formed here (as _k_fused_float_products)."""
-    acc = acc.view(a.shape[1], b.shape[1])
+    acc = acc.view(*a.shape[1:], b.shape[-1])
     for step in range(a.shape[0]):
-        acc = _sum_to_nearest32(acc, a[step, :, None] * b[step, None, :])
+        acc = _sum_to_nearest32(acc, _outer(a[step], b[step]))
     return acc.view(-1)
 
 

@@ -182,14 +182,15 @@ def test_matmul_matches_oracle_on_float32_operands(spec, chunk, promote_every):
                            acc.short())
 
 
-def test_module_functions_and_batched_matmul_accumulate_each_entry_alone():
+@pytest.mark.parametrize("chunk, promote_every", [(4, 2), (1, None), (1, 5)])
+def test_module_functions_and_batched_matmul_accumulate_each_entry_alone(chunk, promote_every):
     a, b = e4m3_operands((3, 4, 21), 5), e4m3_operands((3, 21, 2), 6)
-    acc = Accumulator("bf16", 4, 2)
+    acc = Accumulator("bf16", chunk, promote_every)
     got = matmul(a, b, acc)
     assert got.shape == (3, 4, 2) and got.dtype == torch.float32
     for entry in range(3):
-        assert_same_array_bits(got[entry], oracle_matmul(a[entry], b[entry], "bf16", 4, 2),
-                               f"batch entry {entry}")
+        want = oracle_matmul(a[entry], b[entry], "bf16", chunk, promote_every)
+        assert_same_array_bits(got[entry], want, f"{acc.short()} batch entry {entry}")
 
 
 def _posit_fraction_bits_at_one(spec):
@@ -474,16 +475,23 @@ def test_fused_compiled_steps_match_the_oracle(monkeypatch):
         acc = Accumulator(spec, 1, saturate=saturate)
         assert_same_array_bits(acc.matmul(a, b), oracle_matmul(a, b, spec, 1, None, saturate),
                                acc.short())
-    # k = 1 on a conv too: the products kernels read the weight and the im2col rows
+    # k = 1 on a conv and a batched matmul too: the products kernels read the factors' rows
     x, w = e4m3_operands((2, 3, 5, 5), 23), e4m3_operands((4, 3, 3, 3), 24)
-    for spec, promote_every in (("bf16", None), ("fp32", 4)):
+    a, b = e4m3_operands((3, 4, 2 * steps + 5), 25), e4m3_operands((3, 2 * steps + 5, 2), 26)
+    for spec, promote_every in (("bf16", None), ("fp32", 4), ("e5m7", 7)):
         acc = Accumulator(spec, 1, promote_every)
         assert_same_array_bits(acc.conv2d(x, w, 1, 1),
                                oracle_conv2d(x, w, (1, 1), (1, 1), spec, 1, promote_every),
                                f"conv2d {acc.short()}")
+        got = acc.matmul(a, b)
+        for entry in range(a.shape[0]):
+            assert_same_array_bits(got[entry], oracle_matmul(a[entry], b[entry], spec, 1,
+                                                             promote_every),
+                                   f"batched {acc.short()} entry {entry}")
     runs = {f"rows{n}" for n in (steps, 4, 2, 1)}
     names = ("fused_float", "fused_fp32", "fused_float_products", "fused_fp32_products")
     assert {(name, run) for name in names for run in runs} <= set(keys)
+    assert ("fused_float_products_batched", f"rows{steps}") in set(keys)
 
 
 @pytest.mark.slow
@@ -537,6 +545,11 @@ def test_compiled_kernels_do_not_recompile_per_shape(monkeypatch):
                                                    (2, 3, 5, 1, None), (1, 4, 6, 1, 4))):
         x, w = e4m3_operands((n, c, h, h), 120 + i), e4m3_operands((4, c, 3, 3), 130 + i)
         Accumulator("fp16", chunk, promote).conv2d(x, w, 1, 1)
+    for i, (entries, m, k_total, n, promote) in enumerate(((2, 3, 20, 2, None),
+                                                           (3, 5, 13, 4, 4), (4, 2, 9, 3, None))):
+        a, b = e4m3_operands((entries, m, k_total), 140 + i), e4m3_operands(
+            (entries, k_total, n), 150 + i)
+        Accumulator("bf16", 1, promote).matmul(a, b)
     # at most two graphs a kernel: a run of steps that is its whole tensor, and one that is not
     assert counters["stats"]["unique_graphs"] <= 2 * len(keys), sorted(keys)
 
