@@ -7,6 +7,7 @@ Public API::
     acc = Accumulator(fmt, chunk, promote_every=None, rounding="nearest", saturate=False)
     y = acc.matmul(a, b)                       # or matmul(a, b, acc)
     y = acc.conv2d(x, w, stride=1, padding=0)  # or conv2d(x, w, stride, padding, acc)
+    dw = acc.conv2d_weight(x, dy, kernel_size, stride=1, padding=0)   # that conv's wgrad
 
 The model (the contract; tests/test_accumulate.py checks it against an oracle in fractions)
 -------------------------------------------------------------------------------------------
@@ -45,6 +46,11 @@ Reduction orders
   1, dilation 1, no bias). The reduction index runs over (kh, kw, c), c fastest, as an NHWC
   implicit-GEMM kernel reads it: chunk j holds positions j*k .. j*k + k - 1 of that order.
   Padding supplies zero operands, which take part in the products (0 x inf is NaN).
+- ``conv2d_weight(x, dy, kernel_size, stride, padding)``: the weight gradient of that conv,
+  x [N, C, H, W], dy [N, O, H', W'] -> dw [O, C, kh, kw]. Split-K over the batch, as a wgrad
+  kernel splits it: each image's sum over its output positions (h', w') row-major (chunk j
+  holds positions j*k .. j*k + k - 1) is one accumulation; the images' float32 results are
+  then added in image order, in float32.
 
 Exactness of the chunk sums
 ---------------------------
@@ -101,7 +107,11 @@ bits). At k = 1 (conv2d and matmul) the chunk sums are single products, and the 
 kernels form them as they go, from the two factors' rows (a weight value times an im2col row),
 instead of a GEMM writing all K products of every output to a buffer that the steps read back:
 1.8x faster on ResNet-20's PTQ forward pass (README, "Low-precision accumulation after
-training"). The float64 GEMMs bound the speed from below at k > 1: they cost several float32
+training"). conv2d_weight of a stride-1 conv, at k >= STRIDED_WGRAD_MIN_CHUNK (32), copies each
+slice's padded input once per kernel column into float64 and reads kernel row i's im2col
+columns from it as a strided view, one batched GEMM per chunk and kernel row, instead of
+unfolding kh*kw copies (1.14x on a ResNet-20 training step with accumulation at k = 32).
+The float64 GEMMs bound the speed from below at k > 1: they cost several float32
 training steps. Nothing branches on tensor values, so the
 functions also run inside a user's torch.compile. Results are float32 tensors that do not
 require grad (training wraps the GEMMs in its own autograd Function).
@@ -121,7 +131,7 @@ from . import dispatch
 from .formats import Format, parse_format
 from .quant import POSIT_STOCHASTIC_MAX_ES, ROUNDINGS, quantize
 
-__all__ = ["Accumulator", "matmul", "conv2d", "MAX_MANTISSA_BITS"]
+__all__ = ["Accumulator", "matmul", "conv2d", "conv2d_weight", "MAX_MANTISSA_BITS"]
 
 # quantize rounds a float64 input correctly (round-to-odd to float32, then to nearest in A) for
 # A's of up to 21 mantissa bits: 24 >= (21 + 1) + 2 (module docstring, "One rounding to A").
@@ -136,6 +146,10 @@ _OPERAND_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # (FUSED_STEPS, then 4, 2, 1 for the rest), so a few compiled kernels serve every layer and
 # chunk count (each unrolls its loop).
 FUSED_STEPS = 8
+# conv2d_weight reads a stride-1 conv's columns as strided views, one GEMM call per chunk and
+# kernel row, from this chunk size up; below it the many small calls cost more than the
+# unfolded copy they spare (README, "GEMM mode, accumulation": faster from k = 32 on).
+STRIDED_WGRAD_MIN_CHUNK = 32
 
 
 def _check_format(fmt: Format, rounding: str) -> None:
@@ -324,6 +338,59 @@ class Accumulator:
                   out=sums.view(nchunks, w_chunks.shape[1], -1))
         return self._accumulate(sums, groups, generator).view(w_chunks.shape[1], n, -1)
 
+    def conv2d_weight(self, x: torch.Tensor, dy: torch.Tensor,
+                      kernel_size: Union[int, Tuple[int, int]],
+                      stride: Union[int, Tuple[int, int]] = 1,
+                      padding: Union[int, Tuple[int, int]] = 0,
+                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """The weight gradient of conv2d(x [N, C, H, W], w [O, C, kh, kw]) from dy [N, O, H', W']
+        -> dw [O, C, kh, kw] float32 (groups 1, dilation 1): the wgrad GEMM, reducing over each
+        image's output positions (h', w') row-major, as the module docstring says; the images'
+        float32 results are then added in image order (split-K over the batch)."""
+        _check_operands(x, dy)
+        kernel = _pair(kernel_size, "kernel_size", 1)
+        stride, padding = _pair(stride, "stride", 1), _pair(padding, "padding", 0)
+        if x.dim() != 4 or dy.dim() != 4 or x.shape[0] != dy.shape[0] or \
+                tuple(dy.shape[2:]) != _conv_out_size(x.shape[2:], kernel, stride, padding):
+            raise ValueError(f"conv2d_weight takes x [N, C, H, W] and dy [N, O, H', W'] of that "
+                             f"conv's output size, got {tuple(x.shape)} and {tuple(dy.shape)}")
+        n, c = x.shape[:2]
+        o, (ho, wo), (kh, kw) = dy.shape[1], dy.shape[2:], kernel
+        dy_rows = dy.detach().flatten(2).transpose(1, 2)                   # [N, L, O]
+        if stride != (1, 1) or self.chunk < STRIDED_WGRAD_MIN_CHUNK:
+            # the im2col columns [N, (c, kh, kw), L], one batched matmul over the images
+            cols = F.unfold(x.detach(), kernel, padding=padding, stride=stride)
+            per_image = self.matmul(cols, dy_rows, generator)             # [N, C*kh*kw, O]
+            dw = _sum_in_order(per_image, 0)
+            return dw.view(c, kh, kw, o).permute(3, 0, 1, 2)
+        # stride 1: the padded input cut per kernel column j, [n, C, kw, Hp, W'] in float64, in
+        # which kernel row i's columns [n, (c, j), L] are a strided view (rows i .. i + H' - 1):
+        # the chunks' GEMMs read them where they lie, with no unfolded copy
+        nchunks, groups = self._plan(ho * wo)
+        rows = ho + kh - 1
+        item_bytes = (c * kw * rows * wo + nchunks * self.chunk * o + nchunks * c * kw * o) * 8
+        totals = [None] * kh
+        for lo, hi in _slices(n, item_bytes):
+            xp = F.pad(x.detach()[lo:hi], (padding[1], padding[1], padding[0], padding[0]))
+            by_column = xp.new_empty((hi - lo, c, kw, rows, wo), dtype=torch.float64)
+            for j in range(kw):
+                by_column[:, :, j] = xp[:, :, :, j:j + wo]
+            dy_chunks = self._chunks(dy_rows[lo:hi], 1, nchunks)           # [J, n, k, O]
+            for i in range(kh):
+                x_rows = by_column[:, :, :, i:i + ho].reshape(hi - lo, c * kw, ho * wo)
+                sums = _steps_buffer(by_column, nchunks, (hi - lo, c * kw, o))
+                for step in range(nchunks):
+                    first = step * self.chunk
+                    width = min(self.chunk, ho * wo - first)
+                    if width <= 0:   # whole chunks of padding
+                        sums[step:].zero_()
+                        break
+                    torch.bmm(x_rows[:, :, first:first + width], dy_chunks[step, :, :width],
+                              out=sums[step].view(hi - lo, c * kw, o))
+                per_image = self._accumulate(sums, groups, generator).view(hi - lo, c * kw, o)
+                totals[i] = _sum_in_order(per_image, 0, totals[i])
+        return torch.stack(totals).view(kh, c, kw, o).permute(3, 1, 0, 2)
+
     def _plan(self, k_total: int) -> Tuple[int, int]:
         """(chunks after zero padding, promotion groups): every group holds the same number of
         chunks, so the groups accumulate side by side."""
@@ -428,6 +495,19 @@ def _steps_buffer(like: torch.Tensor, nchunks: int, shape: Tuple[int, ...]) -> t
     guards on a view's base too; a kernel that it recompiles per shape runs out of recompiles
     and falls back to eager)."""
     return like.new_empty((nchunks, math.prod(shape)), dtype=torch.float64)
+
+
+def _sum_in_order(t: torch.Tensor, dim: int,
+                  total: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """t's slices along dim added one by one in index order onto ``total`` (None: from the
+    first slice), in t's dtype (float32: the images' results of a GEMM split over the batch)."""
+    for index in range(t.shape[dim]):
+        total = t.select(dim, index) if total is None else total + t.select(dim, index)
+    return total
+
+
+def _conv_out_size(size, kernel, stride, padding) -> Tuple[int, int]:
+    return tuple((s + 2 * p - k) // st + 1 for s, k, st, p in zip(size, kernel, stride, padding))
 
 
 def _row_count(rows) -> int:
@@ -579,3 +659,10 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, stride: Union[int, Tuple[int, int]]
            generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """``acc.conv2d(x, w, stride, padding)``."""
     return acc.conv2d(x, w, stride, padding, generator)
+
+
+def conv2d_weight(x: torch.Tensor, dy: torch.Tensor, kernel_size: Union[int, Tuple[int, int]],
+                  stride: Union[int, Tuple[int, int]], padding: Union[int, Tuple[int, int]],
+                  acc: Accumulator, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """``acc.conv2d_weight(x, dy, kernel_size, stride, padding)``."""
+    return acc.conv2d_weight(x, dy, kernel_size, stride, padding, generator)

@@ -368,6 +368,15 @@ def _conv_wgrad(x_saved: torch.Tensor, dy_w: torch.Tensor, kernel, stride, paddi
     [N, ·, L], each transformed and cast along the positions unless it already holds its
     reusable cast (x_is_cast, dy_is_cast: ``_reusable``)."""
     rq = casts.input_for_grad_weight
+    acc = gemm.accumulates("wgrad")
+    dy_cols = dy_w.reshape(dy_w.shape[0], dy_w.shape[1], -1)    # [N, O, L]
+    if acc is not None and x_is_cast and not gemm.hadamard_wgrad and (
+            dy_is_cast or _elementwise(casts.grad_output_for_grad_weight)):
+        # x holds its cast, dy's is elementwise: the Accumulator's own wgrad of a conv, which
+        # reads the columns of a stride-1 conv from x without unfolding it
+        if not dy_is_cast:
+            dy_cols = _cast(dy_cols, casts.grad_output_for_grad_weight, 1)
+        return acc.conv2d_weight(x_saved, dy_cols.view(dy_w.shape), kernel, stride, padding)
     by_column = cols = None
     if x_is_cast:
         cols = _conv_cols(x_saved, kernel, stride, padding)
@@ -375,12 +384,11 @@ def _conv_wgrad(x_saved: torch.Tensor, dy_w: torch.Tensor, kernel, stride, paddi
         by_column = _cast_by_kernel_column(x_saved, kernel, stride, padding, rq, gemm)
     else:
         cols = _wgrad_operand(_conv_cols(x_saved, kernel, stride, padding), rq, gemm)
-    dy_cols = dy_w.reshape(dy_w.shape[0], dy_w.shape[1], -1)    # [N, O, L]
     if not dy_is_cast:
         dy_cols = _wgrad_operand(dy_cols, casts.grad_output_for_grad_weight, gemm)
     ho = dy_w.shape[2]
     if by_column is not None:
-        if stride[0] == 1 and gemm.accumulates("wgrad") is None:
+        if stride[0] == 1 and acc is None:
             return _wgrad_by_kernel_row(by_column, dy_cols, kernel[0], ho)
         cols = _taps(by_column, kernel[0], stride[0], ho)
     return _wgrad(cols, dy_cols, gemm).view(dy_w.shape[1], x_saved.shape[1], *kernel)

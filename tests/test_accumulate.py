@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from common import accumulate, dispatch
-from common.accumulate import Accumulator, conv2d, matmul
+from common.accumulate import Accumulator, conv2d, conv2d_weight, matmul
 from common.formats import parse_format
 
 from oracles import FloatDef, PositDef, assert_same_array_bits, definition
@@ -293,6 +293,55 @@ def test_conv2d_matches_direct_oracle(stride, padding, spec, chunk, promote_ever
                          chunk, promote_every)
     assert_same_array_bits(acc.conv2d(x, w, stride, padding), want, acc.short())
     assert_same_array_bits(conv2d(x, w, stride, padding, acc), want, "conv2d()")
+
+
+def oracle_conv2d_weight(x, dy, kernel, stride, padding, spec, k, promote_every):
+    """The wgrad of a conv: for each weight, each image's products over its output positions
+    (h, w) row-major, reading zeros outside the image, accumulated by the contract; the images'
+    float32 results added in order."""
+    x, dy = x.double().numpy(), dy.double().numpy()
+    n, c, h, wd = x.shape
+    o, out_h, out_w = dy.shape[1:]
+    (sh, sw), (ph, pw) = stride, padding
+    out = np.zeros((o, c) + kernel, dtype=np.float32)
+    for oc, ch, i, j in np.ndindex(o, c, *kernel):
+        total = None
+        for img in range(n):
+            prods = []
+            for r, q in np.ndindex(out_h, out_w):
+                y, z = r * sh - ph + i, q * sw - pw + j
+                inside = 0 <= y < h and 0 <= z < wd
+                prods += products_of([x[img, ch, y, z] if inside else 0.0], [dy[img, oc, r, q]])
+            image = oracle_dot(prods, spec, k, promote_every, False)
+            total = image if total is None else np.float32(total + image)
+        out[oc, ch, i, j] = total
+    return out
+
+
+@pytest.mark.parametrize("stride, padding, spec, chunk, promote_every, in_place", [
+    (1, 1, "fp16", 16, None, True),   # stride 1: x's columns read in place
+    (1, 1, "bf16", 4, 1, True),       # 30 positions: a partial last chunk
+    (1, 0, "e5m7", 3, 2, False),      # the unfolded columns
+    (2, 1, "fp16", 16, None, False),  # stride 2: always the unfolded columns
+])
+def test_conv2d_weight_matches_oracle(stride, padding, spec, chunk, promote_every, in_place,
+                                      monkeypatch):
+    """The wgrad of a conv against the oracle, on both of its paths (the in-place one is taken
+    from STRIDED_WGRAD_MIN_CHUNK up), with small work slices (several slices of images must add
+    in image order)."""
+    monkeypatch.setattr(accumulate, "SLICE_BYTES", 1)
+    monkeypatch.setattr(accumulate, "STRIDED_WGRAD_MIN_CHUNK", 1 if in_place else 10 ** 9)
+    x = e4m3_operands((3, 2, 6, 5), 21, zeros=0.0)
+    out_h, out_w = ((6 + 2 * padding - 3) // stride + 1, (5 + 2 * padding - 3) // stride + 1)
+    dy = e4m3_operands((3, 2, out_h, out_w), 22)
+    acc = Accumulator(spec, chunk, promote_every)
+    pair = accumulate._pair
+    want = oracle_conv2d_weight(x, dy, (3, 3), pair(stride, "stride", 1),
+                                pair(padding, "padding", 0), spec, chunk, promote_every)
+    assert_same_array_bits(acc.conv2d_weight(x, dy, 3, stride, padding), want, acc.short())
+    assert_same_array_bits(conv2d_weight(x, dy, 3, stride, padding, acc), want, "conv2d_weight()")
+    with pytest.raises(ValueError, match="conv2d_weight takes"):
+        acc.conv2d_weight(x, dy[:, :, 1:], 3, stride, padding)
 
 
 def test_conv2d_order_is_taps_outside_channels_inside():

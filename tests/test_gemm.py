@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common import cli
+from common import accumulate, cli
 from common.accumulate import Accumulator
 from common.gemm import RECIPES, GemmConfig, gemm_conv2d, gemm_linear
 from common.qat import QuantConfig, RoleQuant, quantize_model, quantized_layers
@@ -276,10 +276,12 @@ def test_2d_weight_blocks_shared_by_forward_and_dgrad():
 
 
 @pytest.mark.parametrize("stride", [1, 2])
-def test_accumulation_in_every_gemm(stride):
+@pytest.mark.parametrize("chunk", [4, 32])   # 32: a stride-1 wgrad reads x's columns in place
+def test_accumulation_in_every_gemm(stride, chunk):
     """Each GEMM's result is the Accumulator's on its cast operands, in the documented order."""
+    assert accumulate.STRIDED_WGRAD_MIN_CHUNK <= 32   # both of conv2d_weight's paths are run
     torch.manual_seed(6)
-    acc = Accumulator("fp16", 4, promote_every=2)
+    acc = Accumulator("fp16", chunk, promote_every=2)
     x, w = torch.randn(2, 8, 6, 6), torch.randn(4, 8, 3, 3)
     y, dx, dw, dy = _run_conv(x, w, "e4m3", stride, 1, accumulator=acc)
     q = lambda t: quantize(t, "e4m3")  # noqa: E731
