@@ -155,6 +155,11 @@ def _optimisation_flags(parser: argparse.ArgumentParser, add: Callable[..., None
         type=int, metavar="N")
     add(g, "--eval-batch-size", "eval_batch_size", "batch size for evaluation", type=int,
         metavar="N")
+    add(g, "--eval-every", "eval_every", "score the test set (and the EMA weights, and the "
+        "validation split) after every N-th epoch and after the last: the same training and final "
+        "result for every N, fewer points on the per-epoch curves (except with stochastic "
+        "rounding of w or a, whose casts draw random numbers in evaluation too)", type=int,
+        metavar="N")
     add(g, "--lr", "lr", "peak learning rate of SGD", type=float)
     add(g, "--momentum", "momentum", "SGD momentum", type=float)
     add(g, "--nesterov", "nesterov", "use Nesterov momentum", action="store_true")
@@ -228,6 +233,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = 
         (args.epochs >= 1, "--epochs must be >= 1"),
         (args.batch_size >= 1, "--batch-size must be >= 1"),
         (args.eval_batch_size >= 1, "--eval-batch-size must be >= 1"),
+        (args.eval_every >= 1, "--eval-every must be >= 1"),
         (0 < args.lr < math.inf, "--lr must be > 0 and finite"),
         (0 <= args.momentum < 1, "--momentum must be in [0, 1)"),
         (0 <= args.weight_decay < math.inf, "--weight-decay must be >= 0 and finite"),

@@ -54,6 +54,7 @@ class RunConfig:
     epochs: int = PAPER_EPOCHS
     batch_size: int = 128
     eval_batch_size: int = 1000
+    eval_every: int = 1
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 1e-4
@@ -109,7 +110,7 @@ def with_defaults(stored: Mapping[str, Any]) -> Dict[str, Any]:
 # (Not --eval-batch-size: activations scaled per tensor take their scale per test batch, so it
 # changes the test accuracy. --compile may differ, with a note: see train.py.)
 RESUME_FREE_FIELDS = frozenset({"name", "runs_dir", "resume", "overwrite", "data_dir", "compile",
-                                "cuda_graphs", "device", "script"})
+                                "cuda_graphs", "device", "script", "eval_every"})
 
 
 def resolve_runs_dir(path: str) -> Path:

@@ -529,6 +529,8 @@ class _Trainer:
 
     def summary(self, status: str, message: str = "") -> Dict[str, Any]:
         last = self.metrics[-1] if self.metrics else {}
+        # the last epoch that scored the test set (all of them unless --eval-every > 1)
+        scored = next((m for m in reversed(self.metrics) if m.get("test_acc") is not None), {})
         finished = status == "finished"
         train_time = self.prev.train_seconds + self.train_seconds
         images = sum(m["train_images"] for m in self.metrics)
@@ -541,10 +543,10 @@ class _Trainer:
             "final_test_acc": last.get("test_acc") if finished else None,
             "final_test_loss": last.get("test_loss") if finished else None,
             **({"final_val_acc": last.get("val_acc") if finished else None,
-                "val_images": last.get("val_images")} if self.cfg.val_split else {}),
-            "last_test_acc": last.get("test_acc"), "last_test_loss": last.get("test_loss"),
+                "val_images": scored.get("val_images")} if self.cfg.val_split else {}),
+            "last_test_acc": scored.get("test_acc"), "last_test_loss": scored.get("test_loss"),
             "last_train_loss": last.get("train_loss"), "last_train_acc": last.get("train_acc"),
-            "test_images": last.get("test_images"),
+            "test_images": scored.get("test_images"),
             "train_images_per_epoch": self.resolved.get("train_images_per_epoch"),
             "wall_seconds": self.wall_seconds(), "train_seconds": round(train_time, 3),
             "cpu_seconds": self.cpu_seconds(),
@@ -802,7 +804,8 @@ class _Trainer:
                 for buf in s.model.buffers():
                     dist.broadcast(buf, 0)
             last_epoch = epoch + 1 == cfg.epochs
-            row, predictions = self._evaluate_epoch(s, epoch, stats, last_epoch)
+            scored = last_epoch or (epoch + 1) % cfg.eval_every == 0
+            row, predictions = self._evaluate_epoch(s, epoch, stats, last_epoch, scored)
             row["epoch_seconds"] = round(time.perf_counter() - t0, 3)
             if self.rank0:
                 self._save_epoch(s, row, predictions)
@@ -813,23 +816,26 @@ class _Trainer:
                 runs.write_jsonl(self.run_dir / runs.METRICS, self.metrics)
                 self.write_summary("running")
             val = f"val acc {row['val_acc']:6.2f}%  " if "val_acc" in row else ""
+            test = (f"test loss {row['test_loss']:.4f} acc {row['test_acc']:6.2f}%  " if scored
+                    else f"(test every {cfg.eval_every} epochs)  ")
             self.log(f"epoch {epoch + 1:>{len(str(cfg.epochs))}}/{cfg.epochs}  lr {row['lr']:.5f}  "
                      f"train loss {row['train_loss']:.4f} acc {row['train_acc']:6.2f}%  "
-                     f"test loss {row['test_loss']:.4f} acc {row['test_acc']:6.2f}%  {val}"
-                     f"{row['epoch_seconds']:6.1f}s  {row['images_per_s']:,.0f} img/s")
+                     f"{test}{val}{row['epoch_seconds']:6.1f}s  {row['images_per_s']:,.0f} img/s")
 
-    def _evaluate_epoch(self, s: Setup, epoch: int, stats: EpochStats, last_epoch: bool):
-        """The epoch's metrics row (test, EMA and validation accuracy), and on the last epoch the
-        predicted class of every test image."""
+    def _evaluate_epoch(self, s: Setup, epoch: int, stats: EpochStats, last_epoch: bool,
+                        scored: bool = True):
+        """The epoch's metrics row (test, EMA and validation accuracy; None where ``scored`` is
+        False: --eval-every), and on the last epoch the predicted class of every test image."""
         cfg, ctx = self.cfg, self.ctx
-        ev = evaluate(s.eval_model, s.data, s.normalizer, cfg.eval_batch_size, self.autocast_dtype,
-                      ctx, predictions=last_epoch)
-        if not math.isfinite(ev["test_loss"]):
+        unscored = {"test_loss": None, "test_acc": None, "test_images": None}
+        ev = (evaluate(s.eval_model, s.data, s.normalizer, cfg.eval_batch_size,
+                       self.autocast_dtype, ctx, predictions=last_epoch) if scored else unscored)
+        if scored and not math.isfinite(ev["test_loss"]):
             self._check_finite(torch.tensor(ev["test_loss"]), epoch, 0, 0, "test loss")
         val = (evaluate(s.eval_model, s.data, s.normalizer, cfg.eval_batch_size,
-                        self.autocast_dtype, ctx, split="val") if cfg.val_split else None)
+                        self.autocast_dtype, ctx, split="val") if cfg.val_split and scored else None)
         ema = (evaluate(self.ema.model, s.data, s.normalizer, cfg.eval_batch_size,
-                        self.autocast_dtype, ctx) if self.ema is not None else None)
+                        self.autocast_dtype, ctx) if self.ema is not None and scored else None)
         row = {
             "epoch": epoch + 1, "lr": lr_at(cfg, epoch, 0, len(s.batches)),
             "train_loss": stats.train_loss, "train_acc": stats.train_acc,

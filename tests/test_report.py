@@ -841,3 +841,18 @@ def test_gemm_rows_are_compared_with_their_tensor_role_row(tmp_path):
     assert float(gemm["diff_vs_compared"]) == pytest.approx(want.diff, abs=1e-4)
     assert table["fp4-nv-fl"]["compared_with"] == ""                   # no partner of its own
     assert float(gemm["ci_low"]) != pytest.approx(want.ci_low, abs=1e-4)   # FP32's is another
+
+
+def test_curve_averages_only_the_epochs_every_run_scored(tmp_path):
+    """A seed trained with --eval-every 2 scores epochs 2 and 4 only: the mean curve over it and a
+    seed scored every epoch has those two points, each the mean of both runs."""
+    from common.report import records
+    write_run(tmp_path, "fp32_s0", "FP32", FP32, 0, "finished", [50.0, 70.0, 80.0, 90.0], 400.0,
+              "GPU A", epochs=4)
+    write_run(tmp_path, "fp32_s1", "FP32", FP32, 1, "finished", [None, 72.0, None, 92.0], 400.0,
+              "GPU A", epochs=4)
+    runs_found, _ = records.load_runs(tmp_path)
+    (section,) = records.build_sections(runs_found)
+    epochs, mean, low, high, finished = section.groups[0].curve()
+    assert finished and epochs == [2, 4] and mean == [71.0, 91.0]
+    assert low == [70.0, 90.0] and high == [72.0, 92.0]

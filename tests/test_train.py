@@ -189,6 +189,36 @@ def test_resume_equals_uninterrupted_run_bit_for_bit(tmp_path):
     assert json.loads((broken.run_dir / "summary.json").read_text())["status"] == "finished"
 
 
+def test_eval_every_scores_fewer_epochs_and_trains_the_same(tmp_path, capsys):
+    """--eval-every 2 leaves epoch 1 unscored (test, EMA and validation), scores epochs 2 and 3
+    (the last) as --eval-every 1 does, and trains the same weights; it may change on resume."""
+    flags = ("--epochs", "3", "--max-steps-per-epoch", "3", "--ema-decay", "0.9", "--val-split")
+    every = make_config(tmp_path, *flags, name="every")
+    train.run(every)
+    sparse = make_config(tmp_path, *flags, "--eval-every", "2", name="sparse")
+    with pytest.raises(KeyboardInterrupt):
+        train.run(sparse, after_step=StopAt(4))                # stopped in epoch 2
+    s = json.loads((sparse.run_dir / "summary.json").read_text())
+    assert s["epochs_done"] == 1 and s["last_test_acc"] is None and s["test_images"] is None
+    train.run(make_config(tmp_path, *flags, "--eval-every", "2", "--resume", name="sparse"))
+    a = runs.read_jsonl(every.run_dir / "metrics.jsonl")
+    b = runs.read_jsonl(sparse.run_dir / "metrics.jsonl")
+    scored = ("test_loss", "test_acc", "ema_test_acc", "val_loss", "val_acc")
+    assert all(b[0].get(k) is None for k in scored) and b[0]["train_loss"] == a[0]["train_loss"]
+    for ra, rb in zip(a[1:], b[1:]):
+        assert all(ra[k] == rb[k] for k in scored + ("test_images", "train_loss")), ra["epoch"]
+    wa = runs.load_checkpoint(every.run_dir / "last.pt")["model"]
+    wb = runs.load_checkpoint(sparse.run_dir / "last.pt")["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    sa = json.loads((every.run_dir / "summary.json").read_text())
+    sb = json.loads((sparse.run_dir / "summary.json").read_text())
+    assert sb["status"] == "finished" and sb["final_test_acc"] == sa["final_test_acc"]
+    assert sb["test_images"] == sa["test_images"] > 0
+    assert "(test every 2 epochs)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        make_config(tmp_path, "--eval-every", "0")
+
+
 @pytest.mark.slow
 def test_cpu_time_adds_up_over_sessions_and_unknown_stays_unknown(tmp_path):
     """cpu_seconds (the run's process time) carries over a resume; a checkpoint written before

@@ -453,14 +453,18 @@ class Group:
         return ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
 
     def curve(self) -> Tuple[List[int], List[float], List[float], List[float], bool]:
-        """Epochs and mean/min/max test accuracy over the finished runs (or, when none finished,
-        over every run, up to where each got: the bool says which)."""
+        """Epochs and mean/min/max test accuracy over the finished runs, at the epochs that every
+        one of them scored (runs trained with --eval-every score fewer), so each point averages
+        the same runs; when none finished, over every run, up to where each got (the bool says
+        which)."""
         use = self.finished or self.runs
         per_epoch: Dict[int, List[float]] = {}
         for r in use:
             for m in r.metrics:
                 if m.get("test_acc") is not None and math.isfinite(m["test_acc"]):
                     per_epoch.setdefault(int(m["epoch"]), []).append(m["test_acc"])
+        if self.finished:
+            per_epoch = {e: v for e, v in per_epoch.items() if len(v) == len(use)}
         epochs = sorted(per_epoch)
         return (epochs, [statistics.fmean(per_epoch[e]) for e in epochs],
                 [min(per_epoch[e]) for e in epochs], [max(per_epoch[e]) for e in epochs],
