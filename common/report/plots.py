@@ -164,6 +164,12 @@ def _epoch_panel(ax, sec: Section, fam: str, colors: Mapping[str, str], title: s
             "lines": [h.get_label() for h in ax.get_lines()], "colors": drawn}
 
 
+def _tight_below_title(fig) -> None:
+    """tight_layout under the figure's suptitle: half an inch kept free at the top, so the first
+    row's panel titles do not run into it in a tall figure."""
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))
+
+
 def plot_epochs(sections: Sequence[Section], path, colors: Optional[Mapping[str, str]] = None
                 ) -> List[Dict[str, Any]]:
     """Test accuracy per epoch: one small panel per format family (BF16, FP8, FP4, posits ...),
@@ -194,7 +200,7 @@ def plot_epochs(sections: Sequence[Section], path, colors: Optional[Mapping[str,
         row += nrows
     fig.suptitle("Test accuracy per epoch (mean over seeds, band: min-max; black: FP32)",
                  fontsize=11)
-    fig.tight_layout()
+    _tight_below_title(fig)
     fig.canvas.draw()
     panels = [{**info, **axes_boxes(ax)} for ax, info in placed]
     fig.savefig(path, dpi=130, bbox_inches="tight")     # "tight" keeps the legends below
@@ -434,7 +440,7 @@ def plot_bits(sections: Sequence[Section], ptq_groups: Sequence[PtqGroup], path,
         row[0].set_ylabel("final test accuracy (%)")
     fig.suptitle("Final test accuracy against bits per element (error bar: 1 std over seeds)",
                  fontsize=11)
-    fig.tight_layout()
+    _tight_below_title(fig)
     fig.canvas.draw()
     info = [{"panel": name, "ylim": ax.get_ylim(), **axes_boxes(ax)} for ax, name in panels]
     fig.savefig(path, dpi=130, bbox_inches="tight")    # "tight" keeps the outside legend
