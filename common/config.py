@@ -200,7 +200,10 @@ class SweepConfig(NamedTuple):
 # line.
 CONFIGS: Dict[str, SweepConfig] = {
     "fp32": SweepConfig("FP32/train_cifar10_fp32.py", (), "FP32 baseline"),
-    "bf16": SweepConfig("BF16/bf16_train.py", (), "BF16 mixed precision (torch.autocast)"),
+    # --mode pinned: without it the script picks emulated on a CPU without bf16 arithmetic, and
+    # a bf16_* run would hold bf16-emu's configuration
+    "bf16": SweepConfig("BF16/bf16_train.py", ("--mode", "autocast"),
+                        "BF16 mixed precision (torch.autocast)"),
     "bf16-emu": SweepConfig("BF16/bf16_train.py", ("--mode", "emulated"),
                             "BF16 emulated: w/a/g cast to bf16"),
     "fp8-e5m2w": SweepConfig("FP8/train_cifar10_fp8.py",

@@ -512,3 +512,11 @@ def test_a_stop_signal_to_the_sweep_alone_reaches_its_run(tmp_path, signame):
     assert summary["status"] == "interrupted" and runs.load_checkpoint(first / runs.CHECKPOINT)
     assert not (tmp_path / sweep.run_name("bf16", "resnet8", 200, 0, True)).exists()
     assert not runs.is_locked(first)          # the run's process is gone, not orphaned
+
+
+def test_the_bf16_row_is_autocast_on_every_machine(tmp_path):
+    """The sweep's bf16 runs name their mode: the script's own choice (emulated on a CPU without
+    bf16 arithmetic) would put bf16-emu's configuration under a bf16_* name."""
+    bf16, emu = sweep.plan(["bf16", "bf16-emu"], [0], ["--epochs", "2"], tmp_path)
+    assert bf16.cmd[bf16.cmd.index("--mode") + 1] == "autocast"
+    assert emu.cmd[emu.cmd.index("--mode") + 1] == "emulated"
