@@ -833,7 +833,8 @@ class _Trainer:
         if scored and not math.isfinite(ev["test_loss"]):
             self._check_finite(torch.tensor(ev["test_loss"]), epoch, 0, 0, "test loss")
         val = (evaluate(s.eval_model, s.data, s.normalizer, cfg.eval_batch_size,
-                        self.autocast_dtype, ctx, split="val") if cfg.val_split and scored else None)
+                        self.autocast_dtype, ctx, split="val")
+               if cfg.val_split and scored else None)
         ema = (evaluate(self.ema.model, s.data, s.normalizer, cfg.eval_batch_size,
                         self.autocast_dtype, ctx) if self.ema is not None and scored else None)
         row = {
